@@ -1,0 +1,50 @@
+"""Pieces shared by the paper's configs (PASCAL-Context, NYUDv2): Swin-T + Free Sinewich.
+
+The config arg is a comma-separated list: a rank `r16`/`r32`/`r64` (default r64) and optional
+ablations from DESIGN.md §2:
+  no_lcn               one learnable frequency per task instead of the Clock Net
+  no_lowpass           no Gaussian low-pass on the task kernels
+  no_sine              linear scaling omega_t * M instead of sin(omega_t * M)
+  independent_bases    per-task A, W, B instead of one shared base
+  independent_decoder  per-task HRNet heads instead of the shared decoder group
+  depthwise            depthwise W (r x k x k) instead of the full r x r x k x k
+e.g. --config=configs/pascal_context.py:r32,no_sine
+"""
+import ml_collections
+
+from freesine_jax import models
+
+ABLATIONS = ("no_lcn", "no_lowpass", "no_sine", "independent_bases", "independent_decoder",
+             "depthwise")
+
+
+def parse_arg(arg: str) -> tuple[int, tuple[str, ...]]:
+  rank, ablations = 64, []
+  for token in filter(None, (t.strip() for t in (arg or "").split(","))):
+    if token.startswith("r") and token[1:].isdigit():
+      rank = int(token[1:])
+    elif token in ABLATIONS:
+      ablations.append(token)
+    else:
+      raise ValueError(f"config arg {token!r}: expected r<rank> or one of {ABLATIONS}")
+  return rank, tuple(ablations)
+
+
+def model(arg: str) -> ml_collections.ConfigDict:
+  rank, ablations = parse_arg(arg)
+  mc = models.model_config(rank=rank, variant="swin_t")
+  if "no_lcn" in ablations:
+    mc.clock_net = False
+  if "no_lowpass" in ablations:
+    mc.task_path.lowpass = "none"
+    mc.decoder.lowpass = "none"
+  if "no_sine" in ablations:
+    mc.task_path.modulation = "linear"
+    mc.decoder.modulation = "linear"
+  if "independent_bases" in ablations:
+    mc.task_path.independent_bases = True
+  if "independent_decoder" in ablations:
+    mc.decoder.kind = "independent"
+  if "depthwise" in ablations:
+    mc.task_path.w_mode = "depthwise"
+  return mc

@@ -1,0 +1,161 @@
+"""Orbax checkpoints of a training run: TrainState + data-iterator state + metadata.
+
+One checkpoint step holds three items:
+  'state'      the TrainState pytree (step, params, opt_state, batch_stats, rng), restored
+               straight onto the target shardings (StandardSave / StandardRestore);
+  'data_iter'  JSON: every process's grain iterator state, keyed 'process_<i>-of-<n>' (each
+               host reads its own shard, so the data order resumes exactly);
+  'metadata'   JSON: the hash of the frozen backbone weights and the config. The backbone is
+               never checkpointed (it comes from its source file or the seed); its hash detects
+               a run resumed against different backbone weights.
+Saves are asynchronous; a save killed halfway leaves a temporary directory that Orbax never
+reports as a step, so `latest_step()` always names a complete checkpoint.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+_STATE, _DATA, _META = "state", "data_iter", "metadata"
+
+
+def tree_hash(tree: Any) -> str:
+  """SHA-256 over every leaf's path, dtype, shape and bytes (order-independent of dict order)."""
+  h = hashlib.sha256()
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    arr = np.asarray(jax.device_get(leaf))
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(str(arr.dtype).encode())
+    h.update(str(arr.shape).encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+  return h.hexdigest()
+
+
+def _encode_iter_state(state: Any) -> dict:
+  """grain iterator states are bytes (DataLoader) or JSON-able dicts (dataset iterators)."""
+  if state is None:
+    return {"kind": "none"}
+  if isinstance(state, (bytes, bytearray)):
+    return {"kind": "bytes", "value": base64.b64encode(bytes(state)).decode("ascii")}
+  return {"kind": "json", "value": json.loads(json.dumps(state))}
+
+
+def _decode_iter_state(payload: dict) -> Any:
+  kind = payload.get("kind")
+  if kind == "none":
+    return None
+  if kind == "bytes":
+    return base64.b64decode(payload["value"])
+  if kind == "json":
+    return payload["value"]
+  raise ValueError(f"checkpoint item {_DATA!r}: unknown iterator state kind {kind!r}")
+
+
+def _process_key(index: int, count: int) -> str:
+  return f"process_{index}-of-{count}"
+
+
+def _gather_json(payload: dict) -> dict[str, dict]:
+  """Every process's iterator state, keyed by process (each host reads its own shard)."""
+  count = jax.process_count()
+  if count == 1:
+    return {_process_key(0, 1): payload}
+  data = np.frombuffer(json.dumps(payload).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64)))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:data.size] = data
+  everything = np.asarray(multihost_utils.process_allgather(padded))
+  return {_process_key(i, count): json.loads(bytes(everything[i, :int(lengths[i, 0])]).decode())
+          for i in range(count)}
+
+
+class Checkpointer:
+  """Thin wrapper over ocp.CheckpointManager for one workdir."""
+
+  def __init__(self, directory: str, *, save_interval_steps: int = 1, max_to_keep: int = 3,
+               async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=max(1, int(save_interval_steps)),
+        max_to_keep=max_to_keep,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        create=True,
+    )
+    self._manager = ocp.CheckpointManager(directory, options=options,
+                                          item_names=(_STATE, _DATA, _META))
+
+  @property
+  def directory(self):
+    return self._manager.directory
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, *, data_iter_state: Any = None,
+           metadata: dict | None = None, force: bool = False) -> bool:
+    """Starts an (async) save if `step` is due (or `force`); returns whether it saved."""
+    args = ocp.args.Composite(**{
+        _STATE: ocp.args.StandardSave(state),
+        _DATA: ocp.args.JsonSave(_gather_json(_encode_iter_state(data_iter_state))),
+        _META: ocp.args.JsonSave(dict(metadata or {})),
+    })
+    return self._manager.save(int(step), args=args, force=force)
+
+  def restore(self, step: int, target_state: Any) -> tuple[Any, Any, dict]:
+    """Restores (state, data_iter_state, metadata) of `step`.
+
+    target_state: a pytree of the same structure as the saved state whose leaves are arrays
+    or jax.ShapeDtypeStruct with `.sharding`; restored leaves take those shardings.
+    """
+    abstract = jax.tree_util.tree_map(_abstract_leaf, target_state)
+    restored = self._manager.restore(int(step), args=ocp.args.Composite(**{
+        _STATE: ocp.args.StandardRestore(abstract),
+        _DATA: ocp.args.JsonRestore(),
+        _META: ocp.args.JsonRestore(),
+    }))
+    key = _process_key(jax.process_index(), jax.process_count())
+    per_process = restored[_DATA] or {}
+    if key not in per_process:
+      raise ValueError(
+          f"checkpoint step {step} holds data-iterator states for {sorted(per_process)}, not "
+          f"for {key}: resume with the same number of processes")
+    return (restored[_STATE], _decode_iter_state(per_process[key]),
+            dict(restored[_META] or {}))
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def _abstract_leaf(x: Any) -> Any:
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return x
+  if isinstance(x, jax.Array):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  arr = np.asarray(x)
+  return jax.ShapeDtypeStruct(arr.shape, arr.dtype)
+
+
+def check_backbone(metadata: dict, backbone_hash: str, step: int) -> None:
+  """Raises if the checkpoint was trained against different frozen backbone weights."""
+  saved = metadata.get("backbone_hash")
+  if saved is not None and saved != backbone_hash:
+    raise ValueError(
+        f"checkpoint step {step} was trained with frozen backbone weights of hash "
+        f"{saved[:12]}..., but the current backbone (config.model.backbone_weights / "
+        f"config.seed) hashes to {backbone_hash[:12]}...; resume with the same backbone or "
+        f"start a fresh --workdir")

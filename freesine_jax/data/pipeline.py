@@ -1,0 +1,281 @@
+"""Grain input pipelines: TFDS array_record sources -> augmented, batched numpy dicts.
+
+Batches are dicts of numpy arrays: 'image' float32 (B, H, W, 3) ImageNet-normalised, and for each
+task in config.tasks its label in the layout of freesine_jax/tasks.py (int32 (B, H, W) for semseg,
+human_parts, sal, edge; float32 (B, H, W, 3) normals; float32 (B, H, W) depth). Eval batches add
+'valid' bool (B,): False on padding rows (whose labels are all "ignore").
+
+Batch sizes in config.input are GLOBAL: each of the `shard_count` processes (default
+jax.process_count()) loads batch_size // shard_count examples per step from its own disjoint shard.
+
+Train: IndexSampler (global shuffle per epoch, num_epochs=None, seed) -> RandomMapTransform
+(per-record numpy Generator derived by grain from the seed and the record's position, so the
+augmentation is reproducible and restored with the iterator state) -> Batch(drop_remainder=True).
+`iter(loader)` is a grain iterator with get_state() / set_state() for checkpointing. Batches are
+reproducible for a fixed config.input.num_workers (grain gives each worker every k-th record and
+batches per worker, so changing the worker count reorders the stream; the state records it).
+Worker processes need absl flags parsed (run under absl.app, or call flags.FLAGS(argv) first).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Sequence
+
+import grain.python as grain
+import numpy as np
+
+from freesine_jax.data import augment as augment_lib
+from freesine_jax.data import registry
+
+_DISCRETE = augment_lib.DISCRETE_KEYS
+
+
+def _get(cfg, key: str, default=None):
+  return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+
+
+def _builder(dataset_config):
+  """Returns a prepared TFDS builder for config.dataset (renders 'synthetic' on first use)."""
+  name = _get(dataset_config, "name")
+  data_dir = _get(dataset_config, "data_dir")
+  builder_config = _get(dataset_config, "builder_config")
+  cls = registry.builder_class(name)  # raises on an unknown name
+  if name == "synthetic":
+    from freesine_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    return synthetic.ensure_built(data_dir, config=builder_config or "default")
+  kwargs: dict[str, Any] = {"data_dir": data_dir, "file_format": "array_record"}
+  if builder_config:
+    kwargs["config"] = builder_config
+  builder = cls(**kwargs)
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f"Dataset {name!r} is not prepared under {builder.data_dir!r} (config.dataset.data_dir="
+        f"{data_dir!r}). It cannot be downloaded: put the original files in a manual dir and run "
+        "freesine_jax.data.pipeline.prepare_dataset(config.dataset) once (it needs "
+        "config.dataset.manual_dir).")
+  return builder
+
+
+def prepare_dataset(dataset_config):
+  """Builds the dataset's array_record files from config.dataset.manual_dir; returns the builder."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  name = _get(dataset_config, "name")
+  if name == "synthetic":
+    return _builder(dataset_config)
+  manual_dir = _get(dataset_config, "manual_dir")
+  if not manual_dir:
+    raise ValueError(f"config.dataset.manual_dir must point at the {name!r} files, got "
+                     f"{manual_dir!r}")
+  kwargs: dict[str, Any] = {"data_dir": _get(dataset_config, "data_dir"),
+                            "file_format": "array_record"}
+  if _get(dataset_config, "builder_config"):
+    kwargs["config"] = _get(dataset_config, "builder_config")
+  builder = registry.builder_class(name)(**kwargs)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return builder
+
+
+def get_data_source(dataset_config, split: str):
+  """Random-access source of decoded examples (dicts in the stored format) for `split`."""
+  builder = _builder(dataset_config)
+  if split not in builder.info.splits:
+    raise ValueError(f"Split {split!r} not in dataset {_get(dataset_config, 'name')!r}; "
+                     f"available: {sorted(builder.info.splits)}")
+  return builder.as_data_source(split)
+
+
+def _shard(shard_index, shard_count) -> tuple[int, int]:
+  if shard_index is None or shard_count is None:
+    if shard_index is not None or shard_count is not None:
+      raise ValueError("Give both shard_index and shard_count, or neither (then jax processes).")
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.process_index(), jax.process_count()
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index={shard_index} not in [0, shard_count={shard_count})")
+  return int(shard_index), int(shard_count)
+
+
+def _local_batch(global_batch: int, shard_count: int, key: str) -> int:
+  if global_batch % shard_count:
+    raise ValueError(f"config.input.{key}={global_batch} is not divisible by the number of data "
+                     f"shards (processes) {shard_count}")
+  return global_batch // shard_count
+
+
+def _image_size(config) -> tuple[int, int]:
+  size = _get(config.dataset, "image_size")
+  if size is None or len(size) != 2:
+    raise ValueError(f"config.dataset.image_size must be (H, W), got {size!r}")
+  return int(size[0]), int(size[1])
+
+
+def _select(element: dict, tasks: Sequence[str]) -> dict:
+  out = {"image": element["image"]}
+  for task in tasks:
+    if task not in element:
+      raise KeyError(f"Task {task!r} (config.tasks) is not stored in this dataset; stored keys: "
+                     f"{sorted(element)}")
+    out[task] = element[task]
+  return out
+
+
+class TrainTransform(grain.RandomMapTransform):
+  """Selects config.tasks, augments with the record's rng, normalises."""
+
+  def __init__(self, tasks: Sequence[str], image_size: tuple[int, int], augment_cfg):
+    self.tasks = tuple(tasks)
+    self.image_size = image_size
+    cfg = augment_cfg or {}
+    self.kwargs = dict(
+        flip=bool(_get(cfg, "flip", False)),
+        rotate_degrees=float(_get(cfg, "rotate_degrees", 0.0) or 0.0),
+        scale_range=_get(cfg, "scale_range"),
+        scales=_get(cfg, "scales"),
+        image_order=int(_get(cfg, "image_order", 1)),
+        label_fill=_get(cfg, "label_fill", "zero"),
+    )
+
+  def random_map(self, element, rng: np.random.Generator):
+    ex = augment_lib.augment(_select(element, self.tasks), rng, self.image_size, **self.kwargs)
+    return augment_lib.to_model_inputs(ex, self.tasks)
+
+
+class EvalTransform(grain.MapTransform):
+  """Selects config.tasks, resizes, normalises, marks the example valid."""
+
+  def __init__(self, tasks: Sequence[str], image_size: tuple[int, int], image_order: int = 1):
+    self.tasks = tuple(tasks)
+    self.image_size = image_size
+    self.image_order = image_order
+
+  def map(self, element):
+    ex = augment_lib.resize(_select(element, self.tasks), self.image_size,
+                            image_order=self.image_order)
+    out = augment_lib.to_model_inputs(ex, self.tasks)
+    out["valid"] = np.bool_(True)
+    return out
+
+
+def padding_example(tasks: Sequence[str], image_size: tuple[int, int]) -> dict:
+  """An invalid example whose labels are all "ignore" (so a forgotten mask still ignores it)."""
+  h, w = image_size
+  out = {"image": np.zeros((h, w, 3), np.float32)}
+  for task in tasks:
+    if task in _DISCRETE:
+      out[task] = np.full((h, w), augment_lib.IGNORE, np.int32)
+    elif task == "normals":
+      out[task] = np.zeros((h, w, 3), np.float32)
+    elif task == "depth":
+      out[task] = np.zeros((h, w), np.float32)
+    else:
+      raise ValueError(f"Unknown task {task!r}")
+  out["valid"] = np.bool_(False)
+  return out
+
+
+def _seed(config) -> int:
+  seed = _get(config.input, "seed")
+  return int(config.seed if seed is None else seed)
+
+
+def create_train_loader(config, *, shard_index: int | None = None,
+                        shard_count: int | None = None, data_source=None) -> grain.DataLoader:
+  """Endless shuffled, augmented train batches of batch_size // shard_count examples."""
+  shard_index, shard_count = _shard(shard_index, shard_count)
+  if data_source is None:
+    data_source = get_data_source(config.dataset, _get(config.dataset, "train_split", "train"))
+  batch = _local_batch(int(config.input.batch_size), shard_count, "batch_size")
+  shard_options = grain.ShardOptions(shard_index, shard_count, drop_remainder=True)
+  if len(data_source) // shard_count < batch:
+    raise ValueError(f"Shard has {len(data_source) // shard_count} examples, fewer than one "
+                     f"local batch ({batch})")
+  sampler = grain.IndexSampler(len(data_source), shard_options=shard_options, shuffle=True,
+                               num_epochs=None, seed=_seed(config))
+  transform = TrainTransform(config.tasks, _image_size(config), _get(config.dataset, "augment"))
+  return grain.DataLoader(
+      data_source=data_source, sampler=sampler,
+      operations=[transform, grain.Batch(batch, drop_remainder=True)],
+      worker_count=int(_get(config.input, "num_workers", 0) or 0))
+
+
+class _Subset:
+  """Records [start, stop) of a random-access source, itself a random-access source."""
+
+  def __init__(self, source, start: int, stop: int):
+    self.source, self.start, self.stop = source, start, stop
+
+  def __len__(self) -> int:
+    return self.stop - self.start
+
+  def __getitem__(self, index: int):
+    if not 0 <= index < len(self):
+      raise IndexError(f"index {index} out of range for a shard of {len(self)} records")
+    return self.source[self.start + index]
+
+  def __repr__(self) -> str:
+    return f"_Subset({self.source!r}, {self.start}, {self.stop})"
+
+
+class EvalLoader:
+  """Every example of the split exactly once, in order, in fixed-size padded batches.
+
+  Each shard yields the same number of batches (ceil(ceil(N / shard_count) / B)), so all
+  processes run the same number of eval steps; 'valid' marks the real rows.
+  """
+
+  def __init__(self, data_source, tasks: Sequence[str], image_size: tuple[int, int],
+               batch_size: int, shard_index: int, shard_count: int, num_workers: int = 0,
+               image_order: int = 1):
+    self.num_examples = len(data_source)
+    self.batch_size = batch_size
+    self._pad = padding_example(tasks, image_size)
+    self.num_batches = math.ceil(math.ceil(self.num_examples / shard_count) / batch_size)
+    self._loader = None
+    # Contiguous shards of sizes differing by at most one (as grain's even_split). We slice the
+    # source ourselves: grain 0.2.18's DataLoader drops records of uneven shards.
+    start = shard_index * self.num_examples // shard_count
+    stop = (shard_index + 1) * self.num_examples // shard_count
+    self.shard = _Subset(data_source, start, stop)
+    if len(self.shard):
+      sampler = grain.IndexSampler(len(self.shard), shuffle=False, num_epochs=1, seed=0)
+      # No Batch op: with workers grain batches per worker (ragged batches); we batch here.
+      self._loader = grain.DataLoader(
+          data_source=self.shard, sampler=sampler,
+          operations=[EvalTransform(tasks, image_size, image_order)], worker_count=num_workers)
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+  def _stack(self, rows: list[dict]) -> dict:
+    rows = rows + [self._pad] * (self.batch_size - len(rows))
+    return {k: np.stack([r[k] for r in rows]) for k in self._pad}
+
+  def __iter__(self) -> Iterator[dict]:
+    count, rows = 0, []
+    for element in self._loader if self._loader is not None else ():
+      rows.append(element)
+      if len(rows) == self.batch_size:
+        count += 1
+        yield self._stack(rows)
+        rows = []
+    if rows:
+      count += 1
+      yield self._stack(rows)
+    for _ in range(self.num_batches - count):
+      yield self._stack([])
+
+
+def create_eval_loader(config, *, shard_index: int | None = None,
+                       shard_count: int | None = None, data_source=None,
+                       split: str | None = None) -> EvalLoader:
+  """Resize-only batches of eval_batch_size // shard_count covering this shard once."""
+  shard_index, shard_count = _shard(shard_index, shard_count)
+  if data_source is None:
+    data_source = get_data_source(config.dataset,
+                                  split or _get(config.dataset, "eval_split", "val"))
+  batch = _local_batch(int(config.input.eval_batch_size), shard_count, "eval_batch_size")
+  augment_cfg = _get(config.dataset, "augment") or {}
+  return EvalLoader(data_source, config.tasks, _image_size(config), batch, shard_index,
+                    shard_count, num_workers=int(_get(config.input, "num_workers", 0) or 0),
+                    image_order=int(_get(augment_cfg, "image_order", 1)))

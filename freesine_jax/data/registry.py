@@ -1,0 +1,24 @@
+"""Name -> TFDS builder class for every dataset freesine_jax can read.
+
+Builders are imported lazily so that importing the registry never pulls in a dataset's
+dependencies (e.g. scipy.io for .mat files) unless that dataset is used.
+"""
+from __future__ import annotations
+
+import importlib
+
+_BUILDERS = {
+    "synthetic": "freesine_jax.data.synthetic:SyntheticMultiTask",
+    "pascal_context": "freesine_jax.data.pascal_context:PascalContextMT",
+    "nyud": "freesine_jax.data.nyud:NyudMT",
+    "cityscapes": "freesine_jax.data.cityscapes:CityscapesMT",
+}
+
+DATASET_NAMES = tuple(_BUILDERS)
+
+
+def builder_class(name: str):
+  if name not in _BUILDERS:
+    raise ValueError(f"Unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
+  module_name, class_name = _BUILDERS[name].split(":")
+  return getattr(importlib.import_module(module_name), class_name)

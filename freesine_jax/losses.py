@@ -1,0 +1,144 @@
+"""Per-task training losses and their weighted sum (DESIGN.md §3).
+
+The formulas follow MTLoRA (scale-lab/MTLoRA, mtl_loss_schemes.py), with ignore handling made
+explicit; label conventions are those of freesine_jax/tasks.py.
+
+  semseg, human_parts  softmax cross-entropy, mean over pixels whose label != 255 (pooled over
+                       the batch, like torch NLLLoss(ignore_index=255)).
+  sal, edge            class-balanced BCE on the logit (MTLoRA BalancedCrossEntropyLoss):
+                         loss = (w · Σ_{y=1} ℓ + (1 − w) · Σ_{y=0} ℓ) / N,
+                       ℓ = −[y log σ(x) + (1−y) log(1−σ(x))] per pixel. For edge w = 0.95 (a
+                       fixed positive weight); for sal w = N_neg / N is recomputed from each
+                       batch's label balance (HED-style). Differences from MTLoRA, which never
+                       passes its void mask for these tasks: pixels labelled 255 are excluded
+                       from the sums, from the label balance, and from N (MTLoRA would count
+                       them as positives, since 255 >= 0.5, and divide by every pixel). With no
+                       ignored pixel the two are identical.
+  normals              L1 between the L2-normalised prediction (x / (|x| + 1e-12)) and the label,
+                       mean over the components of valid pixels (label not the zero vector);
+                       MTLoRA divides by the number of valid elements, i.e. 3 per pixel.
+  depth                L1, mean over valid pixels (label > 0).
+
+Every loss is 0 (not NaN) when a batch has no valid pixel for it, so one image without, e.g.,
+a person never poisons the step.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from freesine_jax import tasks as tasks_lib
+
+IGNORE_INDEX = tasks_lib.IGNORE_INDEX
+EDGE_POS_WEIGHT = 0.95
+_NORMALS_EPS = 1e-12
+
+Array = jax.Array
+
+
+def _safe_mean(total: Array, count: Array) -> Array:
+  """total / count, or 0 when count is 0 (no valid pixel in the batch)."""
+  return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
+
+
+def _check_rank(task: str, logits: Array, labels: Array, channels: int | None = None) -> None:
+  if logits.ndim != 4 or logits.shape[:3] != labels.shape[:3]:
+    raise ValueError(
+        f"loss for {task!r}: output {logits.shape} must be (B,H,W,C) matching label "
+        f"{labels.shape}")
+  if channels is not None and logits.shape[-1] != channels:
+    raise ValueError(
+        f"loss for {task!r}: expected {channels} output channel(s), got {logits.shape}")
+
+
+def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
+  """Mean CE over pixels with label != 255. logits (B,H,W,C) float, labels (B,H,W) int."""
+  _check_rank("cross-entropy", logits, labels)
+  labels = labels.astype(jnp.int32)
+  valid = labels != IGNORE_INDEX
+  safe_labels = jnp.where(valid, labels, 0)
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
+  return _safe_mean(jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid))
+
+
+def balanced_binary_cross_entropy(logits: Array, labels: Array,
+                                  pos_weight: float | None = None) -> Array:
+  """Class-balanced BCE on logits (B,H,W,1) vs labels (B,H,W) in {0,1,255}.
+
+  pos_weight: weight w of the positive class; None computes w = N_neg / N_valid from the
+  batch (MTLoRA's default for saliency). Normalised by the number of valid pixels.
+  """
+  _check_rank("balanced BCE", logits, labels, channels=1)
+  x = logits[..., 0].astype(jnp.float32)
+  valid = labels != IGNORE_INDEX
+  y = jnp.where(valid, labels >= 1, False).astype(jnp.float32)
+  validf = valid.astype(jnp.float32)
+  # Numerically stable BCE-with-logits: max(x,0) − x·y + log(1 + exp(−|x|)).
+  per_pixel = jnp.maximum(x, 0.0) - x * y + jnp.log1p(jnp.exp(-jnp.abs(x)))
+  loss_pos = jnp.sum(per_pixel * y * validf)
+  loss_neg = jnp.sum(per_pixel * (1.0 - y) * validf)
+  num_valid = jnp.sum(validf)
+  if pos_weight is None:
+    num_neg = jnp.sum((1.0 - y) * validf)
+    w = _safe_mean(num_neg, num_valid)
+  else:
+    w = jnp.asarray(pos_weight, jnp.float32)
+  return _safe_mean(w * loss_pos + (1.0 - w) * loss_neg, num_valid)
+
+
+def normals_l1(pred: Array, target: Array) -> Array:
+  """L1 between normalised predictions (B,H,W,3) and unit labels, over valid elements."""
+  _check_rank("normals", pred, target, channels=3)
+  pred = pred.astype(jnp.float32)
+  target = target.astype(jnp.float32)
+  norm = jnp.sqrt(jnp.sum(jnp.square(pred), axis=-1, keepdims=True))
+  unit = pred / (norm + _NORMALS_EPS)
+  valid = jnp.any(target != 0, axis=-1, keepdims=True)
+  total = jnp.sum(jnp.where(valid, jnp.abs(unit - target), 0.0))
+  return _safe_mean(total, 3 * jnp.sum(valid))
+
+
+def depth_l1(pred: Array, target: Array) -> Array:
+  """L1 over pixels with target > 0. pred (B,H,W,1), target (B,H,W)."""
+  _check_rank("depth", pred, target, channels=1)
+  p = pred[..., 0].astype(jnp.float32)
+  t = target.astype(jnp.float32)
+  valid = t > 0
+  return _safe_mean(jnp.sum(jnp.where(valid, jnp.abs(p - t), 0.0)), jnp.sum(valid))
+
+
+def task_loss(task: str, output: Array, label: Array) -> Array:
+  """The DESIGN.md §3 loss of one task."""
+  kind = tasks_lib.get_task(task).kind
+  if kind == "classification":
+    return softmax_cross_entropy(output, label)
+  if task == "sal":
+    return balanced_binary_cross_entropy(output, label, pos_weight=None)
+  if task == "edge":
+    return balanced_binary_cross_entropy(output, label, pos_weight=EDGE_POS_WEIGHT)
+  if kind == "normals":
+    return normals_l1(output, label)
+  if kind == "depth":
+    return depth_l1(output, label)
+  raise ValueError(f"task_loss: no loss for task {task!r} (kind {kind!r})")
+
+
+def multitask_loss(outputs: Mapping[str, Array], batch: Mapping[str, Array],
+                   tasks: Sequence[str], weights: Mapping[str, float]
+                   ) -> tuple[Array, dict[str, Array]]:
+  """Σ_t w_t L_t over `tasks`; returns (total, {task: unweighted L_t})."""
+  per_task = {}
+  total = jnp.zeros((), jnp.float32)
+  for task in tasks:
+    if task not in outputs:
+      raise KeyError(f"multitask_loss: model outputs have no {task!r} (have {sorted(outputs)})")
+    if task not in batch:
+      raise KeyError(f"multitask_loss: batch has no label {task!r} (have {sorted(batch)})")
+    if task not in weights:
+      raise KeyError(f"multitask_loss: config.loss_weights has no entry for {task!r}")
+    per_task[task] = task_loss(task, outputs[task], batch[task])
+    total = total + float(weights[task]) * per_task[task]
+  return total, per_task

@@ -1,0 +1,109 @@
+"""Building blocks whose weights live in the frozen 'backbone' collection unless made trainable.
+
+Every pretrained Swin weight is declared through `backbone_weight`: it lands in the 'backbone'
+collection (never differentiated, no optimizer state) or, when the configured fine-tuning policy
+says its category is trainable, in 'params'. The module path is identical in both cases, so a
+converted checkpoint maps onto either collection by path.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+BACKBONE = "backbone"
+
+# Categories of pretrained weights, and which ones each fine-tuning policy trains.
+CATEGORIES = ("patch_embed", "norm", "relpos", "merge_reduction", "linear")
+TRAINABLE_POLICIES = {
+    # Frozen backbone: only adapters, prompts, Clock Net and decoders train.
+    "none": (),
+    # TADFormer / Free Sinewich: LayerNorms, relative-position tables and patch_embed train.
+    "norms_relpos_embed": ("patch_embed", "norm", "relpos"),
+    # MTLoRA: additionally the patch-merging reductions.
+    "mtlora": ("patch_embed", "norm", "relpos", "merge_reduction"),
+    # Full fine-tuning.
+    "all": CATEGORIES,
+}
+
+
+def is_trainable(policy: str, category: str) -> bool:
+  if policy not in TRAINABLE_POLICIES:
+    raise ValueError(
+        f"model.trainable_backbone={policy!r} is not one of {sorted(TRAINABLE_POLICIES)}")
+  if category not in CATEGORIES:
+    raise ValueError(f"unknown backbone weight category {category!r}")
+  return category in TRAINABLE_POLICIES[policy]
+
+
+def backbone_weight(module: nn.Module, name: str, init_fn: Callable, shape: Sequence[int],
+                    category: str, policy: str) -> jax.Array:
+  """Declares a pretrained weight in 'params' (trainable) or 'backbone' (frozen)."""
+  shape = tuple(shape)
+  if is_trainable(policy, category):
+    return module.param(name, init_fn, shape, jnp.float32)
+  var = module.variable(BACKBONE, name, lambda: init_fn(module.make_rng("params"), shape,
+                                                        jnp.float32))
+  return var.value
+
+
+class FrozenDense(nn.Module):
+  """A Dense layer whose kernel (in, out) and bias are pretrained backbone weights."""
+  features: int
+  use_bias: bool = True
+  category: str = "linear"
+  policy: str = "none"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = backbone_weight(self, "kernel", nn.initializers.truncated_normal(0.02),
+                             (x.shape[-1], self.features), self.category, self.policy)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = backbone_weight(self, "bias", nn.initializers.zeros, (self.features,),
+                             self.category, self.policy)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class FrozenLayerNorm(nn.Module):
+  """LayerNorm (eps 1e-5, as PyTorch) with pretrained scale/bias; statistics in float32."""
+  category: str = "norm"
+  policy: str = "none"
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = x.shape[-1]
+    scale = backbone_weight(self, "scale", nn.initializers.ones, (features,), self.category,
+                            self.policy)
+    bias = backbone_weight(self, "bias", nn.initializers.zeros, (features,), self.category,
+                           self.policy)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return y.astype(self.dtype)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops a whole residual branch per example (rng stream 'drop_path').
+
+  batch_dims > 1 for stacked task streams (T, B, ...): each stream of each example is dropped
+  independently.
+  """
+  rate: float
+  batch_dims: int = 1
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask_shape = x.shape[:self.batch_dims] + (1,) * (x.ndim - self.batch_dims)
+    mask = jax.random.bernoulli(self.make_rng("drop_path"), keep, mask_shape)
+    return jnp.where(mask, x / keep, 0).astype(x.dtype)

@@ -1,0 +1,73 @@
+"""The multi-task model: Swin backbone + adapters + Clock Net + decoders.
+
+Variables: 'backbone' (frozen pretrained Swin weights), 'params' (adapters, task tokens, Clock
+Net, decoders, and whatever backbone weights the fine-tuning policy trains), 'batch_stats'.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from freesine_jax.models import adapters, decoders, swin
+
+
+class MultiTaskModel(nn.Module):
+  tasks: Sequence[str]
+  num_outputs: Mapping[str, int]
+  swin_spec: swin.SwinSpec
+  adapter: swin.AdapterSpec
+  decoder: decoders.DecoderSpec
+  policy: str = "none"
+  clock_net: bool = True            # False: one learnable frequency per task ("w/o LCN")
+  clock_s_init: float = 1.0
+  clock_c_init: float = 1.0
+  omega_init: float = 1.0           # per-task frequency init when clock_net is False
+  use_task_tokens: bool = True
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.backbone = swin.SwinBackbone(self.swin_spec, self.adapter, self.policy, self.dtype)
+    self.head = decoders.MultiTaskDecoder(tuple(self.tasks), dict(self.num_outputs), self.decoder,
+                                          self.dtype)
+    num_tasks = len(self.tasks)
+    if self.use_task_tokens:
+      self.task_tokens = self.param("task_tokens", nn.initializers.truncated_normal(0.02),
+                                    (num_tasks, self.swin_spec.embed_dim))
+    if self.clock_net:
+      if not self.use_task_tokens:
+        raise ValueError("the Clock Net reads the task tokens: set model.task_tokens=True")
+      self.clock = adapters.ClockNet(self.clock_s_init, self.clock_c_init)
+    else:
+      self.fixed_omegas = self.param("omegas", nn.initializers.constant(self.omega_init),
+                                     (num_tasks,))
+
+  def frequencies(self) -> jax.Array:
+    """(T,) task frequencies omega_t."""
+    if self.clock_net:
+      return self.clock(self.task_tokens)
+    return self.fixed_omegas
+
+  def backbone_stages(self, images, *, train: bool = False):
+    """Per stage (shared stream, stacked task streams or None), see swin.SwinBackbone."""
+    omegas = self.frequencies()
+    prompts = None
+    if self.use_task_tokens and self.adapter.prompts:
+      prompts = jnp.broadcast_to(self.task_tokens[None], (images.shape[0],
+                                                          *self.task_tokens.shape))
+    return self.backbone(images, prompts, omegas, train=train), omegas
+
+  def encode(self, images, *, train: bool = False):
+    """Per task, the list of stage features (one stream per task; shared when no TS path)."""
+    stages, omegas = self.backbone_stages(images, train=train)
+    features = {task: [] for task in self.tasks}
+    for shared, per_task in stages:
+      for t, task in enumerate(self.tasks):
+        features[task].append(shared if per_task is None else per_task[t])
+    return features, omegas
+
+  def __call__(self, images, *, train: bool = False):
+    features, omegas = self.encode(images, train=train)
+    return self.head(features, omegas, images.shape[1:3], train=train)

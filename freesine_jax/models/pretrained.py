@@ -1,0 +1,669 @@
+"""Pretrained Swin weights: read the files users hold and place them into the model's variables.
+
+Three source layouts are understood, plus our own converted directory:
+
+  ms    Microsoft's release .pth: {'model': state_dict}, names like layers.0.blocks.0.attn.qkv.weight
+        and layers.0.downsample.reduction.weight (patch merging at the END of stage 0).
+  timm  a top-level state dict with the same names; timm >= 0.9 places patch merging at the START
+        of the next stage (layers.1.downsample...). The placement is detected from the shapes.
+  hf    Hugging Face transformers Swin (swin.embeddings..., separate query/key/value).
+  converted  a directory written by `python -m freesine_jax.tools.convert_swin` (Orbax + metadata).
+
+Nothing here ever unpickles code: .pth/.bin files go through torch.load(weights_only=True) (torch is
+an optional extra, imported lazily) and .safetensors through the safetensors package (numpy API).
+
+Weights are returned flat, keyed by our module path ('layers_0_blocks_1/attn/qkv/kernel'), in Flax
+conventions: linear kernels (in, out), the patch-embedding conv HWIO, LayerNorm 'scale'/'bias'.
+See docs/pretrained.md.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from typing import Any, Mapping
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from freesine_jax.models import swin
+
+Flat = dict[str, np.ndarray]
+
+LAYOUTS = ("ms", "timm", "hf", "converted")
+METADATA_FILE = "metadata.json"
+WEIGHTS_DIR = "weights"
+_MAX_LISTED = 10  # how many mismatches an error message lists
+
+# Our names of every pretrained weight (relative to the Swin backbone module).
+_PRETRAINED_PATH = re.compile(
+    r"^(patch_embed_proj/(kernel|bias)"
+    r"|patch_embed_norm/(scale|bias)"
+    r"|layers_\d+_blocks_\d+/(norm1|norm2)/(scale|bias)"
+    r"|layers_\d+_blocks_\d+/attn/(qkv|proj)/(kernel|bias)"
+    r"|layers_\d+_blocks_\d+/attn/relative_position_bias_table"
+    r"|layers_\d+_blocks_\d+/mlp/(fc1|fc2)/(kernel|bias)"
+    r"|layers_\d+_downsample/norm/(scale|bias)"
+    r"|layers_\d+_downsample/reduction/kernel)$")
+
+# Source keys that are deliberately not used (final norm, classifier, HF backbone-output norms).
+_IGNORED_MS = re.compile(r"^(norm\.(weight|bias)|head\..*|head_drop\..*)$")
+_IGNORED_HF = re.compile(r"^(swin\.)?(layernorm\.(weight|bias)|pooler\..*|hidden_states_norms\..*)$"
+                         r"|^classifier\..*$")
+
+
+def is_pretrained_path(path: str) -> bool:
+  """Whether `path` (relative to the Swin module) names a pretrained Swin weight."""
+  return bool(_PRETRAINED_PATH.match(path))
+
+
+# ------------------------------------------------------------------------------------------
+# Raw file reading (no pickled code is ever executed).
+# ------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(chunk):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _import_torch(path: str):
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        f"reading the PyTorch checkpoint {path} needs torch, an optional extra: "
+        "`pip install torch==2.13.0` (or `pip install freesine_jax[torch]`), or convert the file "
+        "to .safetensors elsewhere") from e
+  return torch
+
+
+def _read_torch(path: str) -> tuple[dict[str, Any], str | None]:
+  """A .pth/.bin state dict as numpy arrays, and the wrapper entry it came from."""
+  torch = _import_torch(path)
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pickle.UnpicklingError, RuntimeError, ... (torch varies)
+    raise ValueError(
+        f"{path}: torch.load(weights_only=True) refused the file ({type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}). Only plain tensor state dicts are read, "
+        "never pickled objects; in a trusted environment save just the weights, e.g. "
+        "torch.save({'model': ckpt['model']}, 'weights.pth'), or export to .safetensors") from e
+  wrapper = None
+  if isinstance(obj, Mapping):
+    for entry in ("model", "state_dict", "module"):
+      if entry in obj and isinstance(obj[entry], Mapping):
+        obj, wrapper = obj[entry], entry
+        break
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{path}: expected a state dict (or a dict with a 'model' entry), got "
+                     f"{type(obj).__name__}")
+  out = {}
+  for k, v in obj.items():
+    if not isinstance(v, torch.Tensor):
+      raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+    if v.is_floating_point():
+      v = v.float()
+    out[k] = v.detach().cpu().numpy()
+  return out, wrapper
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """All tensors of a .safetensors file as numpy (bfloat16 widened to float32 by hand)."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  with open(path, "rb") as f:
+    header_len = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(header_len))
+  out = {}
+  with safe_open(path, framework="numpy") as f:
+    for key in f.keys():
+      meta = header[key]
+      if meta["dtype"] == "BF16":  # numpy has no bfloat16: the top 16 bits of a float32
+        start, end = meta["data_offsets"]
+        raw = np.fromfile(path, dtype="<u2", count=(end - start) // 2,
+                          offset=8 + header_len + start)
+        out[key] = (raw.astype(np.uint32) << 16).view(np.float32).reshape(meta["shape"])
+      else:
+        out[key] = f.get_tensor(key)
+  return out
+
+
+def _read_converted(path: str) -> tuple[Flat, dict]:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  meta_path = os.path.join(path, METADATA_FILE)
+  with open(meta_path) as f:
+    meta = json.load(f)
+  weights = os.path.join(os.path.abspath(path), WEIGHTS_DIR)
+  if not os.path.isdir(weights):
+    raise FileNotFoundError(f"{path}: has {METADATA_FILE} but no {WEIGHTS_DIR}/ directory")
+  tree = ocp.StandardCheckpointer().restore(weights)
+  flat = {"/".join(k): np.asarray(v, np.float32)
+          for k, v in traverse_util.flatten_dict(tree).items()}
+  return flat, meta
+
+
+# ------------------------------------------------------------------------------------------
+# Layout detection and name mapping.
+# ------------------------------------------------------------------------------------------
+
+
+def detect_layout(keys, wrapper: str | None = None) -> str:
+  """'hf', 'ms' (timm names inside a {'model': ...} wrapper) or 'timm' (top-level names)."""
+  keys = list(keys)
+  if any("embeddings.patch_embeddings." in k or ".attention.self." in k for k in keys):
+    return "hf"
+  if "patch_embed.proj.weight" in keys:
+    return "ms" if wrapper == "model" else "timm"
+  raise ValueError(
+      "cannot tell the checkpoint layout: found neither 'patch_embed.proj.weight' (ms/timm) nor "
+      "'...embeddings.patch_embeddings.projection.weight' (hf); first keys: "
+      f"{sorted(keys)[:_MAX_LISTED]}")
+
+
+def _linear(w: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(w.T)
+
+
+_MS_BLOCK = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.(.+)$")
+_MS_DOWN = re.compile(r"^layers\.(\d+)\.downsample\.(norm\.weight|norm\.bias|reduction\.weight)$")
+_HF_BLOCK = re.compile(r"^encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)$")
+_HF_DOWN = re.compile(
+    r"^encoder\.layers\.(\d+)\.downsample\.(norm\.weight|norm\.bias|reduction\.weight)$")
+
+_MS_BLOCK_NAMES = {
+    "norm1.weight": ("norm1/scale", None), "norm1.bias": ("norm1/bias", None),
+    "norm2.weight": ("norm2/scale", None), "norm2.bias": ("norm2/bias", None),
+    "attn.qkv.weight": ("attn/qkv/kernel", _linear), "attn.qkv.bias": ("attn/qkv/bias", None),
+    "attn.proj.weight": ("attn/proj/kernel", _linear), "attn.proj.bias": ("attn/proj/bias", None),
+    "mlp.fc1.weight": ("mlp/fc1/kernel", _linear), "mlp.fc1.bias": ("mlp/fc1/bias", None),
+    "mlp.fc2.weight": ("mlp/fc2/kernel", _linear), "mlp.fc2.bias": ("mlp/fc2/bias", None),
+    "attn.relative_position_bias_table": ("attn/relative_position_bias_table", None),
+}
+_HF_BLOCK_NAMES = {
+    "layernorm_before.weight": ("norm1/scale", None),
+    "layernorm_before.bias": ("norm1/bias", None),
+    "layernorm_after.weight": ("norm2/scale", None),
+    "layernorm_after.bias": ("norm2/bias", None),
+    "attention.output.dense.weight": ("attn/proj/kernel", _linear),
+    "attention.output.dense.bias": ("attn/proj/bias", None),
+    "intermediate.dense.weight": ("mlp/fc1/kernel", _linear),
+    "intermediate.dense.bias": ("mlp/fc1/bias", None),
+    "output.dense.weight": ("mlp/fc2/kernel", _linear),
+    "output.dense.bias": ("mlp/fc2/bias", None),
+    "attention.self.relative_position_bias_table": ("attn/relative_position_bias_table", None),
+}
+_DOWN_NAMES = {"norm.weight": ("norm/scale", None), "norm.bias": ("norm/bias", None),
+               "reduction.weight": ("reduction/kernel", _linear)}
+
+
+def _check_index_buffer(key: str, index: np.ndarray, table_len: int | None) -> None:
+  """A stored relative_position_index must be the standard one (else our tables would be misread)."""
+  n = int(round(math.sqrt(index.shape[0]))) if index.ndim == 2 else 0
+  if index.ndim != 2 or index.shape[0] != index.shape[1] or n * n != index.shape[0]:
+    raise ValueError(f"{key}: relative_position_index of shape {index.shape} is not (w^2, w^2)")
+  if table_len is not None and table_len != (2 * n - 1) ** 2:
+    raise ValueError(f"{key}: relative_position_index for window {n} does not fit a bias table "
+                     f"of {table_len} rows")
+  if not np.array_equal(index, swin.relative_position_index(n)):
+    raise ValueError(f"{key}: relative_position_index differs from the Swin definition for "
+                     f"window {n}; this checkpoint uses a different position convention")
+
+
+def _map_downsamples(downs: dict[tuple[int, str], np.ndarray], flat: Flat, key_of) -> str:
+  """Places patch-merging weights at the stage whose output they merge; returns the placement.
+
+  The merge after stage i normalises 4*C_i channels; timm >= 0.9 stores it under stage i + 1,
+  whose blocks have C_{i+1} = 2*C_i channels. Shapes decide, per merge.
+  """
+  dims = {}
+  for k, v in flat.items():
+    m = re.match(r"^layers_(\d+)_blocks_0/norm1/scale$", k)
+    if m:
+      dims[int(m.group(1))] = v.shape[0]
+  placements = set()
+  for stage in sorted({s for s, _ in downs}):
+    norm = downs.get((stage, "norm.weight"))
+    if norm is None:
+      raise ValueError(f"{key_of(stage, 'norm.weight')}: missing (the patch merging of that "
+                       "stage has other weights)")
+    width = norm.shape[0]
+    if dims.get(stage) is not None and width == 4 * dims[stage]:
+      target, placement = stage, "end_of_stage"
+    elif dims.get(stage - 1) is not None and width == 4 * dims[stage - 1]:
+      target, placement = stage - 1, "start_of_next_stage"
+    else:
+      raise ValueError(f"{key_of(stage, 'norm.weight')}: width {width} fits no stage "
+                       f"(block widths per stage: {dims})")
+    placements.add(placement)
+    for (s, name), value in downs.items():
+      if s == stage:
+        ours, fn = _DOWN_NAMES[name]
+        flat[f"layers_{target}_downsample/{ours}"] = fn(value) if fn else value
+  if len(placements) > 1:
+    raise ValueError(f"inconsistent patch-merging placement across stages: {sorted(placements)}")
+  return placements.pop() if placements else "none"
+
+
+def _map_ms(sd: dict[str, np.ndarray], path: str) -> tuple[Flat, dict]:
+  flat: Flat = {}
+  ignored, buffers, unknown = [], [], []
+  downs = {}
+  indices = {}
+  for key, value in sd.items():
+    if key == "patch_embed.proj.weight":
+      flat["patch_embed_proj/kernel"] = np.ascontiguousarray(value.transpose(2, 3, 1, 0))
+    elif key == "patch_embed.proj.bias":
+      flat["patch_embed_proj/bias"] = value
+    elif key in ("patch_embed.norm.weight", "patch_embed.norm.bias"):
+      flat["patch_embed_norm/" + ("scale" if key.endswith("weight") else "bias")] = value
+    elif m := _MS_BLOCK.match(key):
+      i, j, rest = m.groups()
+      prefix = f"layers_{i}_blocks_{j}/"
+      if rest in _MS_BLOCK_NAMES:
+        ours, fn = _MS_BLOCK_NAMES[rest]
+        flat[prefix + ours] = fn(value) if fn else value
+      elif rest == "attn.relative_position_index":
+        indices[prefix] = (key, value)
+        buffers.append(key)
+      elif rest == "attn_mask":
+        buffers.append(key)
+      else:
+        unknown.append(key)
+    elif m := _MS_DOWN.match(key):
+      downs[(int(m.group(1)), m.group(2))] = value
+    elif _IGNORED_MS.match(key):
+      ignored.append(key)
+    else:
+      unknown.append(key)
+  _fail_unknown(path, unknown)
+  placement = _map_downsamples(downs, flat, lambda s, n: f"layers.{s}.downsample.{n}")
+  for prefix, (key, index) in indices.items():
+    table = flat.get(prefix + "attn/relative_position_bias_table")
+    _check_index_buffer(key, index, None if table is None else table.shape[0])
+  return flat, dict(ignored_keys=sorted(ignored), skipped_buffers=sorted(buffers),
+                    downsample_placement=placement)
+
+
+def _map_hf(sd: dict[str, np.ndarray], path: str) -> tuple[Flat, dict]:
+  flat: Flat = {}
+  ignored, buffers, unknown = [], [], []
+  downs, qkv, indices = {}, {}, {}
+  for key, value in sd.items():
+    if _IGNORED_HF.match(key):
+      ignored.append(key)
+      continue
+    name = key[len("swin."):] if key.startswith("swin.") else key
+    if name == "embeddings.patch_embeddings.projection.weight":
+      flat["patch_embed_proj/kernel"] = np.ascontiguousarray(value.transpose(2, 3, 1, 0))
+    elif name == "embeddings.patch_embeddings.projection.bias":
+      flat["patch_embed_proj/bias"] = value
+    elif name in ("embeddings.norm.weight", "embeddings.norm.bias"):
+      flat["patch_embed_norm/" + ("scale" if name.endswith("weight") else "bias")] = value
+    elif m := _HF_BLOCK.match(name):
+      i, j, rest = m.groups()
+      prefix = f"layers_{i}_blocks_{j}/"
+      if rest in _HF_BLOCK_NAMES:
+        ours, fn = _HF_BLOCK_NAMES[rest]
+        flat[prefix + ours] = fn(value) if fn else value
+      elif mq := re.match(r"^attention\.self\.(query|key|value)\.(weight|bias)$", rest):
+        qkv.setdefault((prefix, mq.group(2)), {})[mq.group(1)] = (key, value)
+      elif rest == "attention.self.relative_position_index":
+        indices[prefix] = (key, value)
+        buffers.append(key)
+      else:
+        unknown.append(key)
+    elif m := _HF_DOWN.match(name):
+      downs[(int(m.group(1)), m.group(2))] = value
+    else:
+      unknown.append(key)
+  _fail_unknown(path, unknown)
+  for (prefix, kind), parts in qkv.items():
+    missing = [p for p in ("query", "key", "value") if p not in parts]
+    if missing:
+      some_key = next(iter(parts.values()))[0]
+      raise ValueError(f"{path}: {some_key} has no matching attention.self.{missing[0]}.{kind}")
+    # PyTorch's qkv weight stacks q, k, v along the output dimension.
+    stacked = np.concatenate([parts[p][1] for p in ("query", "key", "value")], axis=0)
+    flat[prefix + ("attn/qkv/kernel" if kind == "weight" else "attn/qkv/bias")] = (
+        _linear(stacked) if kind == "weight" else stacked)
+  pre = "swin." if any(k.startswith("swin.") for k in sd) else ""
+  placement = _map_downsamples(downs, flat,
+                               lambda s, n: f"{pre}encoder.layers.{s}.downsample.{n}")
+  for prefix, (key, index) in indices.items():
+    table = flat.get(prefix + "attn/relative_position_bias_table")
+    _check_index_buffer(key, index, None if table is None else table.shape[0])
+  return flat, dict(ignored_keys=sorted(ignored), skipped_buffers=sorted(buffers),
+                    downsample_placement=placement)
+
+
+def _fail_unknown(path: str, unknown: list[str]) -> None:
+  if unknown:
+    unknown = sorted(unknown)
+    raise ValueError(
+        f"{path}: {len(unknown)} key(s) are not part of a Swin backbone this project knows "
+        f"(not a weight, buffer, final norm or classifier head), e.g. {unknown[:_MAX_LISTED]}. "
+        "Refusing to guess what they do.")
+
+
+# ------------------------------------------------------------------------------------------
+# Public API.
+# ------------------------------------------------------------------------------------------
+
+
+def describe(flat: Flat) -> dict:
+  """Architecture read from the shapes: embed dim, depths, heads, window, patch size, variant."""
+  if "patch_embed_proj/kernel" not in flat:
+    raise ValueError("no patch_embed_proj/kernel among the weights: not a Swin backbone")
+  p, _, in_chans, embed_dim = flat["patch_embed_proj/kernel"].shape
+  depths, heads, windows = [], [], []
+  stage = 0
+  while f"layers_{stage}_blocks_0/norm1/scale" in flat:
+    depth = 0
+    while f"layers_{stage}_blocks_{depth}/norm1/scale" in flat:
+      table = flat.get(f"layers_{stage}_blocks_{depth}/attn/relative_position_bias_table")
+      if table is not None:
+        side = int(round(math.sqrt(table.shape[0])))
+        if side * side != table.shape[0] or side % 2 == 0:
+          raise ValueError(f"layers_{stage}_blocks_{depth}/attn/relative_position_bias_table: "
+                           f"{table.shape[0]} rows is not (2w-1)^2")
+        windows.append((side + 1) // 2)
+        if depth == 0:
+          heads.append(int(table.shape[1]))
+      depth += 1
+    depths.append(depth)
+    stage += 1
+  if len(heads) != len(depths):
+    raise ValueError("a stage's first block has no relative_position_bias_table")
+  fc1 = flat.get("layers_0_blocks_0/mlp/fc1/kernel")
+  mlp_ratio = float(fc1.shape[1]) / embed_dim if fc1 is not None else None
+  window = max(windows) if windows else None
+  variant = "custom"
+  for name, (dim, ds, hs) in swin.SWIN_VARIANTS.items():
+    if (dim, tuple(ds), tuple(hs)) == (embed_dim, tuple(depths), tuple(heads)) and p == 4:
+      variant = name
+  return dict(variant=variant, embed_dim=int(embed_dim), depths=tuple(depths),
+              num_heads=tuple(heads), window_size=window, patch_size=int(p),
+              in_chans=int(in_chans), mlp_ratio=mlp_ratio)
+
+
+def read_checkpoint(path: str, layout: str | None = None) -> tuple[Flat, dict]:
+  """Reads a Swin checkpoint into ({our_path: float32 array}, info).
+
+  info: layout, source, the architecture (see `describe`), ignored_keys (final norm, classifier
+  head: reported, never used), skipped_buffers (relative_position_index, attn_mask: recomputed),
+  downsample_placement.
+  """
+  if layout is not None and layout not in LAYOUTS:
+    raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Swin checkpoint {path!r} does not exist")
+  if os.path.isdir(path):
+    if os.path.exists(os.path.join(path, METADATA_FILE)):
+      if layout not in (None, "converted"):
+        raise ValueError(f"{path} is a converted directory, but layout={layout!r} was requested")
+      flat, meta = _read_converted(path)
+      info = dict(meta, layout="converted", source=path, converted_from=meta.get("layout"))
+      info.update(describe(flat))
+      return flat, info
+    candidate = os.path.join(path, "model.safetensors")
+    if not os.path.exists(candidate):
+      raise ValueError(f"{path} is a directory with neither {METADATA_FILE} (a converted "
+                       "checkpoint) nor model.safetensors (a Hugging Face model)")
+    path = candidate
+  if path.endswith(".safetensors"):
+    sd, wrapper = _read_safetensors(path), None
+  else:
+    sd, wrapper = _read_torch(path)
+  if wrapper == "module" or any(k.startswith("module.") for k in sd):
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+  found = detect_layout(sd.keys(), wrapper)
+  if layout == "converted":
+    raise ValueError(f"{path} is a file; layout='converted' expects a directory")
+  if layout is not None and {layout, found} != {"ms", "timm"} and layout != found:
+    raise ValueError(f"{path}: layout={layout!r} was requested but the keys are {found!r} "
+                     f"names, e.g. {sorted(sd)[:3]}")
+  flat, extra = (_map_hf if found == "hf" else _map_ms)(sd, path)
+  flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
+  info = dict(layout=layout or found, source=path, **extra)
+  info.update(describe(flat))
+  for key in info["ignored_keys"]:
+    logging.info("%s: ignoring %s (not part of the backbone features)", path, key)
+  return flat, info
+
+
+def expected_shapes(spec: swin.SwinSpec, in_chans: int = 3) -> dict[str, tuple[int, ...]]:
+  """Every pretrained weight of `spec` with its shape (tables at the configured window)."""
+  out = {}
+  c, p = spec.embed_dim, spec.patch_size
+  out["patch_embed_proj/kernel"] = (p, p, in_chans, c)
+  out["patch_embed_proj/bias"] = (c,)
+  out["patch_embed_norm/scale"] = out["patch_embed_norm/bias"] = (c,)
+  table_rows = (2 * spec.window_size - 1) ** 2
+  n = len(spec.depths)
+  for i, (depth, heads) in enumerate(zip(spec.depths, spec.num_heads)):
+    d = spec.stage_dims[i]
+    hidden = int(d * spec.mlp_ratio)
+    for j in range(depth):
+      b = f"layers_{i}_blocks_{j}/"
+      for name in ("norm1", "norm2"):
+        out[b + name + "/scale"] = out[b + name + "/bias"] = (d,)
+      out[b + "attn/qkv/kernel"], out[b + "attn/qkv/bias"] = (d, 3 * d), (3 * d,)
+      out[b + "attn/proj/kernel"], out[b + "attn/proj/bias"] = (d, d), (d,)
+      out[b + "attn/relative_position_bias_table"] = (table_rows, heads)
+      out[b + "mlp/fc1/kernel"], out[b + "mlp/fc1/bias"] = (d, hidden), (hidden,)
+      out[b + "mlp/fc2/kernel"], out[b + "mlp/fc2/bias"] = (hidden, d), (d,)
+    if i < n - 1:
+      out[f"layers_{i}_downsample/norm/scale"] = out[f"layers_{i}_downsample/norm/bias"] = (4 * d,)
+      out[f"layers_{i}_downsample/reduction/kernel"] = (4 * d, 2 * d)
+  return out
+
+
+def _is_table(path: str) -> bool:
+  return path.endswith("relative_position_bias_table")
+
+
+def _table_resizable(src: tuple[int, ...], dst: tuple[int, ...]) -> bool:
+  if len(src) != 2 or len(dst) != 2 or src[1] != dst[1]:
+    return False
+  return all(int(round(math.sqrt(n))) ** 2 == n and int(round(math.sqrt(n))) % 2 == 1
+             for n in (src[0], dst[0]))
+
+
+def _mismatch_lines(have: Mapping[str, tuple], want: Mapping[str, tuple]) -> list[str]:
+  """Shape mismatches first (the most telling), then missing, then unexpected weights."""
+  lines = []
+  for k in sorted(set(have) & set(want)):
+    hs, ws = tuple(have[k]), tuple(want[k])
+    if hs != ws and not (_is_table(k) and _table_resizable(hs, ws)):
+      lines.append(f"shape {k}: checkpoint {hs} vs model {ws}")
+  for k in sorted(want):
+    if k not in have:
+      lines.append(f"missing {k} {tuple(want[k])}")
+  for k in sorted(have):
+    if k not in want:
+      lines.append(f"unexpected {k} {tuple(have[k])}")
+  return lines
+
+
+def check_variant(flat: Flat, info: dict, spec: swin.SwinSpec, where: str = "") -> None:
+  """Fails, listing the first mismatches, unless the weights fit the configured Swin `spec`.
+
+  Only the window may differ: relative-position tables are then resized (see load_into).
+  """
+  want = expected_shapes(spec, info.get("in_chans", 3))
+  lines = _mismatch_lines({k: v.shape for k, v in flat.items()}, want)
+  mlp_ok = info.get("mlp_ratio") in (None, spec.mlp_ratio)
+  if lines or info.get("patch_size") != spec.patch_size or not mlp_ok:
+    got = (f"{info.get('variant')} (embed {info.get('embed_dim')}, depths {info.get('depths')}, "
+           f"heads {info.get('num_heads')}, patch {info.get('patch_size')}, mlp_ratio "
+           f"{info.get('mlp_ratio')})")
+    cfg = (f"embed {spec.embed_dim}, depths {tuple(spec.depths)}, heads {tuple(spec.num_heads)}, "
+           f"patch {spec.patch_size}, mlp_ratio {spec.mlp_ratio}")
+    raise ValueError(
+        f"{where or info.get('source', 'checkpoint')}: weights are {got} but the model is "
+        f"configured as {cfg}; {len(lines)} mismatch(es), first: "
+        + "; ".join(lines[:_MAX_LISTED]))
+
+
+# ------------------------------------------------------------------------------------------
+# Relative-position table resizing.
+# ------------------------------------------------------------------------------------------
+
+
+def _cubic(x: np.ndarray, a: float = -0.75) -> np.ndarray:
+  """Keys' cubic convolution kernel with a = -0.75 (PyTorch's bicubic)."""
+  x = np.abs(x)
+  near = ((a + 2) * x - (a + 3)) * x * x + 1
+  far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+
+def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) matrix of 1-D bicubic resampling as torch.nn.functional.interpolate does it.
+
+  align_corners=False: output pixel i samples source coordinate (i + 0.5) * n_in / n_out - 0.5;
+  4 taps at floor(src) - 1 .. floor(src) + 2 with the a = -0.75 cubic kernel; taps outside the
+  source are clamped to the border pixel. No antialiasing when shrinking.
+  """
+  m = np.zeros((n_out, n_in), np.float64)
+  scale = n_in / n_out
+  for i in range(n_out):
+    src = scale * (i + 0.5) - 0.5
+    base = math.floor(src)
+    t = src - base
+    for offset in (-1, 0, 1, 2):
+      m[i, min(max(base + offset, 0), n_in - 1)] += _cubic(np.array(t - offset))
+  return m
+
+
+def resize_relpos_table(table: np.ndarray, rows: int) -> np.ndarray:
+  """Resizes a ((2w-1)^2, heads) bias table to `rows` = (2w'-1)^2 rows, bicubically per head.
+
+  As the Swin authors do when fine-tuning at another window: view each head's table as a
+  (2w-1, 2w-1) image (row index = dy offset, column = dx offset) and resample it.
+  """
+  table = np.asarray(table)
+  n_in, n_out = int(round(math.sqrt(table.shape[0]))), int(round(math.sqrt(rows)))
+  if n_in * n_in != table.shape[0] or n_out * n_out != rows:
+    raise ValueError(f"relative-position tables must have (2w-1)^2 rows; got {table.shape[0]} "
+                     f"-> {rows}")
+  if n_in == n_out:
+    return table.astype(np.float32)
+  m = bicubic_matrix(n_in, n_out)
+  grid = table.astype(np.float64).reshape(n_in, n_in, -1)
+  out = np.einsum("ij,jkh,lk->ilh", m, grid, m)
+  return out.reshape(rows, -1).astype(np.float32)
+
+
+def resize_tables(flat: Flat, window: int) -> Flat:
+  """All tables resized to window `window` (other weights untouched)."""
+  rows = (2 * window - 1) ** 2
+  return {k: resize_relpos_table(v, rows) if _is_table(k) else v for k, v in flat.items()}
+
+
+# ------------------------------------------------------------------------------------------
+# Placing weights into model variables.
+# ------------------------------------------------------------------------------------------
+
+
+def _find_prefix(flat_vars: Mapping[str, Mapping[tuple, Any]]) -> tuple[str, ...]:
+  anchor = ("patch_embed_proj", "kernel")
+  for coll in flat_vars.values():
+    for path in coll:
+      if path[-2:] == anchor:
+        return path[:-2]
+  raise ValueError("the model variables contain no Swin backbone (no patch_embed_proj/kernel in "
+                   "'backbone' or 'params')")
+
+
+def load_into(variables: Mapping[str, Any], flat: Flat, *, strict: bool = True,
+              return_report: bool = False):
+  """Puts each pretrained weight into the collection ('backbone' or 'params') holding its path.
+
+  Shapes must match, except relative-position tables, which are resized bicubically when the
+  model's window differs (including stages whose window shrinks to the token grid). Adapters and
+  every other variable are left untouched. strict: missing or unexpected weights are an error
+  (listing the first ones); otherwise they are logged. Returns new variables (and a report).
+  """
+  colls = {name: traverse_util.flatten_dict(dict(tree))
+           for name, tree in variables.items() if name in ("backbone", "params")}
+  prefix = _find_prefix(colls)
+  slots = {}
+  for name, coll in colls.items():
+    for path, leaf in coll.items():
+      if path[:len(prefix)] == prefix:
+        rel = "/".join(path[len(prefix):])
+        if is_pretrained_path(rel):
+          slots[rel] = (name, path, leaf)
+  have = {k: v.shape for k, v in flat.items()}
+  want = {k: tuple(leaf.shape) for k, (_, _, leaf) in slots.items()}
+  missing = sorted(set(want) - set(have))
+  unexpected = sorted(set(have) - set(want))
+  bad_shapes = [line for line in _mismatch_lines(have, want) if line.startswith("shape")]
+  if bad_shapes or (strict and (missing or unexpected)):
+    raise ValueError(f"cannot load the Swin weights: "
+                     + "; ".join((bad_shapes + [f"missing {k}" for k in missing] +
+                                  [f"unexpected {k}" for k in unexpected])[:_MAX_LISTED]))
+  for k in missing:
+    logging.warning("pretrained Swin: %s not in the checkpoint; keeps its initial value", k)
+  for k in unexpected:
+    logging.warning("pretrained Swin: %s has no place in the model; not loaded", k)
+  resized = []
+  new = {name: dict(coll) for name, coll in colls.items()}
+  for rel, (name, path, leaf) in slots.items():
+    if rel not in flat:
+      continue
+    value = flat[rel]
+    if tuple(value.shape) != tuple(leaf.shape):
+      value = resize_relpos_table(value, leaf.shape[0])
+      resized.append(rel)
+    arr = jnp.asarray(value, dtype=leaf.dtype)
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(leaf, jax.Array) and sharding is not None:
+      arr = jax.device_put(arr, sharding)
+    new[name][path] = arr
+  out = dict(variables)
+  for name, coll in new.items():
+    out[name] = traverse_util.unflatten_dict(coll)
+  report = dict(loaded=len(slots) - len(missing), missing=missing, unexpected=unexpected,
+                resized_tables=sorted(resized),
+                collections={n: sum(1 for s in slots.values() if s[0] == n) for n in colls})
+  return (out, report) if return_report else out
+
+
+def backbone_hash(flat: Flat) -> str:
+  """sha256 over the sorted paths, dtypes, shapes and bytes: identifies the pretrained weights."""
+  h = hashlib.sha256()
+  for k in sorted(flat):
+    v = np.ascontiguousarray(flat[k])
+    h.update(k.encode())
+    h.update(str(v.dtype).encode())
+    h.update(str(tuple(v.shape)).encode())
+    h.update(v.tobytes())
+  return h.hexdigest()
+
+
+def load_pretrained(config, variables):
+  """Loads config.model.backbone_weights (a source file or converted dir) into `variables`.
+
+  Called by train.init_variables. config.model.backbone_layout (optional) forces the layout.
+  """
+  from freesine_jax.models import swin_spec  # pylint: disable=g-import-not-at-top
+  mc = config.model
+  path = mc.backbone_weights
+  flat, info = read_checkpoint(path, layout=mc.get("backbone_layout", None) or None)
+  check_variant(flat, info, swin_spec(mc), where=path)
+  variables, report = load_into(variables, flat, strict=True, return_report=True)
+  logging.info("loaded %d pretrained Swin weights from %s (layout %s, variant %s, window %s); "
+               "resized tables: %d; ignored source keys: %s", report["loaded"], path,
+               info["layout"], info["variant"], info["window_size"],
+               len(report["resized_tables"]), info.get("ignored_keys"))
+  return variables

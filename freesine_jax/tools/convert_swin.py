@@ -1,0 +1,99 @@
+"""Converts a pretrained Swin checkpoint to the project's format (Orbax weights + metadata).
+
+  python -m freesine_jax.tools.convert_swin --src=swin_tiny_patch4_window7_224.pth \
+      --out=/ckpt/swin_t_in1k [--variant=swin_t] [--layout=ms|timm|hf] [--window=7]
+
+Reads a Microsoft release .pth, a timm state dict (.pth/.bin/.safetensors) or a Hugging Face
+Swin (.safetensors/.bin, or its directory) without executing pickled code, maps the names to our
+module paths, and writes <out>/weights (Orbax) and <out>/metadata.json. Keys that are not part of
+the backbone features (final norm, classifier head) are listed in the output and the metadata.
+Point config.model.backbone_weights at <out> (or at the source file). See docs/pretrained.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+from absl import app
+from absl import flags
+import numpy as np
+from flax import traverse_util
+
+from freesine_jax.models import pretrained
+from freesine_jax.models import swin
+
+_SRC = flags.DEFINE_string("src", None, "Source checkpoint file (.pth/.bin/.safetensors) or dir.")
+_OUT = flags.DEFINE_string("out", None, "Output directory (must not exist yet).")
+_VARIANT = flags.DEFINE_enum("variant", None, sorted(swin.SWIN_VARIANTS),
+                             "Expected variant; the conversion fails if the weights differ.")
+_LAYOUT = flags.DEFINE_enum("layout", None, ["ms", "timm", "hf"],
+                            "Source layout (default: detected from the key names).")
+_WINDOW = flags.DEFINE_integer("window", None,
+                               "Resize every relative-position table to this window (bicubic).")
+
+
+def convert(src: str, out: str, *, variant: str | None = None, layout: str | None = None,
+            window: int | None = None) -> dict:
+  """Converts `src` into `out`; returns the metadata written."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  if os.path.exists(os.path.join(out, pretrained.WEIGHTS_DIR)):
+    raise FileExistsError(f"--out={out} already holds {pretrained.WEIGHTS_DIR}/; choose a new "
+                          "directory or delete it")
+  flat, info = pretrained.read_checkpoint(src, layout=layout)
+  if variant is not None:
+    spec = swin.SwinSpec.from_variant(variant, window_size=window or info["window_size"])
+    pretrained.check_variant(flat, info, spec, where=src)
+  source_window = info["window_size"]
+  if window is not None:
+    if window < 1:
+      raise ValueError(f"--window={window} must be >= 1")
+    flat = pretrained.resize_tables(flat, window)
+  sha = pretrained.file_sha256(info["source"]) if os.path.isfile(info["source"]) else None
+  metadata = dict(
+      variant=info["variant"], embed_dim=info["embed_dim"], depths=list(info["depths"]),
+      num_heads=list(info["num_heads"]), window_size=window or source_window,
+      source_window_size=source_window, patch_size=info["patch_size"],
+      mlp_ratio=info["mlp_ratio"], layout=info["layout"],
+      downsample_placement=info.get("downsample_placement"),
+      source=os.path.abspath(info["source"]), source_sha256=sha,
+      backbone_hash=pretrained.backbone_hash(flat),
+      num_weights=len(flat), num_params=int(sum(v.size for v in flat.values())),
+      ignored_keys=list(info.get("ignored_keys", [])),
+      skipped_buffers=len(info.get("skipped_buffers", [])))
+  os.makedirs(out, exist_ok=True)
+  tree = traverse_util.unflatten_dict({tuple(k.split("/")): np.asarray(v, np.float32)
+                                       for k, v in flat.items()})
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(os.path.join(os.path.abspath(out), pretrained.WEIGHTS_DIR), tree)
+  ckpt.wait_until_finished()
+  ckpt.close()
+  with open(os.path.join(out, pretrained.METADATA_FILE), "w") as f:
+    json.dump(metadata, f, indent=2)
+  return metadata
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _SRC.value or not _OUT.value:
+    raise app.UsageError("--src and --out are required")
+  meta = convert(_SRC.value, _OUT.value, variant=_VARIANT.value, layout=_LAYOUT.value,
+                 window=_WINDOW.value)
+  print(f"converted {meta['source']} ({meta['layout']}, sha256 {meta['source_sha256']})")
+  print(f"  variant {meta['variant']}: embed {meta['embed_dim']}, depths {meta['depths']}, "
+        f"heads {meta['num_heads']}, window {meta['source_window_size']} -> "
+        f"{meta['window_size']}, {meta['num_params']:,} parameters in {meta['num_weights']} "
+        "arrays")
+  print(f"  ignored source keys (not backbone features): {meta['ignored_keys'] or 'none'}")
+  print(f"  wrote {os.path.join(_OUT.value, pretrained.WEIGHTS_DIR)} and "
+        f"{pretrained.METADATA_FILE} (backbone_hash {meta['backbone_hash'][:16]}...)")
+
+
+def run() -> None:
+  """Console-script entry point (freesine-convert-swin)."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

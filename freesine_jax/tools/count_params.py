@@ -1,0 +1,88 @@
+"""Trainable-parameter report: `python -m freesine_jax.tools.count_params --config=<config>`.
+
+Prints a breakdown of the trainable 'params' collection (TA adapters, TS adapters, Clock Net +
+tokens, decoders, trainable backbone), the frozen 'backbone' size, and as its last line
+`trainable_params=<integer>`. Shapes come from jax.eval_shape: nothing is allocated.
+"""
+from __future__ import annotations
+
+import collections
+
+from absl import app
+from ml_collections import config_flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from freesine_jax import models
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+
+GROUPS = ("TA adapters (shared LoRA)", "TS adapters (Sine-AWB W, prompt path, gates)",
+          "Clock Net + task tokens", "decoders", "trainable backbone")
+
+_TS_NAMES = ("awb_w", "prompt_norm", "prompt_proj", "prompt_gate")
+
+
+def group_of(path: tuple[str, ...]) -> str:
+  """Which report group a 'params' leaf (flattened path) belongs to."""
+  if path[0] == "head":
+    return GROUPS[3]
+  if path[0] in ("task_tokens", "omegas", "clock"):
+    return GROUPS[2]
+  leaf = path[-1]
+  if leaf in ("lora_a", "lora_b"):
+    return GROUPS[0]
+  if any(p.startswith(_TS_NAMES) for p in path) or (leaf.startswith("task") and
+                                                    leaf.endswith(("_a", "_b", "_w"))):
+    return GROUPS[1]
+  return GROUPS[4]
+
+
+def variable_shapes(config, image_size=None):
+  """Abstract variables of the configured model (no memory allocated)."""
+  model = models.build_model(config)
+  size = image_size or tuple(config.dataset.image_size)
+  images = jax.ShapeDtypeStruct((1, *size, 3), jnp.float32)
+  return jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x), images)
+
+
+def breakdown(variables) -> dict[str, int]:
+  counts = collections.OrderedDict((g, 0) for g in GROUPS)
+  for path, leaf in traverse_util.flatten_dict(variables["params"]).items():
+    counts[group_of(path)] += int(np.prod(leaf.shape))
+  return counts
+
+
+def count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def report(config) -> str:
+  variables = variable_shapes(config)
+  counts = breakdown(variables)
+  lines = [f"model: {config.model.name}  backbone: {config.model.variant}  "
+           f"rank: {config.model.lora.rank}  tasks: {', '.join(config.tasks)}"]
+  for group, n in counts.items():
+    lines.append(f"  {group:<48s} {n:>12,d}")
+  lines.append(f"  {'frozen backbone (not trained)':<48s} {count(variables.get('backbone', {})):>12,d}")
+  lines.append(f"  {'batch statistics (not trained)':<48s} "
+               f"{count(variables.get('batch_stats', {})):>12,d}")
+  lines.append(f"trainable_params={sum(counts.values())}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  if _CONFIG.value is None:
+    raise app.UsageError("--config=<configs/file.py[:args]> is required")
+  print(report(_CONFIG.value))
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,131 @@
+"""Losses against hand-computed values (DESIGN.md §3)."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from freesine_jax import losses
+
+LN2 = math.log(2.0)
+LN43 = math.log(4.0 / 3.0)
+
+
+def _img(values, channels=None):
+  """A (1,1,N[,C]) batch from a list of per-pixel values."""
+  a = np.asarray(values, np.float32 if channels else None)
+  return jnp.asarray(a[None, None])
+
+
+def test_cross_entropy_ignores_255_and_averages_valid_pixels():
+  # Pixel 0: logits (0,0), label 0 -> ln 2. Pixel 1: logits (ln3,0), label 0 -> ln(4/3).
+  # Pixel 2 is ignored even with a huge wrong logit.
+  logits = _img([[0.0, 0.0], [math.log(3.0), 0.0], [-100.0, 100.0]], channels=2)
+  labels = jnp.asarray([[[0, 0, 255]]], jnp.int32)
+  got = losses.softmax_cross_entropy(logits, labels)
+  np.testing.assert_allclose(got, (LN2 + LN43) / 2, rtol=1e-6)
+
+
+def test_cross_entropy_pools_over_batch_not_per_image():
+  # Image 0 has 1 valid pixel (loss ln2), image 1 has 3 valid pixels (loss 0 each, almost).
+  logits = np.zeros((2, 1, 3, 2), np.float32)
+  logits[1, ..., 0] = 50.0
+  labels = np.array([[[0, 255, 255]], [[0, 0, 0]]], np.int32)
+  got = losses.softmax_cross_entropy(jnp.asarray(logits), jnp.asarray(labels))
+  np.testing.assert_allclose(got, LN2 / 4, rtol=1e-5)
+
+
+def test_all_ignored_gives_zero_loss_and_zero_grad():
+  logits = jnp.ones((1, 2, 2, 3))
+  labels = jnp.full((1, 2, 2), 255, jnp.int32)
+  val, grad = jax.value_and_grad(losses.softmax_cross_entropy)(logits, labels)
+  assert float(val) == 0.0
+  assert not np.any(np.asarray(grad))
+
+
+# Pixels: positive with logit ln3 (loss ln(4/3)); negative with logit 0 (ln2); negative with
+# logit -ln3 (ln(4/3)); an ignored pixel with a huge logit.
+_BIN_LOGITS = [[math.log(3.0)], [0.0], [-math.log(3.0)], [100.0]]
+_BIN_LABELS = [[[1, 0, 0, 255]]]
+
+
+def test_saliency_bce_weight_from_batch_balance():
+  # Valid: 1 positive, 2 negatives -> w = N_neg/N = 2/3, N = 3.
+  w = 2.0 / 3.0
+  expected = (w * LN43 + (1 - w) * (LN2 + LN43)) / 3
+  got = losses.task_loss("sal", _img(_BIN_LOGITS, channels=1), jnp.asarray(_BIN_LABELS))
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_edge_bce_fixed_pos_weight():
+  w = 0.95
+  expected = (w * LN43 + (1 - w) * (LN2 + LN43)) / 3
+  got = losses.task_loss("edge", _img(_BIN_LOGITS, channels=1), jnp.asarray(_BIN_LABELS))
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def _mtlora_balanced_bce(output, label, pos_weight=None):
+  """MTLoRA's BalancedCrossEntropyLoss formula, transcribed to numpy (no void pixels)."""
+  labels = (label >= 0.5).astype(np.float64)
+  if pos_weight is None:
+    w = np.sum(1.0 - labels) / labels.size
+  else:
+    w = pos_weight
+  gt0 = (output >= 0).astype(np.float64)
+  loss_val = output * (labels - gt0) - np.log(1 + np.exp(output - 2 * output * gt0))
+  final = w * np.sum(-labels * loss_val) + (1 - w) * np.sum(-(1.0 - labels) * loss_val)
+  return final / labels.size
+
+
+@pytest.mark.parametrize("task,pos_weight", [("sal", None), ("edge", 0.95)])
+def test_bce_equals_mtlora_without_ignore(task, pos_weight):
+  rng = np.random.default_rng(0)
+  logits = rng.normal(scale=3.0, size=(2, 4, 5, 1))
+  labels = rng.integers(0, 2, size=(2, 4, 5))
+  got = losses.task_loss(task, jnp.asarray(logits, jnp.float32), jnp.asarray(labels))
+  np.testing.assert_allclose(got, _mtlora_balanced_bce(logits[..., 0], labels, pos_weight),
+                             rtol=1e-5)
+
+
+def test_bce_is_stable_for_large_logits():
+  logits = jnp.asarray([[[[1e4], [-1e4]]]], jnp.float32)
+  labels = jnp.asarray([[[0, 1]]])
+  got = losses.task_loss("edge", logits, labels)
+  # Each pixel's BCE is 1e4; w=0.95 for the positive, 0.05 for the negative, N=2.
+  np.testing.assert_allclose(got, (0.95 * 1e4 + 0.05 * 1e4) / 2, rtol=1e-6)
+
+
+def test_normals_l1_normalises_prediction_and_skips_zero_labels():
+  pred = _img([[2.0, 0.0, 0.0], [0.0, 3.0, 4.0], [5.0, 5.0, 5.0]], channels=3)
+  target = _img([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], channels=3)
+  # Pixel 0: exact (0). Pixel 1: unit (0,.6,.8) vs (1,0,0): 1+.6+.8 = 2.4. Pixel 2 invalid.
+  # Mean over the 6 valid elements: 0.4.
+  np.testing.assert_allclose(losses.normals_l1(pred, target), 0.4, rtol=1e-6)
+
+
+def test_depth_l1_over_positive_targets():
+  pred = _img([[1.0], [3.0], [10.0]], channels=1)
+  target = jnp.asarray([[[2.0, 1.0, 0.0]]])
+  np.testing.assert_allclose(losses.depth_l1(pred, target), 1.5, rtol=1e-6)
+
+
+def test_multitask_loss_weights_and_per_task_values():
+  outputs = {
+      "semseg": _img([[0.0, 0.0]], channels=2),
+      "depth": _img([[1.0]], channels=1),
+  }
+  batch = {"semseg": jnp.asarray([[[1]]]), "depth": jnp.asarray([[[3.0]]]),
+           "image": jnp.zeros((1, 1, 1, 3))}
+  total, per_task = losses.multitask_loss(outputs, batch, ("semseg", "depth"),
+                                          {"semseg": 1.0, "depth": 10.0})
+  np.testing.assert_allclose(per_task["semseg"], LN2, rtol=1e-6)
+  np.testing.assert_allclose(per_task["depth"], 2.0, rtol=1e-6)
+  np.testing.assert_allclose(total, LN2 + 20.0, rtol=1e-6)
+
+
+def test_multitask_loss_names_missing_weight():
+  outputs = {"depth": _img([[1.0]], channels=1)}
+  batch = {"depth": jnp.asarray([[[3.0]]])}
+  with pytest.raises(KeyError, match="loss_weights"):
+    losses.multitask_loss(outputs, batch, ("depth",), {})

@@ -1,0 +1,365 @@
+"""Optimizer, schedule, train step, evaluation and the loop, on a tiny model and fake data."""
+import json
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import common
+from freesine_jax import metrics as metrics_lib
+from freesine_jax import sharding as sharding_lib
+from freesine_jax import tasks as tasks_lib
+from freesine_jax import train
+
+TASKS = ("semseg", "sal", "normals", "depth")
+NUM_CLASSES = 3
+
+
+class TinyModel(nn.Module):
+  """Follows the model contract: frozen 'backbone' stem, trainable 'params', BN stats, dropout.
+
+  The simplest honest fixture for loop mechanics: it compiles in seconds, unlike the Swin model.
+  """
+  outputs: tuple = (("semseg", NUM_CLASSES), ("sal", 1), ("normals", 3), ("depth", 1))
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    stem = self.variable("backbone", "stem", lambda: 0.5 * jax.random.normal(
+        self.make_rng("params"), (3, 3, 3, 8)))
+    x = jax.lax.conv_general_dilated(images, stem.value, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x = jnp.concatenate([x, images], axis=-1)
+    x = nn.Conv(16, (3, 3), use_bias=False)(x)  # a bias before BN has ~0 gradient
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    x = nn.relu(x)
+    x = nn.Dropout(0.1, deterministic=not train)(x)
+    return {t: nn.Conv(c, (1, 1), name=f"head_{t}")(x) for t, c in self.outputs}
+
+
+def build_tiny_model(config) -> TinyModel:
+  """config.model.factory target ('tests.test_train:build_tiny_model')."""
+  num_classes = dict(config.get("num_classes", {}) or {})
+  return TinyModel(tuple((t, tasks_lib.output_channels(t, num_classes.get(t)))
+                         for t in config.tasks))
+
+
+def make_example(rng: np.random.Generator, size: int) -> dict:
+  """Labels are simple functions of the image, so a small conv net can learn them."""
+  image = rng.uniform(-1, 1, size=(size, size, 3)).astype(np.float32)
+  semseg = np.argmax(image, axis=-1).astype(np.int32)
+  semseg[:2, :2] = 255
+  sal = (image[..., 0] > 0.2).astype(np.int32)
+  normals = image / np.linalg.norm(image, axis=-1, keepdims=True)
+  normals[-1] = 0.0  # an invalid row
+  depth = (1.5 + image[..., 1]).astype(np.float32)
+  return {"image": image, "semseg": semseg, "sal": sal, "normals": normals.astype(np.float32),
+          "depth": depth}
+
+
+def _stack(examples):
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+class FakeTrainIterator:
+  """Infinite deterministic iterator with grain-style get_state/set_state."""
+
+  def __init__(self, seed, batch_size, size):
+    self.seed, self.batch_size, self.size, self.index = seed, batch_size, size, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    rng = np.random.default_rng([self.seed, self.index])
+    self.index += 1
+    return _stack([make_example(rng, self.size) for _ in range(self.batch_size)])
+
+  def get_state(self):
+    return {"index": self.index}
+
+  def set_state(self, state):
+    self.index = int(state["index"])
+
+
+class FakeTrainLoader:
+  num_examples = 32
+
+  def __init__(self, config):
+    self.config = config
+
+  def __iter__(self):
+    return FakeTrainIterator(self.config.seed, self.config.input.batch_size,
+                             self.config.dataset.image_size[0])
+
+
+def eval_batches(config, num_examples=6, pad_garbage=False):
+  """Eval batches of eval_batch_size with a 'valid' mask; the last batch is padded."""
+  rng = np.random.default_rng(1234)
+  examples = [make_example(rng, config.dataset.image_size[0]) for _ in range(num_examples)]
+  bs = config.input.eval_batch_size
+  batches = []
+  for start in range(0, num_examples, bs):
+    chunk = examples[start:start + bs]
+    valid = [True] * len(chunk)
+    while len(chunk) < bs:
+      pad = make_example(rng, config.dataset.image_size[0])
+      if not pad_garbage:
+        pad = {k: np.zeros_like(v) for k, v in pad.items()}
+      chunk.append(pad)
+      valid.append(False)
+    batch = _stack(chunk)
+    batch["valid"] = np.asarray(valid)
+    batches.append(batch)
+  return batches
+
+
+def tiny_config(**train_overrides) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.tasks = TASKS
+  c.num_classes = {"semseg": NUM_CLASSES}
+  c.loss_weights = {"semseg": 1.0, "sal": 1.0, "normals": 1.0, "depth": 1.0}
+  c.dataset = ml_collections.ConfigDict({"image_size": (8, 8), "train_split": "train"})
+  c.input = ml_collections.ConfigDict({"batch_size": 4, "eval_batch_size": 4})
+  common.add_training_defaults(c)
+  c.optim.scale_lr_with_batch = False
+  c.optim.lr_base = 2e-2
+  c.optim.warmup_lr_base = 2e-3
+  c.optim.min_lr_base = 1e-3
+  c.train.num_epochs = 8
+  c.train.warmup_epochs = 1
+  c.train.log_every_steps = 4
+  c.train.checkpoint_every_steps = 16
+  c.update(ml_collections.ConfigDict({"train": train_overrides}))
+  return c
+
+
+def _setup(config):
+  model = TinyModel()
+  variables = train.init_variables(model, config, (1, 8, 8, 3))
+  schedule = train.make_schedule(1e-2, 1e-3, 1e-4, 2, 20)
+  tx = train.make_optimizer(config, schedule)
+  mesh = sharding_lib.make_mesh(config)
+  state = train.create_train_state(variables, tx, config.seed)
+  step_fn = train.make_train_step(model, tx, config, schedule, mesh)
+  return model, variables, state, step_fn, mesh
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def test_schedule_closed_form():
+  peak, warm, low, w, total = 1e-3, 1e-5, 1e-4, 10, 110
+  s = train.make_schedule(peak, warm, low, w, total)
+  np.testing.assert_allclose(s(0), warm, rtol=1e-6)
+  np.testing.assert_allclose(s(5), warm + 0.5 * (peak - warm), rtol=1e-6)
+  np.testing.assert_allclose(s(10), peak, rtol=1e-6)
+  np.testing.assert_allclose(s(60), low + 0.5 * (peak - low), rtol=1e-5)  # half-way: cos=0
+  np.testing.assert_allclose(s(110), low, rtol=1e-6)
+  np.testing.assert_allclose(s(500), low, rtol=1e-6)
+
+
+def test_learning_rates_scale_with_batch():
+  c = tiny_config()
+  c.optim.scale_lr_with_batch = True
+  c.optim.lr_base, c.optim.warmup_lr_base, c.optim.min_lr_base = 5e-4, 5e-7, 5e-6
+  peak, warm, low = train.scaled_learning_rates(c, 32)
+  np.testing.assert_allclose((peak, warm, low), (3.125e-5, 3.125e-8, 3.125e-7))
+
+
+def test_weight_decay_only_on_ndim_ge_2():
+  params = {"kernel": jnp.ones((2, 3)), "conv": jnp.ones((1, 1, 2, 2)), "bias": jnp.ones((3,)),
+            "scale": jnp.ones(()), "norm": {"scale": jnp.ones((4,))}}
+  mask = train.weight_decay_mask(params)
+  assert mask == {"kernel": True, "conv": True, "bias": False, "scale": False,
+                  "norm": {"scale": False}}
+  # Behaviour: with zero gradients AdamW only decays the masked leaves, by lr*wd*p.
+  c = tiny_config()
+  c.optim.weight_decay = 0.5
+  tx = train.make_optimizer(c, lambda step: 0.1)
+  grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(new["kernel"], 1.0 - 0.1 * 0.5)
+  np.testing.assert_allclose(new["conv"], 1.0 - 0.1 * 0.5)
+  for leaf in (new["bias"], new["scale"], new["norm"]["scale"]):
+    np.testing.assert_array_equal(leaf, 1.0)
+
+
+def test_gradient_clipping_at_global_norm():
+  c = tiny_config()
+  c.optim.weight_decay = 0.0
+  c.optim.grad_clip = 5.0
+  tx = train.make_optimizer(c, lambda step: 1.0)
+  params = {"w": jnp.zeros((2, 2))}
+  state = tx.init(params)
+  # Adam's first update is ~ -lr * sign(g) regardless of scale, so check the clipped grads
+  # through the chain's first element instead.
+  clip = optax.clip_by_global_norm(5.0)
+  g = {"w": jnp.full((2, 2), 10.0)}  # norm 20 -> scaled by 1/4
+  clipped, _ = clip.update(g, clip.init(params))
+  np.testing.assert_allclose(clipped["w"], 2.5, rtol=1e-6)
+  updates, _ = tx.update(g, state, params)
+  assert np.all(np.isfinite(updates["w"]))
+
+
+def test_train_step_leaves_backbone_unchanged_and_updates_params():
+  config = tiny_config()
+  model, variables, state, step_fn, mesh = _setup(config)
+  backbone_before = jax.tree_util.tree_map(np.array, variables["backbone"])
+  batch = sharding_lib.shard_batch(next(iter(FakeTrainLoader(config))), mesh)
+  backbone = sharding_lib.replicate(variables["backbone"], mesh)
+  new_state, m = step_fn(sharding_lib.replicate(state, mesh), batch, backbone)
+  for a, b in zip(jax.tree_util.tree_leaves(backbone_before),
+                  jax.tree_util.tree_leaves(backbone)):
+    np.testing.assert_array_equal(np.asarray(b), a)
+  paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(
+      new_state.params)]
+  assert not any("stem" in p for p in paths), paths
+  changed = [not np.array_equal(a, b) for a, b in zip(
+      jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(new_state.params))]
+  assert all(changed)
+  assert int(new_state.step) == 1
+  # BN running stats moved (train=True mutates them); rng advanced.
+  assert not np.array_equal(jax.tree_util.tree_leaves(state.batch_stats)[0],
+                            jax.tree_util.tree_leaves(new_state.batch_stats)[0])
+  assert not np.array_equal(state.rng, new_state.rng)
+  np.testing.assert_allclose(m["lr"], 1e-3, rtol=1e-6)  # schedule(0) = warmup lr
+  total = sum(float(m[f"loss/{t}"]) for t in TASKS)  # all weights are 1
+  np.testing.assert_allclose(float(m["loss"]), total, rtol=1e-5)
+
+
+def test_tiny_training_loss_decreases():
+  config = tiny_config()
+  model, variables, state, step_fn, mesh = _setup(config)
+  state = sharding_lib.replicate(state, mesh)
+  backbone = sharding_lib.replicate(variables["backbone"], mesh)
+  it = iter(FakeTrainLoader(config))
+  losses = []
+  for _ in range(40):
+    state, m = step_fn(state, sharding_lib.shard_batch(next(it), mesh), backbone)
+    losses.append(float(m["loss"]))
+  first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+  assert last < 0.7 * first, (first, last)
+
+
+def test_evaluate_ignores_padding_rows_and_matches_meters():
+  config = tiny_config()
+  model = TinyModel()
+  variables = train.init_variables(model, config, (1, 8, 8, 3))
+  clean = eval_batches(config, num_examples=6, pad_garbage=False)
+  garbage = eval_batches(config, num_examples=6, pad_garbage=True)
+  res_clean, delta = train.evaluate(model, variables, clean, config)
+  res_garbage, _ = train.evaluate(model, variables, garbage, config)
+  assert delta is None
+  assert json.dumps(res_clean, sort_keys=True) == json.dumps(res_garbage, sort_keys=True)
+  # Independent computation: one un-padded batch of the 6 real examples, plain model.apply.
+  real = _stack([{k: b[k][i] for k in b if k != "valid"} for b in clean
+                 for i in range(len(b["valid"])) if b["valid"][i]])
+  out = model.apply(variables, jnp.asarray(real["image"]), train=False)
+  for t in TASKS:
+    meter = metrics_lib.make_meter(t, NUM_CLASSES if t == "semseg" else None)
+    meter.update(metrics_lib.postprocess(t, out[t]), real[t])
+    expected = meter.result()
+    assert res_clean[t]["num_images" if "num_images" in expected else "num_pixels"] == \
+        expected["num_images" if "num_images" in expected else "num_pixels"]
+    for k, v in expected.items():
+      if isinstance(v, float):
+        np.testing.assert_allclose(res_clean[t][k], v, rtol=1e-5, err_msg=f"{t}/{k}")
+
+
+def test_evaluate_delta_m_against_reference():
+  config = tiny_config()
+  model = TinyModel(outputs=(("semseg", NUM_CLASSES),))
+  config.tasks = ("semseg",)
+  variables = train.init_variables(model, config, (1, 8, 8, 3))
+  res, _ = train.evaluate(model, variables, eval_batches(config), config)
+  config.eval.reference = {"semseg": {"mIoU": res["semseg"]["mIoU"] / 2}}
+  _, delta = train.evaluate(model, variables, eval_batches(config), config)
+  np.testing.assert_allclose(delta, 100.0, rtol=1e-6)
+
+
+def test_beats_untrained_respects_metric_direction():
+  final = {"semseg": {"mIoU": 30.0}, "normals": {"mean": 20.0}, "depth": {"rmse": 2.0}}
+  untrained = {"semseg": {"mIoU": 10.0}, "normals": {"mean": 40.0}, "depth": {"rmse": 1.0}}
+  assert train.beats_untrained(final, untrained) == {
+      "semseg": True, "normals": True, "depth": False}
+
+
+def test_train_and_evaluate_writes_outputs(tmp_path):
+  """End to end with injected model/data (resume is covered by test_checkpoint_resume.py)."""
+  config = tiny_config(max_steps=24, checkpoint_every_steps=8, eval_every_steps=12)
+  workdir = str(tmp_path / "run")
+  results = train.train_and_evaluate(config, workdir, model=TinyModel(),
+                                     create_train_loader=FakeTrainLoader,
+                                     create_eval_loader=lambda c: eval_batches(c))
+  assert results["step"] == 24
+  # The run learns: every task beats the untrained (step-0) model on this easy data.
+  assert results["beats_untrained"] == {t: True for t in TASKS}
+  assert results["all_beat_untrained"] is True
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f)["final"]["semseg"]["mIoU"] == results["final"]["semseg"]["mIoU"]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    lines = [json.loads(line) for line in f]
+  train_lines = [l for l in lines if "train/loss" in l]
+  assert [l["step"] for l in train_lines] == [4, 8, 12, 16, 20, 24]
+  assert all(f"train/loss/{t}" in l for l in train_lines for t in TASKS)
+  assert any("eval/semseg/mIoU" in l and l["step"] == 12 for l in lines)
+  assert any("untrained/semseg/mIoU" in l and l["step"] == 0 for l in lines)
+  assert os.listdir(os.path.join(workdir, "tb"))
+  steps = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+  assert steps == [8, 16, 24]
+
+
+_MULTI_DEVICE_SCRIPT = """
+import jax, numpy as np
+import test_train as T
+from jax.sharding import PartitionSpec as P
+from freesine_jax import sharding as S
+import ml_collections
+
+assert jax.device_count() == 4, jax.devices()
+out = {}
+for n in (1, 4):
+  config = T.tiny_config()
+  config.mesh = ml_collections.ConfigDict({"num_devices": n})
+  model, variables, state, step_fn, mesh = T._setup(config)
+  assert mesh.devices.size == n
+  state = S.replicate(state, mesh)
+  backbone = S.replicate(variables["backbone"], mesh)
+  it = iter(T.FakeTrainLoader(config))
+  losses = []
+  for _ in range(3):
+    batch = S.shard_batch(next(it), mesh)
+    assert batch["image"].sharding.spec == P("data")
+    assert len(batch["image"].addressable_shards) == n
+    state, m = step_fn(state, batch, backbone)
+    losses.append(float(m["loss"]))
+  for leaf in jax.tree_util.tree_leaves(state.params):
+    assert leaf.sharding.is_fully_replicated, leaf.sharding
+  out[n] = (np.array(losses), jax.device_get(state.params))
+np.testing.assert_allclose(out[4][0], out[1][0], rtol=1e-5)
+for a, b in zip(jax.tree_util.tree_leaves(out[1][1]), jax.tree_util.tree_leaves(out[4][1])):
+  np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+print("MULTI_DEVICE_OK", out[1][0], out[4][0])
+"""
+
+
+def test_data_parallel_on_4_cpu_devices_matches_single_device():
+  """Batch split along 'data', params replicated; same numbers as 1 device up to reordering."""
+  import subprocess
+  import sys
+  here = os.path.dirname(os.path.abspath(__file__))
+  repo = os.path.dirname(here)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([here, repo, os.environ.get("PYTHONPATH", "")]))
+  proc = subprocess.run([sys.executable, "-c", _MULTI_DEVICE_SCRIPT], cwd=repo, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0 and "MULTI_DEVICE_OK" in proc.stdout, proc.stderr[-3000:]
