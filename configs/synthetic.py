@@ -38,25 +38,25 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                 scales=None)
 
   config.input = ml_collections.ConfigDict()
-  config.input.batch_size = 8 if tiny else 16
+  config.input.batch_size = 8
   config.input.eval_batch_size = 8 if tiny else 32
   config.input.num_workers = 0
 
   config.model = models.model_config(rank=4 if tiny else 8, variant="custom")
-  config.model.embed_dim = 16 if tiny else 32
+  config.model.embed_dim = 16
   config.model.depths = (2, 2, 2, 2)
-  config.model.num_heads = (1, 2, 2, 4) if tiny else (1, 2, 4, 8)
+  config.model.num_heads = (1, 2, 2, 4)
   config.model.window_size = 4
   config.model.patch_size = 2 if tiny else 4
   config.model.drop_path_rate = 0.1
-  config.model.decoder.head_channels = 32 if tiny else 96
+  config.model.decoder.head_channels = 32 if tiny else 64
 
   common.add_training_defaults(config)
   config.optim.lr_base = 2e-3 * 512 / config.input.batch_size  # peak lr 2e-3 at this batch
   config.optim.warmup_lr_base = 0.0
   config.optim.min_lr_base = 2e-5 * 512 / config.input.batch_size
-  config.train.num_epochs = 2 if tiny else 40
-  config.train.warmup_epochs = 0 if tiny else 2
+  config.train.num_epochs = 2 if tiny else 6
+  config.train.warmup_epochs = 0 if tiny else 1
   config.train.log_every_steps = 2 if tiny else 20
-  config.train.checkpoint_every_steps = 3 if tiny else 200
+  config.train.checkpoint_every_steps = 3 if tiny else 100
   return config

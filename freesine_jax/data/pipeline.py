@@ -50,29 +50,9 @@ def _builder(dataset_config):
   if not builder.is_prepared():
     raise FileNotFoundError(
         f"Dataset {name!r} is not prepared under {builder.data_dir!r} (config.dataset.data_dir="
-        f"{data_dir!r}). It cannot be downloaded: put the original files in a manual dir and run "
-        "freesine_jax.data.pipeline.prepare_dataset(config.dataset) once (it needs "
-        "config.dataset.manual_dir).")
-  return builder
-
-
-def prepare_dataset(dataset_config):
-  """Builds the dataset's array_record files from config.dataset.manual_dir; returns the builder."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  name = _get(dataset_config, "name")
-  if name == "synthetic":
-    return _builder(dataset_config)
-  manual_dir = _get(dataset_config, "manual_dir")
-  if not manual_dir:
-    raise ValueError(f"config.dataset.manual_dir must point at the {name!r} files, got "
-                     f"{manual_dir!r}")
-  kwargs: dict[str, Any] = {"data_dir": _get(dataset_config, "data_dir"),
-                            "file_format": "array_record"}
-  if _get(dataset_config, "builder_config"):
-    kwargs["config"] = _get(dataset_config, "builder_config")
-  builder = registry.builder_class(name)(**kwargs)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        f"{data_dir!r}). It cannot be downloaded: put the original files in a folder and run "
+        f"`python -m freesine_jax.data.prepare --dataset={name} --manual_dir=<folder> "
+        f"--data_dir={data_dir}` once (docs/datasets.md).")
   return builder
 
 

@@ -1,0 +1,38 @@
+"""Every shipped config loads, overrides parse, and the model it describes builds."""
+import importlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs import _paper
+from freesine_jax import models
+
+CONFIGS = [("synthetic", ""), ("synthetic", "tiny"), ("pascal_context", "r16"),
+           ("pascal_context", "r32,no_sine,no_lowpass"), ("nyud", "r64"), ("cityscapes", "r32")]
+
+
+@pytest.mark.parametrize("name,arg", CONFIGS)
+def test_config_builds_model(name, arg):
+  config = importlib.import_module(f"configs.{name}").get_config(arg)
+  for section in ("dataset", "input", "model", "optim", "train", "eval"):
+    assert section in config, section
+  assert set(config.loss_weights) >= set(config.tasks)
+  model = models.build_model(config)
+  images = jax.ShapeDtypeStruct((1, *config.dataset.image_size, 3), jnp.float32)
+  out = jax.eval_shape(lambda x: model.init_with_output({"params": jax.random.key(0)}, x)[0],
+                       images)
+  assert set(out) == set(config.tasks)
+  for task in config.tasks:
+    assert out[task].shape[1:3] == tuple(config.dataset.image_size)
+
+
+def test_paper_arg_parsing():
+  assert _paper.parse_arg("") == (64, ())
+  assert _paper.parse_arg("r32,no_sine") == (32, ("no_sine",))
+  mc = _paper.model("r16,no_lcn,no_sine,no_lowpass,independent_decoder,depthwise")
+  assert (mc.lora.rank, mc.clock_net, mc.task_path.modulation, mc.task_path.lowpass,
+          mc.decoder.kind, mc.task_path.w_mode) == (16, False, "linear", "none", "independent",
+                                                    "depthwise")
+  with pytest.raises(ValueError, match="r<rank>"):
+    _paper.parse_arg("r64,fast")
