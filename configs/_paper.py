@@ -13,6 +13,10 @@ e.g. --config=configs/pascal_context.py:r32,no_sine
 import ml_collections
 
 from freesine_jax import models
+from freesine_jax.data import registry
+
+DATA_DIR = registry.DEFAULT_DATA_DIR
+PASCAL_AUGMENT = dict(flip=True, rotate_degrees=20.0, scale_range=(0.75, 1.25), scales=None)
 
 ABLATIONS = ("no_lcn", "no_lowpass", "no_sine", "independent_bases", "independent_decoder",
              "depthwise")
@@ -48,3 +52,16 @@ def model(arg: str) -> ml_collections.ConfigDict:
   if "depthwise" in ablations:
     mc.task_path.w_mode = "depthwise"
   return mc
+
+
+def dataset(name: str, image_size, augment=PASCAL_AUGMENT) -> ml_collections.ConfigDict:
+  """config.dataset for a prepared real dataset (docs/datasets.md)."""
+  return ml_collections.ConfigDict(dict(
+      name=name, builder_config="", data_dir=DATA_DIR, manual_dir="", train_split="train",
+      eval_split="val", image_size=tuple(image_size), augment=dict(augment)))
+
+
+def input_pipeline(batch_size: int, num_workers: int = 4) -> ml_collections.ConfigDict:
+  """config.input: global batch sizes (split over hosts) and grain workers."""
+  return ml_collections.ConfigDict(dict(batch_size=batch_size, eval_batch_size=batch_size,
+                                        num_workers=num_workers))

@@ -7,8 +7,6 @@ Arg: r16 | r32 | r64 plus ablations (see configs/_paper.py). Prepare the data fi
 (docs/datasets.md) and point model.backbone_weights at converted Swin-T IN-1k weights
 (docs/pretrained.md).
 """
-import os
-
 import ml_collections
 
 from configs import _paper
@@ -22,22 +20,8 @@ def get_config(arg: str = "r64") -> ml_collections.ConfigDict:
   config.num_classes = {"semseg": 21, "human_parts": 7}
   config.loss_weights = {"semseg": 1.0, "human_parts": 2.0, "sal": 5.0, "normals": 10.0}
 
-  config.dataset = ml_collections.ConfigDict()
-  config.dataset.name = "pascal_context"
-  config.dataset.builder_config = ""
-  config.dataset.data_dir = os.environ.get(
-      "FREESINE_DATA_DIR", os.path.expanduser("~/.cache/freesine_jax/tensorflow_datasets"))
-  config.dataset.manual_dir = ""
-  config.dataset.train_split = "train"
-  config.dataset.eval_split = "val"
-  config.dataset.image_size = (448, 448)
-  config.dataset.augment = dict(flip=True, rotate_degrees=20.0, scale_range=(0.75, 1.25),
-                                scales=None)
-
-  config.input = ml_collections.ConfigDict()
-  config.input.batch_size = 32
-  config.input.eval_batch_size = 32
-  config.input.num_workers = 4
+  config.dataset = _paper.dataset("pascal_context", (448, 448))
+  config.input = _paper.input_pipeline(32)
 
   config.model = _paper.model(arg)
 

@@ -6,10 +6,9 @@ A small Swin (random init: no pretrained weights ship with the project) with all
 64x64. Everything else (adapters, Clock Net, shared decoder group, losses) is the paper's setup.
 Arg 'tiny' shrinks it further for tests (32x32 images, 24 training examples).
 """
-import os
-
 import ml_collections
 
+from configs import _paper
 from configs import common
 from freesine_jax import models
 from freesine_jax.data import synthetic
@@ -28,8 +27,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = "synthetic"
   config.dataset.builder_config = "tiny" if tiny else "default"
-  config.dataset.data_dir = os.environ.get(
-      "FREESINE_DATA_DIR", os.path.expanduser("~/.cache/freesine_jax/tensorflow_datasets"))
+  config.dataset.data_dir = _paper.DATA_DIR
   config.dataset.manual_dir = ""
   config.dataset.train_split = "train"
   config.dataset.eval_split = "val"

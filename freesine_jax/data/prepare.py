@@ -364,17 +364,23 @@ def _define_flags() -> None:
   flags.DEFINE_enum("dataset", None, [n for n in registry.DATASET_NAMES if n != "synthetic"],
                     "Dataset to prepare.")
   flags.DEFINE_string("manual_dir", None, "Folder holding the dataset in its standard layout.")
-  flags.DEFINE_string("data_dir", None, "TFDS data_dir to write to (default: TFDS's default).")
+  flags.DEFINE_string("data_dir", registry.DEFAULT_DATA_DIR,
+                      "TFDS data_dir to write to (the configs' default; $FREESINE_DATA_DIR).")
   flags.DEFINE_bool("validate_only", False, "Check every file decodes; write nothing.")
   flags.mark_flags_as_required(["dataset", "manual_dir"])
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console-script entry point (`freesine-prepare-data`)."""
   from absl import app as _app
 
-  # Run the imported module's code, not this `__main__` copy, so that DatasetError and
+  # Run the imported module's code, not a `__main__` copy, so that DatasetError and
   # ManualDirBuilder are the classes the builders use.
   from freesine_jax.data import prepare as _prepare
 
   _prepare._define_flags()  # pylint: disable=protected-access
   _app.run(_prepare.main)
+
+
+if __name__ == "__main__":
+  run()

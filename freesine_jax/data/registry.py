@@ -6,6 +6,7 @@ dependencies (e.g. scipy.io for .mat files) unless that dataset is used.
 from __future__ import annotations
 
 import importlib
+import os
 
 _BUILDERS = {
     "synthetic": "freesine_jax.data.synthetic:SyntheticMultiTask",
@@ -15,6 +16,10 @@ _BUILDERS = {
 }
 
 DATASET_NAMES = tuple(_BUILDERS)
+
+# Where prepared datasets live unless config.dataset.data_dir / --data_dir say otherwise.
+DEFAULT_DATA_DIR = os.environ.get(
+    "FREESINE_DATA_DIR", os.path.expanduser("~/.cache/freesine_jax/tensorflow_datasets"))
 
 
 def builder_class(name: str):
