@@ -36,3 +36,18 @@ def test_paper_arg_parsing():
                                                     "depthwise")
   with pytest.raises(ValueError, match="r<rank>"):
     _paper.parse_arg("r64,fast")
+
+
+def test_count_params_cli_last_line_is_the_trainable_total():
+  import subprocess
+  import sys
+  from freesine_jax.tools import count_params
+  out = subprocess.run(
+      [sys.executable, "-m", "freesine_jax.tools.count_params",
+       "--config=configs/pascal_context.py:r64"], capture_output=True, text=True, check=True,
+      cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1])).stdout
+  last = out.strip().splitlines()[-1]
+  config = importlib.import_module("configs.pascal_context").get_config("r64")
+  expected = sum(count_params.breakdown(count_params.variable_shapes(config)).values())
+  assert last == f"trainable_params={expected}"
+  assert "TA adapters" in out and "decoders" in out
