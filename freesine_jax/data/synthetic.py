@@ -486,5 +486,8 @@ def ensure_built(data_dir: str | None = None,
   with _file_lock(os.path.join(builder.data_dir_root, ".synthetic_multitask.lock")):
     builder = SyntheticMultiTask(data_dir=data_dir, config=config)
     if not builder.is_prepared():
+      print(f"rendering the synthetic multi-task dataset ({builder.builder_config.name}) into "
+            f"{builder.data_dir} (first use only)...", flush=True)
+      tfds.disable_progress_bar()  # TFDS's nested bars garble a plain log; one line is enough
       builder.download_and_prepare()
   return SyntheticMultiTask(data_dir=data_dir, config=config)
