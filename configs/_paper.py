@@ -1,7 +1,7 @@
 """Pieces shared by the paper's configs (PASCAL-Context, NYUDv2): Swin-T + Free Sinewich.
 
 The config arg is a comma-separated list: a rank `r16`/`r32`/`r64` (default r64) and optional
-ablations from DESIGN.md §2:
+ablations from docs/design.md §2:
   no_lcn               one learnable frequency per task instead of the Clock Net
   no_lowpass           no Gaussian low-pass on the task kernels
   no_sine              linear scaling omega_t * M instead of sin(omega_t * M)

@@ -5,7 +5,7 @@
 Arg: r16 | r32 | r64 plus ablations (see configs/_paper.py). Image size [choice]: 448x896 keeps
 the 1:2 aspect ratio and every Swin-T stage grid (112x224 ... 14x28) a multiple of the 7x7 window.
 Augmentation as PASCAL's (flip, rotate, scale). No single-task reference row is given in
-DESIGN.md: set config.eval.reference to get Δm.
+docs/design.md: set config.eval.reference to get Δm.
 """
 import ml_collections
 

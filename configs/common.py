@@ -1,7 +1,7 @@
 """Training / optimisation / evaluation defaults shared by every experiment config.
 
 Dataset and model config files call `add_training_defaults(config)` (or merge the fragments
-themselves) and override what differs. Values follow MTLoRA's recipe (DESIGN.md §3):
+themselves) and override what differs. Values follow MTLoRA's recipe (docs/design.md §3):
 AdamW (0.9, 0.999, eps 1e-8), weight decay 0.05 on >=2-D weights only, gradient clipping at
 global norm 5.0, linear warmup over 20 epochs then cosine to min_lr over 300 epochs, per step,
 learning rates scaled linearly by the global batch size over 512.

@@ -27,5 +27,5 @@ def get_config(arg: str = "r64") -> ml_collections.ConfigDict:
   config.model = _paper.model(arg)
 
   common.add_training_defaults(config)
-  # No single-task reference row is given for NYUDv2 in DESIGN.md: set one to get Δm.
+  # No single-task reference row is given for NYUDv2 in docs/design.md: set one to get Δm.
   return config

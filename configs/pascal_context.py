@@ -26,7 +26,7 @@ def get_config(arg: str = "r64") -> ml_collections.ConfigDict:
   config.model = _paper.model(arg)
 
   common.add_training_defaults(config)
-  # Single-task fine-tuning reference row of the paper's table (DESIGN.md §2) for Δm.
+  # Single-task fine-tuning reference row of the paper's table (docs/design.md §2) for Δm.
   config.eval.reference = {"semseg": {"mIoU": 67.21}, "human_parts": {"mIoU": 61.93},
                            "sal": {"mIoU": 62.35}, "normals": {"mean": 17.97}}
   return config

@@ -14,10 +14,11 @@ reports as a step, so `latest_step()` always names a complete checkpoint.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 from typing import Any
 
+import flax
+from flax import traverse_util
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -27,16 +28,11 @@ _STATE, _DATA, _META = "state", "data_iter", "metadata"
 
 
 def tree_hash(tree: Any) -> str:
-  """SHA-256 over every leaf's path, dtype, shape and bytes (order-independent of dict order)."""
-  h = hashlib.sha256()
-  leaves = jax.tree_util.tree_leaves_with_path(tree)
-  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
-    arr = np.asarray(jax.device_get(leaf))
-    h.update(jax.tree_util.keystr(path).encode())
-    h.update(str(arr.dtype).encode())
-    h.update(str(arr.shape).encode())
-    h.update(np.ascontiguousarray(arr).tobytes())
-  return h.hexdigest()
+  """SHA-256 over every leaf's 'a/b/c' path, dtype, shape and bytes (pretrained.backbone_hash)."""
+  from freesine_jax.models import pretrained  # pylint: disable=g-import-not-at-top
+  flat = traverse_util.flatten_dict(flax.core.unfreeze(jax.device_get(tree)), sep="/") \
+      if tree else {}
+  return pretrained.backbone_hash({k: np.asarray(v) for k, v in flat.items()})
 
 
 def _encode_iter_state(state: Any) -> dict:
@@ -133,6 +129,12 @@ class Checkpointer:
     return (restored[_STATE], _decode_iter_state(per_process[key]),
             dict(restored[_META] or {}))
 
+  def read_metadata(self, step: int) -> dict:
+    """The metadata saved with `step` (read alone, before any array is restored)."""
+    restored = self._manager.restore(int(step), args=ocp.args.Composite(**{
+        _META: ocp.args.JsonRestore()}))
+    return dict(restored[_META] or {})
+
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
 
@@ -148,6 +150,33 @@ def _abstract_leaf(x: Any) -> Any:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
   arr = np.asarray(x)
   return jax.ShapeDtypeStruct(arr.shape, arr.dtype)
+
+
+def check_compatible(metadata: dict, config, directory: str, step: int) -> None:
+  """Raises, naming the fields, if the checkpoint was written by a different model/task setup.
+
+  Compared before restoring, so a changed config gives this message instead of a shape
+  mismatch from deep inside Orbax.
+  """
+  saved_json = metadata.get("config")
+  if not saved_json:
+    return
+  saved = json.loads(saved_json) if isinstance(saved_json, str) else saved_json
+  current = json.loads(config.to_json_best_effort())
+  diffs = []
+  for section in ("tasks", "num_classes", "model"):
+    a, b = saved.get(section), current.get(section)
+    if isinstance(a, dict) and isinstance(b, dict):
+      # The weights' location may move; their content is checked by the backbone hash.
+      diffs += [f"{section}.{k}: checkpoint {a.get(k)!r} vs config {b.get(k)!r}"
+                for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k) and k != "backbone_weights"]
+    elif a != b:
+      diffs.append(f"{section}: checkpoint {a!r} vs config {b!r}")
+  if diffs:
+    raise ValueError(
+        f"{directory} step {step} was written by a different model/task setup:\n  "
+        + "\n  ".join(diffs[:10]) + "\nuse the same config to resume, or a fresh --workdir")
 
 
 def check_backbone(metadata: dict, backbone_hash: str, step: int) -> None:

@@ -1,4 +1,4 @@
-"""Per-task training losses and their weighted sum (DESIGN.md §3).
+"""Per-task training losses and their weighted sum (docs/design.md §3).
 
 The formulas follow MTLoRA (scale-lab/MTLoRA, mtl_loss_schemes.py), with ignore handling made
 explicit; label conventions are those of freesine_jax/tasks.py.
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from freesine_jax import tasks as tasks_lib
 
 IGNORE_INDEX = tasks_lib.IGNORE_INDEX
-EDGE_POS_WEIGHT = 0.95
+EDGE_POS_WEIGHT = tasks_lib.EDGE_POS_WEIGHT
 _NORMALS_EPS = 1e-12
 
 Array = jax.Array
@@ -111,7 +111,7 @@ def depth_l1(pred: Array, target: Array) -> Array:
 
 
 def task_loss(task: str, output: Array, label: Array) -> Array:
-  """The DESIGN.md §3 loss of one task."""
+  """The docs/design.md §3 loss of one task."""
   kind = tasks_lib.get_task(task).kind
   if kind == "classification":
     return softmax_cross_entropy(output, label)

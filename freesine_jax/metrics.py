@@ -1,4 +1,4 @@
-"""Streaming evaluation metrics for dense multi-task prediction (DESIGN.md §5).
+"""Streaming evaluation metrics for dense multi-task prediction (docs/design.md §5).
 
 Pure numpy. The conventions follow MTI-Net / MTLoRA (scale-lab/MTLoRA, evaluation/*.py), so
 numbers are comparable with the Free Sinewich paper table; where MTLoRA has a bug we do not
@@ -31,8 +31,8 @@ IGNORE_INDEX = tasks_lib.IGNORE_INDEX
 SAL_THRESHOLDS = np.linspace(0.2, 0.9, 15)
 # Angular thresholds (degrees) for the "% within" normals metrics.
 NORMALS_ANGLES = (11.25, 22.5, 30.0)
-# Positive-class weight of the class-balanced edge BCE (DESIGN.md §3, MTLoRA EdgeMeter).
-EDGE_POS_WEIGHT = 0.95
+# Positive-class weight of the class-balanced edge BCE (docs/design.md §3, MTLoRA EdgeMeter).
+EDGE_POS_WEIGHT = tasks_lib.EDGE_POS_WEIGHT
 
 _NORMALS_ANGLE_KEYS = ("11.25", "22.5", "30")
 
@@ -169,7 +169,7 @@ class ConfusionMatrixMeter(Meter):
   all `num_classes` classes. Images whose target is entirely 255 (human_parts: no person)
   contribute nothing. Note: MTLoRA's streaming loader labels person-free images all-0
   (background) and so counts them; MTI-Net's file-based evaluator skips them, as we do when
-  the pipeline marks them 255 (DESIGN.md §4).
+  the pipeline marks them 255 (docs/design.md §4).
   Result values are percentages.
   """
 
@@ -407,7 +407,7 @@ class EdgeMeter(Meter):
   """Class-balanced BCE of edge probabilities, averaged over the valid pixels of the split.
 
   loss = mean over pixels with target != 255 of −[w·y·log p + (1−w)·(1−y)·log(1−p)], w = 0.95
-  (DESIGN.md §3), p clipped to [1e-12, 1−1e-12]. MTLoRA's EdgeMeter instead feeds the
+  (docs/design.md §3), p clipped to [1e-12, 1−1e-12]. MTLoRA's EdgeMeter instead feeds the
   probability into a logits loss (a double sigmoid) and counts 255 as an edge; we do neither,
   so our number is not comparable with its logs. The standard edge metric (odsF via the SEISM
   / BSDS toolbox with boundary matching) is out of scope here.

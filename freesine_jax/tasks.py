@@ -18,6 +18,9 @@ import dataclasses
 
 IGNORE_INDEX = 255
 
+# Class-balanced BCE weight of edge positives (MTLoRA/MTI-Net); the loss and the edge meter share it.
+EDGE_POS_WEIGHT = 0.95
+
 ALL_TASKS = ("semseg", "human_parts", "sal", "normals", "edge", "depth")
 
 
@@ -39,6 +42,10 @@ TASKS = {
     "edge": TaskSpec("edge", "binary", 1, 50.0, False, "loss"),
     "depth": TaskSpec("depth", "depth", 1, 1.0, False, "rmse"),
 }
+
+
+# Labels resampled with nearest neighbour (class ids / binary masks): the non-regression tasks.
+DISCRETE_TASKS = tuple(n for n, s in TASKS.items() if s.kind in ("classification", "binary"))
 
 
 def get_task(name: str) -> TaskSpec:

@@ -1,4 +1,4 @@
-"""Training and evaluation loop (DESIGN.md §3, §6).
+"""Training and evaluation loop (docs/design.md §3, §6).
 
 Read `train_and_evaluate` top to bottom: build data, model and state, resume from the latest
 checkpoint, train with periodic async checkpoints, evaluate, write results. Everything jitted
@@ -12,6 +12,7 @@ argument with no optimizer state; 'batch_stats' is threaded through the state.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import json
 import math
@@ -414,18 +415,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Untrained baseline (step-0 model), cached in the workdir so a resumed run reuses it.
   untrained = None
   untrained_path = os.path.join(workdir, "untrained_eval.json")
+  # The cached baseline is valid only for the same backbone, model, tasks and eval data.
+  config_json = json.loads(config.to_json_best_effort())
+  baseline_key = hashlib.sha256(json.dumps(
+      [backbone_hash] + [config_json.get(k) for k in
+                         ("seed", "tasks", "num_classes", "model", "dataset")],
+      sort_keys=True, default=str).encode()).hexdigest()
   if config.train.get("untrained_baseline", True):
     if os.path.exists(untrained_path):
       with open(untrained_path, encoding="utf-8") as f:
         cached = json.load(f)
-      if cached.get("backbone_hash") == backbone_hash:
+      if cached.get("key") == baseline_key:
         untrained = cached["results"]
     if untrained is None:
       writer.print("evaluating the untrained model (baseline)...")
       untrained, _ = evaluate(model, variables, eval_loader, config, mesh, forward)
       if writer.enabled:
         with open(untrained_path, "w", encoding="utf-8") as f:
-          json.dump(_jsonable({"backbone_hash": backbone_hash, "results": untrained}), f)
+          json.dump(_jsonable({"key": baseline_key, "results": untrained}), f)
       writer.scalars(0, _flat_eval(untrained, "untrained"))
 
   # Resume.
@@ -438,8 +445,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   metadata = {"backbone_hash": backbone_hash, "config": config.to_json_best_effort()}
   latest = ckpt.latest_step()
   if latest is not None:
-    state, iter_state, saved_meta = ckpt.restore(latest, state)
+    saved_meta = ckpt.read_metadata(latest)
+    checkpointing.check_compatible(saved_meta, config, ckpt.directory, latest)
     checkpointing.check_backbone(saved_meta, backbone_hash, latest)
+    state, iter_state, _ = ckpt.restore(latest, state)
     if iter_state is not None:
       train_iter.set_state(iter_state)
     writer.print(f"resumed from {ckpt.directory} step {latest}")

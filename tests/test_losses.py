@@ -1,4 +1,4 @@
-"""Losses against hand-computed values (DESIGN.md §3)."""
+"""Losses against hand-computed values (docs/design.md §3)."""
 import math
 
 import jax

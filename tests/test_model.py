@@ -90,25 +90,32 @@ def test_zero_init_adapters_leave_frozen_features_unchanged(w_mode):
 def test_prompts_deviation_is_bounded_and_comes_from_prompts_only():
   """With the task prompts on, the features differ from the frozen model's at init.
 
-  Two sources, both intended: the prompts take part of each window's attention mass, and the
-  stage gate (sigmoid(0) = 0.5) mixes half of each task's prompt-modulated attention skip into its
-  stream. We state the size we accept: relative max deviation below 1 on the shared stream and
-  below 1.5 on the task streams, and exactly zero once the prompts are switched off (test above).
+  Two sources, both intended: (1) the prompts take part of each window's attention mass, which
+  moves the shared stream a little (measured <= 13% of the feature scale on this tiny model); (2)
+  the stage gate, sigmoid(0) = 0.5 at init, mixes half of each task's prompt-modulated attention
+  skip into its stream, which dominates at the last stage (measured ~51%). We bound (1) by 25%
+  at every stage, and check (2) is the gate: with the gates closed (g = 0) the task streams obey
+  the same 25% bound. The test above shows both vanish with the prompts off.
   """
   cfg = tiny_config(prompts=True)
   model, variables = init(cfg)
-  feats = jax.jit(lambda v: model.apply(v, IMAGES, method=model.encode)[0])(variables)
+  encode = jax.jit(lambda v: model.apply(v, IMAGES, method=model.encode)[0])
   reference = frozen_features(cfg, variables)
+  rel = lambda got, want: float(jnp.abs(got - want).max()) / float(jnp.abs(want).max())
+
+  for stage, shared in enumerate(shared_streams(model, variables)):
+    assert 0.0 < rel(shared, reference["semseg"][stage]) < 0.25, stage
+  feats = encode(variables)
+  last_stage = [rel(feats[t][-1], reference[t][-1]) for t in TASKS]
+  assert all(0.25 < r < 1.0 for r in last_stage), last_stage
+
+  closed = jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.full_like(x, -1e9) if "prompt_gate" in jax.tree_util.keystr(path)
+      else x, variables)
+  feats = encode(closed)
   for task in TASKS:
-    for got, want in zip(feats[task], reference[task]):
-      scale = float(jnp.abs(want).max())
-      rel = float(jnp.abs(got - want).max()) / scale
-      assert 0.0 < rel < 1.5
-  # The shared stream (what the next stage consumes) deviates only through attention.
-  stages = shared_streams(model, variables)
-  for stage, shared in enumerate(stages):
-    want = reference["semseg"][stage]
-    assert float(jnp.abs(shared - want).max()) / float(jnp.abs(want).max()) < 1.0
+    for stage, (got, want) in enumerate(zip(feats[task], reference[task])):
+      assert 0.0 < rel(got, want) < 0.25, (task, stage)
 
 
 def test_collections_and_gradients_only_for_params():
@@ -316,14 +323,14 @@ def _paper_config(arg):
 
 @pytest.mark.parametrize("rank", [16, 32, 64])
 def test_swin_t_parameter_breakdown_matches_closed_form(rank):
-  """Counts derived by hand from DESIGN.md §2 for Swin-T on PASCAL-Context (4 tasks)."""
+  """Counts derived by hand from docs/design.md §2 for Swin-T on PASCAL-Context (4 tasks)."""
   counts = count_params.breakdown(count_params.variable_shapes(_paper_config(f"r{rank}")))
   assert counts["TA adapters (shared LoRA)"] == 70_656 * rank
   # 12 Sine-AWB W (9 r^2 each) + prompt projections + 4 proj LayerNorms + 4 gates.
   assert counts["TS adapters (Sine-AWB W, prompt path, gates)"] == \
       12 * 9 * rank ** 2 + 387_072 + 2 * (96 + 192 + 384 + 768) + 4
   assert counts["Clock Net + task tokens"] == 4 * 96 + (96 + 1) + 2
-  assert counts["decoders"] == 1_072_904  # DESIGN.md §2's decoder arithmetic
+  assert counts["decoders"] == 1_072_904  # docs/design.md §2's decoder arithmetic
   # LayerNorms 23,040 + relative-position tables 23,322 + patch_embed 4,896.
   assert counts["trainable backbone"] == 23_040 + 23_322 + 4_896
 
@@ -331,4 +338,4 @@ def test_swin_t_parameter_breakdown_matches_closed_form(rank):
 def test_independent_decoder_is_mtlora_decoder():
   counts = count_params.breakdown(
       count_params.variable_shapes(_paper_config("r64,independent_decoder")))
-  assert counts["decoders"] == 1_946_624  # MTLoRA's decoder (DESIGN.md §2)
+  assert counts["decoders"] == 1_946_624  # MTLoRA's decoder (docs/design.md §2)

@@ -1,4 +1,4 @@
-"""Numpy augmentations applied consistently to an image and all its dense labels (DESIGN.md §3).
+"""Numpy augmentations applied consistently to an image and all its dense labels (docs/design.md §3).
 
 An example is a dict in the stored layout (freesine_jax/data/synthetic.py docstring): 'image' uint8
 (H, W, 3) and any of 'semseg', 'human_parts', 'sal', 'edge' (uint8 (H, W)), 'normals' (float (H, W, 3),
@@ -39,10 +39,12 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from freesine_jax import tasks as tasks_lib
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-IGNORE = 255
-DISCRETE_KEYS = ("semseg", "human_parts", "sal", "edge")
+IGNORE = tasks_lib.IGNORE_INDEX
+DISCRETE_KEYS = tasks_lib.DISCRETE_TASKS
 SPATIAL_KEYS = ("image",) + DISCRETE_KEYS + ("normals", "depth")
 
 

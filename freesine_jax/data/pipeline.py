@@ -107,6 +107,10 @@ class TrainTransform(grain.RandomMapTransform):
     self.tasks = tuple(tasks)
     self.image_size = image_size
     cfg = augment_cfg or {}
+    known = ("flip", "rotate_degrees", "scale_range", "scales", "image_order", "label_fill")
+    unknown = sorted(set(cfg.keys()) - set(known)) if hasattr(cfg, "keys") else []
+    if unknown:
+      raise ValueError(f"config.dataset.augment has unknown keys {unknown}; known: {known}")
     self.kwargs = dict(
         flip=bool(_get(cfg, "flip", False)),
         rotate_degrees=float(_get(cfg, "rotate_degrees", 0.0) or 0.0),

@@ -1,7 +1,10 @@
 r"""Build the TFDS (array_record) copy of a real multi-task dataset from a local folder.
 
   python -m freesine_jax.data.prepare --dataset=pascal_context --manual_dir=/data/PASCAL_MT \
-      [--data_dir=~/tensorflow_datasets] [--validate_only]
+      [--data_dir=<dir>] [--validate_only]
+
+--data_dir defaults to $FREESINE_DATA_DIR or ~/.cache/freesine_jax/tensorflow_datasets, where the
+configs look.
 
 This module also holds what the three real-dataset builders share: `DatasetError`, readers that
 turn every broken input (missing file, truncated image, wrong-shaped .mat/.npy, unknown class value)

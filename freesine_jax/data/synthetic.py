@@ -54,12 +54,14 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from freesine_jax import tasks as tasks_lib
+
 NUM_SEMSEG_CLASSES = 6
 NUM_HUMAN_PARTS_CLASSES = 7
 SEMSEG_CLASS_NAMES = ("wall", "floor", "sphere", "box", "cylinder", "person")
 HUMAN_PARTS_NAMES = ("none", "head", "torso", "upper_arm", "lower_arm", "upper_leg", "lower_leg")
 WALL, FLOOR, SPHERE, BOX, CYLINDER, PERSON = range(6)
-IGNORE = 255
+IGNORE = tasks_lib.IGNORE_INDEX
 SPLITS = ("train", "val")
 TASK_KEYS = ("semseg", "human_parts", "sal", "edge", "normals", "depth")
 

@@ -12,7 +12,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def model_config(rank: int = 64, variant: str = "swin_t") -> ml_collections.ConfigDict:
-  """Free Sinewich defaults (DESIGN.md §1); each field is documented in docs/method.md."""
+  """Free Sinewich defaults (docs/design.md §1); each field is documented in docs/method.md."""
   return ml_collections.ConfigDict(dict(
       name="free_sinewich",
       variant=variant,            # swin_t | swin_s | swin_b | swin_l | custom
@@ -21,6 +21,7 @@ def model_config(rank: int = 64, variant: str = "swin_t") -> ml_collections.Conf
       patch_size=4,
       drop_path_rate=0.2,
       backbone_weights="",        # converted dir or source file ('' = random init)
+      backbone_layout="",         # '' = detect; ms | timm | hf (docs/pretrained.md)
       trainable_backbone="norms_relpos_embed",  # none | norms_relpos_embed | mtlora | all
       dtype="float32",
       lora=dict(rank=rank, scale=4.0, dropout=0.05, modules=("qkv", "proj", "fc1", "fc2")),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -50,12 +50,13 @@ class SineAwbSpec:
     _check_choice("modulation", self.modulation, ("sine", "linear"))
     _check_choice("lowpass", self.lowpass, ("matrix", "taps", "none"))
     if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-      raise ValueError(f"task_path.kernel_size must be odd and >= 1, got {self.kernel_size}")
+      raise ValueError(
+          f"model.task_path.kernel_size must be odd and >= 1, got {self.kernel_size}")
 
 
 def _check_choice(field, value, allowed):
   if value not in allowed:
-    raise ValueError(f"task_path.{field}={value!r} is not one of {allowed}")
+    raise ValueError(f"model.task_path.{field}={value!r} is not one of {allowed}")
 
 
 def lora_a_init(key, shape, dtype=jnp.float32):
@@ -113,7 +114,12 @@ def gaussian_lowpass(m: jax.Array, mode: str, size: int, sigma: float) -> jax.Ar
 
 
 def modulate(m: jax.Array, omega: jax.Array, modulation: str) -> jax.Array:
-  return jnp.sin(omega * m) if modulation == "sine" else omega * m
+  """sin(omega * m) ('sine') or omega * m ('linear', the "w/o sine" ablation)."""
+  if modulation == "sine":
+    return jnp.sin(omega * m)
+  if modulation == "linear":
+    return omega * m
+  raise ValueError(f"modulation={modulation!r} is not one of ('sine', 'linear')")
 
 
 def task_kernel(a, w, b, omega, spec: SineAwbSpec) -> jax.Array:

@@ -30,6 +30,9 @@ class DecoderSpec:
   def __post_init__(self):
     if self.kind not in ("shared", "independent"):
       raise ValueError(f"model.decoder.kind={self.kind!r} is not one of ('shared', 'independent')")
+    if self.modulation not in ("sine", "linear"):
+      raise ValueError(
+          f"model.decoder.modulation={self.modulation!r} is not one of ('sine', 'linear')")
     if self.lowpass not in ("matrix", "none"):
       raise ValueError(f"model.decoder.lowpass={self.lowpass!r} is not one of ('matrix', 'none')")
 

@@ -37,8 +37,6 @@ class MultiTaskModel(nn.Module):
       self.task_tokens = self.param("task_tokens", nn.initializers.truncated_normal(0.02),
                                     (num_tasks, self.swin_spec.embed_dim))
     if self.clock_net:
-      if not self.use_task_tokens:
-        raise ValueError("the Clock Net reads the task tokens: set model.task_tokens=True")
       self.clock = adapters.ClockNet(self.clock_s_init, self.clock_c_init)
     else:
       self.fixed_omegas = self.param("omegas", nn.initializers.constant(self.omega_init),

@@ -609,7 +609,7 @@ def load_into(variables: Mapping[str, Any], flat: Flat, *, strict: bool = True,
   unexpected = sorted(set(have) - set(want))
   bad_shapes = [line for line in _mismatch_lines(have, want) if line.startswith("shape")]
   if bad_shapes or (strict and (missing or unexpected)):
-    raise ValueError(f"cannot load the Swin weights: "
+    raise ValueError("cannot load the Swin weights: "
                      + "; ".join((bad_shapes + [f"missing {k}" for k in missing] +
                                   [f"unexpected {k}" for k in unexpected])[:_MAX_LISTED]))
   for k in missing:

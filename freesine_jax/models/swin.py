@@ -11,7 +11,7 @@ path; that block returns the shared stream (consumed by the next stage) and one 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -43,7 +43,7 @@ class SwinSpec:
   @classmethod
   def from_variant(cls, variant: str, **overrides) -> "SwinSpec":
     if variant not in SWIN_VARIANTS:
-      raise ValueError(f"model.backbone.variant={variant!r}; known: {sorted(SWIN_VARIANTS)}")
+      raise ValueError(f"model.variant={variant!r}; known: {sorted(SWIN_VARIANTS)} or 'custom'")
     dim, depths, heads = SWIN_VARIANTS[variant]
     return cls(embed_dim=dim, depths=depths, num_heads=heads, **overrides)
 

@@ -74,7 +74,8 @@ def report(config) -> str:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _CONFIG.value is None:
     raise app.UsageError("--config=<configs/file.py[:args]> is required")
   print(report(_CONFIG.value))
