@@ -42,9 +42,34 @@ def test_flipped_synthetic_normals_still_match_geometry():
   """A mirrored scene is a valid scene: its wall normal's x flips sign, the floor's does not."""
   ex = _scene(1)
   flipped = augment.hflip(ex)
+  h, w = ex["semseg"].shape
+  mirror = w - 1 - np.arange(w)  # flipped column c shows original column w - 1 - c
+  np.testing.assert_array_equal(flipped["semseg"], ex["semseg"][:, mirror])
   wall = flipped["semseg"] == synthetic.WALL
+  floor = flipped["semseg"] == synthetic.FLOOR
   orig_wall = ex["semseg"] == synthetic.WALL
-  np.testing.assert_allclose(flipped["normals"][wall][0, 0], -ex["normals"][orig_wall][0, 0])
+  orig_floor = ex["semseg"] == synthetic.FLOOR
+  assert wall.sum() == orig_wall.sum() > 0 and floor.sum() == orig_floor.sum() > 0
+  # Both surfaces are planes: one constant normal each, before and after the flip.
+  (wall_n,) = np.unique(ex["normals"][orig_wall], axis=0)
+  (floor_n,) = np.unique(ex["normals"][orig_floor], axis=0)
+  np.testing.assert_allclose(floor_n, [0.0, -1.0, 0.0], atol=0)  # floor faces up (y down)
+  assert abs(wall_n[0]) > 0.05 and wall_n[1] == 0.0 and wall_n[2] > 0  # yawed, faces camera
+  # The mirrored wall is the wall with the opposite yaw: x negated, y and z unchanged; the
+  # floor's normal has no x component, so it is unchanged.
+  mirrored_wall_n = np.array([-wall_n[0], wall_n[1], wall_n[2]], np.float32)
+  want = np.zeros((h, w, 3), np.float32)
+  want[wall] = mirrored_wall_n
+  want[floor] = floor_n
+  got = np.where((wall | floor)[..., None], flipped["normals"], 0.0)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(flipped["normals"][floor], ex["normals"][orig_floor])
+  # Every flipped normal (all classes) is the original at the mirrored position, x negated.
+  sign = np.array([-1.0, 1.0, 1.0], np.float32)
+  np.testing.assert_array_equal(flipped["normals"], ex["normals"][:, mirror] * sign)
+  # Still valid normals: unit length where the scene has a surface.
+  np.testing.assert_allclose(np.linalg.norm(flipped["normals"][wall | floor], axis=-1), 1.0,
+                             atol=1e-6)
 
 
 def test_identity_warp_is_exact():
@@ -203,12 +228,21 @@ def test_sample_params_ranges_and_determinism():
 
 
 def test_normalize_and_model_inputs():
-  mean_pixel = np.round(augment.IMAGENET_MEAN * 255).reshape(1, 1, 3)
+  # The ImageNet statistics, written out here (not read from augment): [0, 255] RGB input.
+  mean = np.array([0.485, 0.456, 0.406])
+  std = np.array([0.229, 0.224, 0.225])
+  mean_pixel = np.round(mean * 255).reshape(1, 1, 3)
   out = augment.normalize_image(mean_pixel)
+  assert out.dtype == np.float32 and out.shape == (1, 1, 3)
   np.testing.assert_allclose(out, 0.0, atol=0.5 / 255 / 0.224)
   np.testing.assert_allclose(augment.normalize_image(np.zeros((1, 1, 3))),
-                             (-augment.IMAGENET_MEAN / augment.IMAGENET_STD).reshape(1, 1, 3),
-                             rtol=1e-6)
+                             (-mean / std).reshape(1, 1, 3), rtol=1e-6)
+  np.testing.assert_allclose(augment.normalize_image(np.full((1, 1, 3), 255.0)),
+                             ((1.0 - mean) / std).reshape(1, 1, 3), rtol=1e-6)
+  pixel = np.array([[[12, 200, 77]]], np.uint8)
+  np.testing.assert_allclose(augment.normalize_image(pixel),
+                             ((np.array([12, 200, 77]) / 255.0 - mean) / std).reshape(1, 1, 3),
+                             rtol=1e-5)
   ex = _scene(0)
   inputs = augment.to_model_inputs(ex, ("semseg", "normals", "depth", "sal"))
   assert set(inputs) == {"image", "semseg", "normals", "depth", "sal"}

@@ -193,43 +193,123 @@ def test_weight_decay_only_on_ndim_ge_2():
 
 
 def test_gradient_clipping_at_global_norm():
+  """make_optimizer clips the global gradient norm at optim.grad_clip before AdamW.
+
+  With a large eps Adam's first step, -lr * g / (|g| + eps) (bias-corrected moments are g and
+  g**2), depends on the gradient's scale, so the clipping is visible in the update.
+  """
+  lr, eps, clip = 0.1, 1.0, 5.0
   c = tiny_config()
   c.optim.weight_decay = 0.0
-  c.optim.grad_clip = 5.0
-  tx = train.make_optimizer(c, lambda step: 1.0)
-  params = {"w": jnp.zeros((2, 2))}
-  state = tx.init(params)
-  # Adam's first update is ~ -lr * sign(g) regardless of scale, so check the clipped grads
-  # through the chain's first element instead.
-  clip = optax.clip_by_global_norm(5.0)
-  g = {"w": jnp.full((2, 2), 10.0)}  # norm 20 -> scaled by 1/4
-  clipped, _ = clip.update(g, clip.init(params))
-  np.testing.assert_allclose(clipped["w"], 2.5, rtol=1e-6)
-  updates, _ = tx.update(g, state, params)
-  assert np.all(np.isfinite(updates["w"]))
+  c.optim.grad_clip = clip
+  c.optim.eps = eps
+  tx = train.make_optimizer(c, lambda step: lr)
+  params = {"w": jnp.zeros((2, 2)), "b": jnp.zeros((3,))}
+  direction = {"w": np.array([[3.0, -1.0], [0.5, 2.0]]), "b": np.array([-4.0, 1.5, 0.25])}
+  norm = math.sqrt(sum(float(np.sum(v ** 2)) for v in direction.values()))
+
+  def scaled(target_norm):
+    return {k: v * (target_norm / norm) for k, v in direction.items()}
+
+  def first_update(transform, g):
+    updates, _ = transform.update(jax.tree_util.tree_map(jnp.asarray, g),
+                                  transform.init(params), params)
+    return {k: np.asarray(v) for k, v in updates.items()}
+
+  def hand_adam(g):  # Adam's first step on the gradient that reaches it
+    return {k: -lr * v / (np.abs(v) + eps) for k, v in g.items()}
+
+  big, huge, small = scaled(20.0), scaled(2000.0), scaled(2.0)
+  clipped = {k: v * (clip / 20.0) for k, v in big.items()}  # g * 5 / ||g||
+  np.testing.assert_allclose(
+      math.sqrt(sum(float(np.sum(v ** 2)) for v in clipped.values())), clip, rtol=1e-12)
+  reference = optax.chain(optax.clip_by_global_norm(clip),
+                          optax.adamw(lr, b1=c.optim.b1, b2=c.optim.b2, eps=eps,
+                                      weight_decay=0.0))
+  for g, seen_by_adam in ((big, clipped), (huge, clipped), (small, small)):
+    got = first_update(tx, g)
+    want = hand_adam(seen_by_adam)
+    ref = first_update(reference, g)
+    for k in params:
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-8, err_msg=k)
+      np.testing.assert_allclose(got[k], ref[k], rtol=1e-6, atol=1e-9, err_msg=k)
+  # Above the threshold the update no longer depends on the gradient's scale...
+  for k in params:
+    np.testing.assert_allclose(first_update(tx, big)[k], first_update(tx, huge)[k], rtol=1e-6)
+  # ...while without clipping (grad_clip <= 0 disables it) it does.
+  c.optim.grad_clip = 0.0
+  unclipped = first_update(train.make_optimizer(c, lambda step: lr), big)
+  want = hand_adam(big)
+  for k in params:
+    np.testing.assert_allclose(unclipped[k], want[k], rtol=1e-5, atol=1e-8, err_msg=k)
+    assert not np.allclose(unclipped[k], first_update(tx, big)[k], rtol=1e-3)
 
 
 def test_train_step_leaves_backbone_unchanged_and_updates_params():
   config = tiny_config()
   model, variables, state, step_fn, mesh = _setup(config)
-  backbone_before = jax.tree_util.tree_map(np.array, variables["backbone"])
+  # Host copies taken before anything runs (np.array copies; nothing can alias them).
+  copy = lambda tree: jax.tree_util.tree_map(lambda x: np.array(x, copy=True), tree)
+  backbone_before = copy(variables["backbone"])
+  params_before, stats_before = copy(state.params), copy(state.batch_stats)
+  rng_before = np.array(jax.random.key_data(state.rng) if jnp.issubdtype(
+      state.rng.dtype, jax.dtypes.prng_key) else state.rng, copy=True)
+  stem_shape = np.shape(backbone_before["stem"])
+  assert len(jax.tree_util.tree_leaves(backbone_before)) == 1
+
   batch = sharding_lib.shard_batch(next(iter(FakeTrainLoader(config))), mesh)
   backbone = sharding_lib.replicate(variables["backbone"], mesh)
   new_state, m = step_fn(sharding_lib.replicate(state, mesh), batch, backbone)
-  for a, b in zip(jax.tree_util.tree_leaves(backbone_before),
-                  jax.tree_util.tree_leaves(backbone)):
-    np.testing.assert_array_equal(np.asarray(b), a)
-  paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(
-      new_state.params)]
-  assert not any("stem" in p for p in paths), paths
+  new_state, m = jax.block_until_ready((new_state, m))
+
+  # The backbone passed in is neither donated nor modified: bitwise equal to the copy taken
+  # before the step, and still usable for another step (which again leaves it unchanged).
+  def assert_backbone_intact():
+    leaves = jax.tree_util.tree_leaves(backbone)
+    assert not any(leaf.is_deleted() for leaf in leaves)
+    assert (jax.tree_util.tree_structure(backbone)
+            == jax.tree_util.tree_structure(backbone_before))
+    for got, want in zip(leaves, jax.tree_util.tree_leaves(backbone_before), strict=True):
+      np.testing.assert_array_equal(np.asarray(jax.device_get(got)), want)
+    np.testing.assert_array_equal(np.asarray(variables["backbone"]["stem"]),
+                                  backbone_before["stem"])
+
+  assert_backbone_intact()
+  second, _ = step_fn(new_state, batch, backbone)
+  jax.block_until_ready(second)
+  assert_backbone_intact()
+  assert int(second.step) == 2
+
+  # The state holds no backbone leaves: nothing at a 'stem'/'backbone' path or of the stem's
+  # shape, in params, optimizer state or BN statistics.
+  for tree in (new_state, second):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+      p = jax.tree_util.keystr(path)
+      assert "stem" not in p and "backbone" not in p, p
+      assert np.shape(leaf) != stem_shape, p
+  # The gradients are taken w.r.t. params only: Adam's moments have exactly the params' tree,
+  # and the reported gradient norm (over the whole gradient tree) is the norm of the params'
+  # gradients, recovered from the first moment mu = (1 - b1) * clipped grads.
+  mu = optax.tree_utils.tree_get(new_state.opt_state, "mu")
+  nu = optax.tree_utils.tree_get(new_state.opt_state, "nu")
+  params_def = jax.tree_util.tree_structure(new_state.params)
+  assert jax.tree_util.tree_structure(mu) == params_def
+  assert jax.tree_util.tree_structure(nu) == params_def
+  grad_norm = float(m["grad_norm"])
+  mu_norm = float(optax.tree.norm(mu)) / (1.0 - config.optim.b1)
+  np.testing.assert_allclose(mu_norm, min(grad_norm, config.optim.grad_clip), rtol=1e-4)
+
   changed = [not np.array_equal(a, b) for a, b in zip(
-      jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(new_state.params))]
-  assert all(changed)
+      jax.tree_util.tree_leaves(params_before), jax.tree_util.tree_leaves(new_state.params),
+      strict=True)]
+  assert changed and all(changed)
   assert int(new_state.step) == 1
   # BN running stats moved (train=True mutates them); rng advanced.
-  assert not np.array_equal(jax.tree_util.tree_leaves(state.batch_stats)[0],
+  assert not np.array_equal(jax.tree_util.tree_leaves(stats_before)[0],
                             jax.tree_util.tree_leaves(new_state.batch_stats)[0])
-  assert not np.array_equal(state.rng, new_state.rng)
+  new_rng = (jax.random.key_data(new_state.rng) if jnp.issubdtype(
+      new_state.rng.dtype, jax.dtypes.prng_key) else new_state.rng)
+  assert not np.array_equal(rng_before, np.asarray(new_rng))
   np.testing.assert_allclose(m["lr"], 1e-3, rtol=1e-6)  # schedule(0) = warmup lr
   total = sum(float(m[f"loss/{t}"]) for t in TASKS)  # all weights are 1
   np.testing.assert_allclose(float(m["loss"]), total, rtol=1e-5)
