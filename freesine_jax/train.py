@@ -416,7 +416,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   untrained = None
   untrained_path = os.path.join(workdir, "untrained_eval.json")
   # The cached baseline is valid only for the same backbone, model, tasks and eval data.
-  config_json = json.loads(config.to_json_best_effort())
+  config_json_text = config.to_json_best_effort()
+  config_json = json.loads(config_json_text)
   baseline_key = hashlib.sha256(json.dumps(
       [backbone_hash] + [config_json.get(k) for k in
                          ("seed", "tasks", "num_classes", "model", "dataset")],
@@ -442,7 +443,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       max_to_keep=config.train.max_checkpoints_to_keep,
       async_save=config.train.get("async_checkpointing", True))
   train_iter = iter(train_loader)
-  metadata = {"backbone_hash": backbone_hash, "config": config.to_json_best_effort()}
+  metadata = {"backbone_hash": backbone_hash, "config": config_json_text}
   latest = ckpt.latest_step()
   if latest is not None:
     saved_meta = ckpt.read_metadata(latest)

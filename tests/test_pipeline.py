@@ -170,3 +170,8 @@ def test_unprepared_real_dataset_raises(tmp_path):
   config.dataset.builder_config = None
   with pytest.raises(FileNotFoundError, match="not prepared"):
     pipeline.get_data_source(config.dataset, "train")
+
+
+def test_unknown_augment_key_is_rejected():
+  with pytest.raises(ValueError, match=r"unknown keys \['rotate_degree'\]"):
+    pipeline.TrainTransform(("semseg",), (32, 32), {"flip": True, "rotate_degree": 10.0})

@@ -27,7 +27,6 @@ import numpy as np
 from freesine_jax.data import augment as augment_lib
 from freesine_jax.data import registry
 
-_DISCRETE = augment_lib.DISCRETE_KEYS
 
 
 def _get(cfg, key: str, default=None):
@@ -107,10 +106,6 @@ class TrainTransform(grain.RandomMapTransform):
     self.tasks = tuple(tasks)
     self.image_size = image_size
     cfg = augment_cfg or {}
-    known = ("flip", "rotate_degrees", "scale_range", "scales", "image_order", "label_fill")
-    unknown = sorted(set(cfg.keys()) - set(known)) if hasattr(cfg, "keys") else []
-    if unknown:
-      raise ValueError(f"config.dataset.augment has unknown keys {unknown}; known: {known}")
     self.kwargs = dict(
         flip=bool(_get(cfg, "flip", False)),
         rotate_degrees=float(_get(cfg, "rotate_degrees", 0.0) or 0.0),
@@ -119,6 +114,10 @@ class TrainTransform(grain.RandomMapTransform):
         image_order=int(_get(cfg, "image_order", 1)),
         label_fill=_get(cfg, "label_fill", "zero"),
     )
+    unknown = sorted(set(cfg.keys()) - set(self.kwargs)) if hasattr(cfg, "keys") else []
+    if unknown:
+      raise ValueError(f"config.dataset.augment has unknown keys {unknown}; known: "
+                       f"{tuple(self.kwargs)}")
 
   def random_map(self, element, rng: np.random.Generator):
     ex = augment_lib.augment(_select(element, self.tasks), rng, self.image_size, **self.kwargs)
@@ -146,7 +145,7 @@ def padding_example(tasks: Sequence[str], image_size: tuple[int, int]) -> dict:
   h, w = image_size
   out = {"image": np.zeros((h, w, 3), np.float32)}
   for task in tasks:
-    if task in _DISCRETE:
+    if task in augment_lib.DISCRETE_KEYS:
       out[task] = np.full((h, w), augment_lib.IGNORE, np.int32)
     elif task == "normals":
       out[task] = np.zeros((h, w, 3), np.float32)
