@@ -34,7 +34,7 @@ def backbone_flops(config, size: int) -> float:
   """The frozen Swin alone (no adapters, no prompts, no decoders)."""
   plain = pascal_context.get_config(f"r{config.model.lora.rank}")
   plain.model.lora.rank = 0
-  plain.model.task_path.enabled = False
+  plain.model.sine_awb.enabled = False
   plain.model.prompts = False
   plain.model.clock_net = False
   model = models.build_model(plain)
@@ -60,7 +60,7 @@ def main():
   for name, overrides in readings:
     config = pascal_context.get_config(f"r{args.rank}")
     for k, v in overrides.items():
-      config.model.task_path[k] = v
+      config.model.sine_awb[k] = v
     rows.append((f"Free Sinewich, {name}", forward_flops(config, args.size)))
   ref = rows[0][1]
   print(f"forward FLOPs at {args.size}x{args.size}, batch 1, r={args.rank}, 4 PASCAL tasks")

@@ -8,7 +8,8 @@ import pytest
 from configs import _paper
 from freesine_jax import models
 
-CONFIGS = [("synthetic", ""), ("synthetic", "tiny"), ("pascal_context", "r16"),
+CONFIGS = [("synthetic", ""), ("synthetic", "tiny"), ("synthetic", "tiny,no_lcn,taps_full"),
+           ("pascal_context", "r16"),
            ("pascal_context", "r32,no_sine,no_lowpass"), ("nyud", "r64"), ("cityscapes", "r32")]
 
 
@@ -31,11 +32,22 @@ def test_paper_arg_parsing():
   assert _paper.parse_arg("") == (64, ())
   assert _paper.parse_arg("r32,no_sine") == (32, ("no_sine",))
   mc = _paper.model("r16,no_lcn,no_sine,no_lowpass,independent_decoder,depthwise")
-  assert (mc.lora.rank, mc.clock_net, mc.task_path.modulation, mc.task_path.lowpass,
-          mc.decoder.kind, mc.task_path.w_mode) == (16, False, "linear", "none", "independent",
+  assert (mc.lora.rank, mc.clock_net, mc.sine_awb.modulation, mc.sine_awb.lowpass,
+          mc.decoder.kind, mc.sine_awb.w_mode) == (16, False, "linear", "none", "independent",
                                                     "depthwise")
   with pytest.raises(ValueError, match="r<rank>"):
     _paper.parse_arg("r64,fast")
+
+
+def test_synthetic_takes_the_paper_ablations():
+  from configs import synthetic
+  config = synthetic.get_config("no_sine")
+  assert (config.model.sine_awb.modulation, config.model.decoder.modulation) == ("linear",
+                                                                               "linear")
+  config = synthetic.get_config("tiny,no_lcn")
+  assert config.model.clock_net is False and tuple(config.dataset.image_size) == (32, 32)
+  with pytest.raises(ValueError, match="nosine"):
+    synthetic.get_config("nosine")
 
 
 def test_count_params_cli_last_line_is_the_trainable_total():

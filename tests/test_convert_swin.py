@@ -35,7 +35,7 @@ TINY = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4), window=4)
 TINY_IMG = 64  # patch 4 -> grids 16, 8, 4, 2: shifted windows in stages 1-2, grid-sized in 3-4
 
 
-def make_config(variant="custom", window=4, rank=0, task_path=False, clock_net=False,
+def make_config(variant="custom", window=4, rank=0, sine_awb=False, clock_net=False,
                 policy="none", dims=TINY):
   config = ml_collections.ConfigDict()
   config.seed = 0
@@ -44,7 +44,7 @@ def make_config(variant="custom", window=4, rank=0, task_path=False, clock_net=F
   mc = models.model_config(rank=rank, variant=variant)
   mc.embed_dim, mc.depths, mc.num_heads = dims["embed_dim"], dims["depths"], dims["num_heads"]
   mc.window_size = window
-  mc.task_path.enabled = task_path
+  mc.sine_awb.enabled = sine_awb
   mc.prompts = False
   mc.clock_net = clock_net
   mc.trainable_backbone = policy
@@ -178,7 +178,7 @@ def test_all_layouts_give_identical_weights(tiny, tmp_path):
 def test_multitask_model_with_zero_adapters_reproduces_reference(tiny, tmp_path):
   """LoRA (B = 0) and Sine-AWB task paths on, prompts off: every task sees the reference."""
   src = save_layout(tiny["model"], "ms", str(tmp_path))
-  config = make_config(rank=4, task_path=True, clock_net=True, policy="mtlora")
+  config = make_config(rank=4, sine_awb=True, clock_net=True, policy="mtlora")
   config.model.backbone_weights = src
   model = models.build_model(config)
   images = jnp.asarray(tiny["images"])

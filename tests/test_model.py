@@ -29,7 +29,7 @@ def plain_config(cfg):
   """The same backbone with every adapter, prompt and Clock Net switched off."""
   plain = ml_collections.ConfigDict(cfg.to_dict())
   plain.model.lora.rank = 0
-  plain.model.task_path.enabled = False
+  plain.model.sine_awb.enabled = False
   plain.model.prompts = False
   plain.model.clock_net = False
   return plain
@@ -68,7 +68,7 @@ def shared_streams(model, variables):
 @pytest.mark.parametrize("w_mode", ["full", "depthwise"])
 def test_zero_init_adapters_leave_frozen_features_unchanged(w_mode):
   cfg = tiny_config(prompts=False)
-  cfg.model.task_path.w_mode = w_mode
+  cfg.model.sine_awb.w_mode = w_mode
   model, variables = init(cfg)
   feats = jax.jit(lambda v: model.apply(v, IMAGES, method=model.encode)[0])(variables)
   reference = frozen_features(cfg, variables)
@@ -158,6 +158,17 @@ def test_policy_all_and_none():
 # ----------------------------------------------------------------------------- Sine-AWB maths
 
 
+def literal(**fields):
+  """The sine as the paper writes it, sin(omega * M): omega_0 = 1 and no RMS normalisation."""
+  sine = adapters.SineSpec(**{"omega_0": 1.0, "base_norm": "none", **fields})
+  return sine
+
+
+def task_kernel(a, w, b, omega, spec):
+  """One task's kernel through the model's own path (sine_awb_kernels over a 1-task stack)."""
+  return adapters.sine_awb_kernels(a, w, b, jnp.asarray([omega], jnp.float32), spec)[0]
+
+
 def _random_factors(key, c_in=6, c_out=5, r=3, k=3, depthwise=False):
   ka, kw, kb = jax.random.split(key, 3)
   a = jax.random.normal(ka, (c_in, r))
@@ -170,8 +181,9 @@ def _random_factors(key, c_in=6, c_out=5, r=3, k=3, depthwise=False):
 def test_fuse_then_sine_matches_independent_computation(depthwise):
   a, w, b = _random_factors(jax.random.key(0), depthwise=depthwise)
   omega = 0.7
-  spec = adapters.SineAwbSpec(lowpass="none", w_mode="depthwise" if depthwise else "full")
-  got = np.asarray(adapters.task_kernel(a, w, b, omega, spec))
+  spec = adapters.SineAwbSpec(sine=literal(lowpass="none"),
+                              w_mode="depthwise" if depthwise else "full")
+  got = np.asarray(task_kernel(a, w, b, omega, spec))
   a_, w_, b_ = map(np.asarray, (a, w, b))
   want = np.zeros(got.shape)
   for u in range(3):
@@ -187,8 +199,8 @@ def test_fuse_then_sine_matches_independent_computation(depthwise):
 
 def test_kernel_size_one_reduces_to_a_matrix():
   a, w, b = _random_factors(jax.random.key(1), k=1)
-  spec = adapters.SineAwbSpec(kernel_size=1, lowpass="none")
-  kernel = adapters.task_kernel(a, w, b, 1.3, spec)
+  spec = adapters.SineAwbSpec(kernel_size=1, sine=literal(lowpass="none"))
+  kernel = task_kernel(a, w, b, 1.3, spec)
   x = jax.random.normal(jax.random.key(2), (2, 4, 4, 6))
   got = adapters.apply_kernel(x, kernel)
   want = x @ np.sin(1.3 * (np.asarray(a) @ np.asarray(w)[0, 0] @ np.asarray(b)))
@@ -197,7 +209,8 @@ def test_kernel_size_one_reduces_to_a_matrix():
 
 def test_conv_application_matches_direct_sum():
   a, w, b = _random_factors(jax.random.key(3))
-  kernel = np.asarray(adapters.task_kernel(a, w, b, 0.5, adapters.SineAwbSpec(lowpass="none")))
+  kernel = np.asarray(task_kernel(a, w, b, 0.5,
+                                  adapters.SineAwbSpec(sine=literal(lowpass="none"))))
   x = np.asarray(jax.random.normal(jax.random.key(4), (1, 5, 4, 6)))
   got = np.asarray(adapters.apply_kernel(jnp.asarray(x), jnp.asarray(kernel)))
   xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
@@ -226,14 +239,15 @@ def test_gaussian_lowpass_matches_separable_reference():
 def test_different_frequencies_give_different_task_weights_from_one_base():
   a, w, b = _random_factors(jax.random.key(6))
   spec = adapters.SineAwbSpec()
-  k1, k2 = (np.asarray(adapters.task_kernel(a, w, b, om, spec)) for om in (0.5, 1.5))
+  k1, k2 = (np.asarray(task_kernel(a, w, b, om, spec)) for om in (0.5, 1.5))
   assert np.abs(k1 - k2).max() > 1e-2
 
 
 def test_zero_base_gives_exactly_zero_kernel():
   a, w, _ = _random_factors(jax.random.key(7))
-  kernel = adapters.task_kernel(a, w, jnp.zeros((3, 5)), 1.7, adapters.SineAwbSpec())
-  assert not np.asarray(kernel).any()
+  for sine in (adapters.SineSpec(), literal()):
+    kernel = task_kernel(a, w, jnp.zeros((3, 5)), 1.7, adapters.SineAwbSpec(sine=sine))
+    assert not np.asarray(kernel).any()
 
 
 def test_clock_net_frequencies_are_bounded_by_tanh():

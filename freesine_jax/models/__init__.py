@@ -25,14 +25,21 @@ def model_config(rank: int = 64, variant: str = "swin_t") -> ml_collections.Conf
       trainable_backbone="norms_relpos_embed",  # none | norms_relpos_embed | mtlora | all
       dtype="float32",
       lora=dict(rank=rank, scale=4.0, dropout=0.05, modules=("qkv", "proj", "fc1", "fc2")),
-      task_path=dict(enabled=True, modules=("proj", "fc1", "fc2"), kernel_size=3, w_mode="full",
-                     w_init="identity", modulation="sine", lowpass="matrix", lowpass_size=7,
-                     lowpass_sigma=1.0, scale=4.0, independent_bases=False),
+      # Sine-AWB, the task-specific path (adapters.SineAWB): per task
+      # K_t = lowpass((rho/omega_0) sin(omega_0 omega_t A.W.B / rho)), rho = RMS(A.W.B).
+      sine_awb=dict(enabled=True, modules=("proj", "fc1", "fc2"), kernel_size=3, w_mode="full",
+                    w_init="identity", scale=4.0, independent_bases=False,
+                    modulation="sine", omega_0=2.0, base_norm="tap_rms",
+                    lowpass="matrix", lowpass_size=7, lowpass_sigma=1.0),
       prompts=True,               # task tokens join window attention
+      # Clock Net omega_t = s (tanh(W_q ReLU(p_t) + phi_t) + c); tanh(phi_t) evenly spaced in
+      # [-clock_spread, clock_spread]. Without it (clock_net=False, "w/o LCN") each task has a
+      # learnable frequency initialised to the same values s (c + tanh(phi_t)).
       clock_net=True,
-      clock_s_init=1.0, clock_c_init=1.0, omega_init=1.0,
+      clock_s_init=1.0, clock_c_init=1.0, clock_spread=0.5,
       decoder=dict(kind="shared", proj_channels=(18, 36, 72, 144), head_channels=1080,
-                   modulation="sine", lowpass="matrix", lowpass_size=7, lowpass_sigma=1.0),
+                   modulation="sine", omega_0=2.0, base_norm="tap_rms",
+                   lowpass="matrix", lowpass_size=7, lowpass_sigma=1.0),
   ))
 
 
@@ -49,16 +56,29 @@ def adapter_spec(mc, num_tasks: int) -> swin.AdapterSpec:
   lora = None
   if mc.lora.rank and mc.lora.rank > 0:
     lora = adapters.LoraSpec(mc.lora.rank, mc.lora.scale, mc.lora.dropout)
-  tp = mc.task_path
-  task_path = None
-  if tp.enabled:
-    task_path = adapters.SineAwbSpec(
-        kernel_size=tp.kernel_size, w_mode=tp.w_mode, w_init=tp.w_init, modulation=tp.modulation,
-        lowpass=tp.lowpass, lowpass_size=tp.lowpass_size, lowpass_sigma=tp.lowpass_sigma,
-        scale=tp.scale, independent_bases=tp.independent_bases)
-  return swin.AdapterSpec(lora=lora, lora_modules=tuple(mc.lora.modules), task_path=task_path,
-                          task_path_modules=tuple(tp.modules), prompts=bool(mc.prompts),
+  sa = mc.sine_awb
+  sine_awb = None
+  if sa.enabled:
+    sine_awb = adapters.SineAwbSpec(
+        kernel_size=sa.kernel_size, w_mode=sa.w_mode, w_init=sa.w_init, scale=sa.scale,
+        independent_bases=sa.independent_bases, sine=sine_spec(sa, "model.sine_awb"))
+  return swin.AdapterSpec(lora=lora, lora_modules=tuple(mc.lora.modules), sine_awb=sine_awb,
+                          sine_awb_modules=tuple(sa.modules), prompts=bool(mc.prompts),
                           num_tasks=num_tasks)
+
+
+def sine_spec(section, name: str) -> adapters.SineSpec:
+  """The modulation + low-pass fields shared by model.sine_awb and model.decoder."""
+  return adapters.SineSpec(modulation=section.modulation, omega_0=float(section.omega_0),
+                           base_norm=section.base_norm, lowpass=section.lowpass,
+                           lowpass_size=section.lowpass_size,
+                           lowpass_sigma=float(section.lowpass_sigma), section=name)
+
+
+def decoder_spec(mc) -> decoders.DecoderSpec:
+  d = mc.decoder
+  return decoders.DecoderSpec(kind=d.kind, proj_channels=tuple(d.proj_channels),
+                              head_channels=d.head_channels, sine=sine_spec(d, "model.decoder"))
 
 
 def num_outputs(config) -> dict[str, int]:
@@ -73,16 +93,11 @@ def build_model(config) -> MultiTaskModel:
     tasks_lib.get_task(t)
   if mc.dtype not in DTYPES:
     raise ValueError(f"model.dtype={mc.dtype!r} is not one of {sorted(DTYPES)}")
-  d = mc.decoder
-  decoder = decoders.DecoderSpec(kind=d.kind, proj_channels=tuple(d.proj_channels),
-                                 head_channels=d.head_channels, modulation=d.modulation,
-                                 lowpass=d.lowpass, lowpass_size=d.lowpass_size,
-                                 lowpass_sigma=d.lowpass_sigma)
   return MultiTaskModel(
       tasks=tuple(config.tasks), num_outputs=num_outputs(config), swin_spec=swin_spec(mc),
-      adapter=adapter_spec(mc, len(config.tasks)), decoder=decoder,
+      adapter=adapter_spec(mc, len(config.tasks)), decoder=decoder_spec(mc),
       policy=mc.trainable_backbone, clock_net=mc.clock_net, clock_s_init=mc.clock_s_init,
-      clock_c_init=mc.clock_c_init, omega_init=mc.omega_init,
+      clock_c_init=mc.clock_c_init, clock_spread=mc.clock_spread,
       use_task_tokens=mc.prompts or mc.clock_net, dtype=DTYPES[mc.dtype])
 
 

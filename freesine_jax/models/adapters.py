@@ -4,11 +4,12 @@ Shapes follow Flax conventions: a linear kernel is (C_in, C_out), a conv kernel 
 (k, k, C_in, C_out). For Sine-AWB:
 
   A: (C_in, r)   W: (k, k, r, r) ('full') or (k, k, r) ('depthwise')   B: (r, C_out)
-  M_AWB[u, v, i, o] = sum_{l, j} A[i, l] W[u, v, l, j] B[j, o]      (fuse first ...)
-  M_t = sin(omega_t * M_AWB)                                          (... then the sine)
+  M_AWB[u, v, i, o] = sum_{l, j} A[i, l] W[u, v, l, j] B[j, o]        (fuse first ...)
+  M_t = (rho / omega_0) sin(omega_0 omega_t M_AWB / rho), rho = RMS per tap  (... then the sine)
   M~_t = Gaussian low-pass of M_t;  update_t(x) = scale * conv(x, M~_t)
 
-With B zero-initialised, M_AWB = 0, sin(0) = 0 and every update is exactly zero at step 0.
+The sine's argument has RMS omega_0 omega_t whatever the weights' scale (docs/method.md). With B
+zero-initialised, M_AWB = 0, M_t = 0 and every update is exactly zero at step 0.
 """
 from __future__ import annotations
 
@@ -24,6 +25,16 @@ import numpy as np
 from freesine_jax.models.layers import backbone_weight
 
 
+MODULATIONS = ("sine", "linear")
+BASE_NORMS = ("tap_rms", "rms", "none")
+LOWPASS_MODES = ("matrix", "taps", "taps_full", "none")
+
+
+def _check_choice(section, field, value, allowed):
+  if value not in allowed:
+    raise ValueError(f"{section}.{field}={value!r} is not one of {allowed}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
   rank: int
@@ -32,31 +43,60 @@ class LoraSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class SineSpec:
+  """How one shared base M becomes T task kernels: frequency modulation, then low-pass.
+
+  K_t = lowpass(amp * sin(omega_0 * omega_t * M / rho)),  amp = rho / omega_0,
+  rho = the RMS of each tap's C_in x C_out matrix of M ('tap_rms', default), of the whole M
+  ('rms') or 1 ('none'). The sine acts on the base measured in units of its own RMS, so its regime
+  does not depend on how large the trained weights are (docs/method.md, "Where the sine acts").
+  'linear' replaces the sine by its argument and keeps the amplitude:
+  amp * omega_0 * omega_t * M / rho = omega_t * M, the "w/o sine" ablation.
+  """
+  modulation: str = "sine"      # 'sine' | 'linear' (the "w/o sine" ablation)
+  omega_0: float = 2.0          # base frequency, in units of the base's RMS
+  base_norm: str = "tap_rms"    # 'tap_rms' | 'rms' | 'none' (the literal sin(omega_0 omega_t M))
+  lowpass: str = "matrix"       # 'matrix' | 'taps' | 'taps_full' | 'none'
+  lowpass_size: int = 7
+  lowpass_sigma: float = 1.0
+  section: str = "model.sine_awb"  # config section named in error messages
+
+  def __post_init__(self):
+    _check_choice(self.section, "modulation", self.modulation, MODULATIONS)
+    _check_choice(self.section, "base_norm", self.base_norm, BASE_NORMS)
+    _check_choice(self.section, "lowpass", self.lowpass, LOWPASS_MODES)
+    if not self.omega_0 > 0:
+      raise ValueError(f"{self.section}.omega_0 must be > 0, got {self.omega_0}")
+    if self.lowpass_size < 1 or self.lowpass_size % 2 == 0:
+      raise ValueError(f"{self.section}.lowpass_size must be odd and >= 1, got "
+                       f"{self.lowpass_size}")
+
+  def kernels(self, m: jax.Array, omegas: jax.Array) -> jax.Array:
+    """Task kernels (T, *m.shape) (taps_full: taps grown by lowpass_size - 1) from a base m."""
+    return jax.vmap(lambda om: self.kernel(m, om))(omegas)
+
+  def kernel(self, m: jax.Array, omega: jax.Array, modulation: str | None = None) -> jax.Array:
+    """One task's kernel; `modulation` overrides the spec's ('linear' gives the counterpart)."""
+    m = modulate(m, omega, modulation or self.modulation, self.omega_0, self.base_norm)
+    return gaussian_lowpass(m, self.lowpass, self.lowpass_size, self.lowpass_sigma)
+
+
+@dataclasses.dataclass(frozen=True)
 class SineAwbSpec:
   """How the task-specific (TS) path of a layer is built. See docs/method.md for each choice."""
   kernel_size: int = 3
   w_mode: str = "full"          # 'full' r x r x k x k | 'depthwise' r x k x k
   w_init: str = "identity"      # 'identity' (centre tap = I) | 'kaiming'
-  modulation: str = "sine"      # 'sine': sin(w M) | 'linear': w M (the "w/o sine" ablation)
-  lowpass: str = "matrix"       # 'matrix' (over C_in x C_out per tap) | 'taps' | 'none'
-  lowpass_size: int = 7
-  lowpass_sigma: float = 1.0
-  scale: float = 4.0
+  scale: float = 4.0            # output gain alpha: update_t = alpha * (K_t * x_t)
   independent_bases: bool = False  # ablation: per-task A, W, B instead of one shared base
+  sine: SineSpec = SineSpec()
 
   def __post_init__(self):
-    _check_choice("w_mode", self.w_mode, ("full", "depthwise"))
-    _check_choice("w_init", self.w_init, ("identity", "kaiming"))
-    _check_choice("modulation", self.modulation, ("sine", "linear"))
-    _check_choice("lowpass", self.lowpass, ("matrix", "taps", "none"))
+    _check_choice("model.sine_awb", "w_mode", self.w_mode, ("full", "depthwise"))
+    _check_choice("model.sine_awb", "w_init", self.w_init, ("identity", "kaiming"))
     if self.kernel_size < 1 or self.kernel_size % 2 == 0:
       raise ValueError(
-          f"model.task_path.kernel_size must be odd and >= 1, got {self.kernel_size}")
-
-
-def _check_choice(field, value, allowed):
-  if value not in allowed:
-    raise ValueError(f"model.task_path.{field}={value!r} is not one of {allowed}")
+          f"model.sine_awb.kernel_size must be odd and >= 1, got {self.kernel_size}")
 
 
 def lora_a_init(key, shape, dtype=jnp.float32):
@@ -99,33 +139,81 @@ def _blur_axis(m: jax.Array, g: np.ndarray, axis: int) -> jax.Array:
 def gaussian_lowpass(m: jax.Array, mode: str, size: int, sigma: float) -> jax.Array:
   """Smooths fused kernels (..., k, k, C_in, C_out) with a separable K x K Gaussian.
 
-  'matrix': over the (C_in, C_out) matrix of each tap; 'taps': over the k x k taps; 'none'.
-  Zero padding, 'same' size (shifted adds: measured faster on CPU than 1-channel convolutions).
+  'matrix': over the (C_in, C_out) matrix of each tap ('same' size); 'taps': over the k x k taps
+  ('same' size, the K x K filter truncated to the k x k support); 'taps_full': the full
+  convolution of the taps, (k + K - 1)^2 taps, which equals blurring the feature map with the
+  Gaussian before applying the k x k kernel; 'none'. Zero padding (shifted adds: measured faster
+  on CPU than 1-channel convolutions).
   """
   if mode == "none":
     return m
-  if mode not in ("matrix", "taps"):
-    raise ValueError(f"lowpass mode {mode!r} is not one of ('matrix', 'taps', 'none')")
+  _check_choice("lowpass", "mode", mode, LOWPASS_MODES)
   g = gaussian_1d(size, sigma)
-  axes = (m.ndim - 2, m.ndim - 1) if mode == "matrix" else (m.ndim - 4, m.ndim - 3)
+  if mode == "matrix":
+    axes = (m.ndim - 2, m.ndim - 1)
+  else:
+    axes = (m.ndim - 4, m.ndim - 3)
+    if mode == "taps_full":
+      half = size // 2
+      pad = [(0, 0)] * m.ndim
+      for axis in axes:
+        pad[axis] = (half, half)
+      m = jnp.pad(m, pad)
   for axis in axes:
     m = _blur_axis(m, g, axis)
   return m
 
 
-def modulate(m: jax.Array, omega: jax.Array, modulation: str) -> jax.Array:
-  """sin(omega * m) ('sine') or omega * m ('linear', the "w/o sine" ablation)."""
+# mean(M^2) is floored by this: rho > 0 even for the all-zero base of step 0, so the normalised
+# base M / rho is exactly 0 there (exact zero update) and every gradient stays finite.
+RMS_FLOOR = 1e-30
+
+
+def base_rms(m: jax.Array, base_norm: str) -> jax.Array | float:
+  """rho, the scale the sine's argument is measured in, for a base m (..., C_in, C_out).
+
+  'tap_rms': sqrt(mean(M_uv^2) + RMS_FLOOR) of each tap's C_in x C_out matrix (shape
+  (..., 1, 1)); 'rms': one such RMS over the whole kernel; 'none': 1.
+  """
+  _check_choice("sine", "base_norm", base_norm, BASE_NORMS)
+  if base_norm == "none":
+    return 1.0
+  axes = (-2, -1) if base_norm == "tap_rms" else None
+  return jnp.sqrt(jnp.mean(jnp.square(m.astype(jnp.float32)), axis=axes, keepdims=True)
+                  + RMS_FLOOR)
+
+
+def modulate(m: jax.Array, omega: jax.Array, modulation: str, omega_0: float = 1.0,
+             base_norm: str = "none") -> jax.Array:
+  """amp * sin(omega_0 * omega * m / rho) ('sine') or amp * (its argument) ('linear').
+
+  amp = rho / omega_0, rho = base_rms(m, base_norm). The linear form equals omega * m whatever
+  omega_0 and rho are, so the sine and its "w/o sine" ablation differ only in the sine.
+  Bounded: |amp * sin(.)| <= min(rho / omega_0, |omega * m|) entrywise.
+  """
+  rho = base_rms(m, base_norm)
+  amplitude = rho / omega_0
+  argument = (omega_0 * omega / rho) * m
   if modulation == "sine":
-    return jnp.sin(omega * m)
+    return amplitude * jnp.sin(argument)
   if modulation == "linear":
-    return omega * m
-  raise ValueError(f"modulation={modulation!r} is not one of ('sine', 'linear')")
+    return amplitude * argument
+  raise ValueError(f"modulation={modulation!r} is not one of {MODULATIONS}")
 
 
-def task_kernel(a, w, b, omega, spec: SineAwbSpec) -> jax.Array:
-  """M~_t = lowpass(sin(omega_t * (A W B))): the task's equivalent conv kernel."""
-  m = modulate(fuse_awb(a, w, b), omega, spec.modulation)
-  return gaussian_lowpass(m, spec.lowpass, spec.lowpass_size, spec.lowpass_sigma)
+def sine_awb_kernels(a: jax.Array, w: jax.Array, b: jax.Array, omegas: jax.Array,
+                     spec: SineAwbSpec, modulation: str | None = None) -> jax.Array:
+  """M~_t for every task: (T, k', k', C_in, C_out), from one base or per-task bases.
+
+  Shared base: a (C_in, r), w (k,k,r,r)|(k,k,r), b (r, C_out). Independent bases
+  (spec.independent_bases): the same with a leading task axis. `modulation='linear'` gives the
+  linear counterparts L_t (what the analysis compares the kernels with).
+  """
+  if spec.independent_bases:
+    return jax.vmap(lambda a_t, w_t, b_t, om: spec.sine.kernel(fuse_awb(a_t, w_t, b_t), om,
+                                                               modulation))(a, w, b, omegas)
+  m = fuse_awb(a, w, b)
+  return jax.vmap(lambda om: spec.sine.kernel(m, om, modulation))(omegas)
 
 
 def apply_kernel(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -158,28 +246,21 @@ def apply_task_kernels(x: jax.Array, kernels: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- modules
 
 
-class AdaptedDense(nn.Module):
-  """Frozen linear + shared LoRA (shared stream) + optional per-task Sine-AWB path.
+class SineAWB(nn.Module):
+  """Sine-AWB, the paper's task-specific module: fuse A.W.B -> sine per task -> low-pass -> apply.
 
-  `x` is the shared stream (..., C_in). `task_inputs` (optional) is a pair
-  (frozen_input, path_input): path_input stacks the T task streams (T, B, H, W, C_in);
-  frozen_input is either such a stack or `x` itself. The task outputs follow the paper,
-  f^t_{i+1} = Phi(f^t_i) + scale * (M~_t * f'^t_i): the frozen layer plus the task's Sine-AWB
-  kernel on the (possibly prompt-conditioned) path input. The shared LoRA adapts the shared
-  stream; its factors A, B are the base of the Sine-AWB kernels. Tasks are vectorised (vmap), so
-  the compiled graph does not grow with the number of tasks.
-  Returns (y_shared, y_tasks (T, B, H, W, C_out) or None).
+  Owns the convolutional prior W; A and B are the layer's shared LoRA factors, so the base is
+  shared by all tasks and the only task-specific input is the frequency omega_t. With
+  spec.independent_bases (ablation) it owns per-task A, W, B instead. Tasks are vectorised: the
+  T kernels are one (T, k, k, C_in, C_out) array applied to the stacked task streams.
   """
+  spec: SineAwbSpec
+  num_tasks: int
   features: int
-  lora: LoraSpec | None
-  task_path: SineAwbSpec | None = None
-  num_tasks: int = 0
-  use_bias: bool = True
-  policy: str = "none"
   dtype: Any = jnp.float32
 
-  def _w(self, name, rank, stack=()):
-    spec = self.task_path
+  def _w(self, rank, stack=()):
+    spec = self.spec
     k = spec.kernel_size
     if spec.w_mode == "full":
       shape, centre = (k, k, rank, rank), jnp.eye(rank)
@@ -192,7 +273,49 @@ class AdaptedDense(nn.Module):
       init = lambda key, s: jnp.zeros(s).at[tap].set(centre)
     else:
       init = nn.initializers.variance_scaling(2.0, "fan_in", "uniform", **axes)
-    return self.param(name, init, (*stack, *shape))
+    return self.param("w", init, (*stack, *shape))
+
+  def factors(self, a: jax.Array, b: jax.Array):
+    """(A, W, B) of the base(s): the shared LoRA factors with this layer's W, or per-task ones."""
+    c_in, rank = a.shape
+    if not self.spec.independent_bases:
+      return a, self._w(rank), b
+    t = self.num_tasks
+    task_a = self.param("a", lambda k, s: jax.vmap(lambda kk: lora_a_init(kk, s[1:]))(
+        jax.random.split(k, s[0])), (t, c_in, rank))
+    task_b = self.param("b", nn.initializers.zeros, (t, rank, self.features))
+    return task_a, self._w(rank, stack=(t,)), task_b
+
+  @nn.compact
+  def __call__(self, path_in: jax.Array, a: jax.Array, b: jax.Array, omegas: jax.Array):
+    """path_in (T, B, H, W, C_in), shared LoRA a (C_in, r), b (r, C_out), omegas (T,).
+
+    Returns the task updates alpha * (M~_t * path_in_t), (T, B, H, W, C_out).
+    """
+    if path_in.shape[0] != self.num_tasks:
+      raise ValueError(f"expected {self.num_tasks} task streams, got {path_in.shape[0]}")
+    kernels = sine_awb_kernels(*self.factors(a, b), omegas, self.spec)
+    return self.spec.scale * apply_task_kernels(path_in.astype(self.dtype), kernels)
+
+
+class AdaptedDense(nn.Module):
+  """Frozen linear + shared LoRA (shared stream) + optional per-task Sine-AWB path.
+
+  `x` is the shared stream (..., C_in). `task_inputs` (optional) is a pair
+  (frozen_input, path_input): path_input stacks the T task streams (T, B, H, W, C_in);
+  frozen_input is either such a stack or `x` itself. The task outputs follow the paper,
+  f^t_{i+1} = Phi(f^t_i) + SineAWB_t(f'^t_i): the frozen layer plus the task's Sine-AWB update
+  on the (possibly prompt-conditioned) path input. The shared LoRA adapts the shared stream; its
+  factors A, B are the base of the Sine-AWB kernels.
+  Returns (y_shared, y_tasks (T, B, H, W, C_out) or None).
+  """
+  features: int
+  lora: LoraSpec | None
+  sine_awb: SineAwbSpec | None = None
+  num_tasks: int = 0
+  use_bias: bool = True
+  policy: str = "none"
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, task_inputs=None, omegas=None, *, deterministic: bool = True):
@@ -217,35 +340,35 @@ class AdaptedDense(nn.Module):
 
     frozen_in, path_in = task_inputs
     y_tasks = y_frozen if frozen_in is x else frozen(frozen_in)
-    spec = self.task_path
-    if spec is None:  # this layer carries no TS path: the task streams see the frozen layer
+    if self.sine_awb is None:  # this layer carries no TS path: the task streams see the frozen layer
       return y_shared, jnp.broadcast_to(y_tasks, (*path_in.shape[:-1], self.features))
     if self.lora is None:
       raise ValueError("the Sine-AWB base is sized by the LoRA rank: set model.lora.rank > 0")
-    if path_in.shape[0] != self.num_tasks:
-      raise ValueError(f"expected {self.num_tasks} task streams, got {path_in.shape[0]}")
-    t = self.num_tasks
-    if spec.independent_bases:
-      stack_a = self.param("task_a", lambda k, s: jax.vmap(lambda kk: lora_a_init(kk, s[1:]))(
-          jax.random.split(k, s[0])), (t, c_in, rank))
-      stack_w = self._w("task_w", rank, stack=(t,))
-      stack_b = self.param("task_b", nn.initializers.zeros, (t, rank, self.features))
-      kernels = jax.vmap(lambda a_t, w_t, b_t, om: task_kernel(a_t, w_t, b_t, om, spec))(
-          stack_a, stack_w, stack_b, omegas)
-    else:
-      w = self._w("awb_w", rank)
-      kernels = jax.vmap(lambda om: task_kernel(a, w, b, om, spec))(omegas)
-    updates = apply_task_kernels(path_in.astype(self.dtype), kernels)
-    return y_shared, y_tasks + spec.scale * updates
+    updates = SineAWB(self.sine_awb, self.num_tasks, self.features, self.dtype,
+                      name="sine_awb")(path_in, a, b, omegas)
+    return y_shared, y_tasks + updates
+
+
+def clock_offsets(num_tasks: int, spread: float) -> np.ndarray:
+  """tanh of the Clock Net's fixed pre-tanh offsets: evenly spaced in [-spread, spread]."""
+  if not 0.0 <= spread < 1.0:
+    raise ValueError(f"model.clock_spread must be in [0, 1), got {spread}")
+  if num_tasks == 1:
+    return np.zeros((1,), np.float32)
+  return (spread * np.linspace(-1.0, 1.0, num_tasks)).astype(np.float32)
 
 
 class ClockNet(nn.Module):
-  """omega_t = s * (tanh(W_q . ReLU(p_t)) + c): one bounded frequency per task.
+  """omega_t = s * (tanh(W_q . ReLU(p_t) + phi_t) + c): one bounded frequency per task.
 
-  With s > 0, omega_t lies in (s (c - 1), s (c + 1)) whatever the tokens are.
+  phi_t are fixed (not learned) offsets with tanh(phi_t) evenly spaced in [-spread, spread], so
+  the tasks start at distinct frequencies s (c + tanh(phi_t)) (docs/method.md, "Clock Net");
+  spread = 0 is the paper's formula as written. With s > 0, omega_t lies in
+  (s (c - 1), s (c + 1)) whatever the tokens are.
   """
   s_init: float = 1.0
   c_init: float = 1.0
+  spread: float = 0.0
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -253,4 +376,5 @@ class ClockNet(nn.Module):
     s = self.param("s", nn.initializers.constant(self.s_init), ())
     c = self.param("c", nn.initializers.constant(self.c_init), ())
     q = nn.Dense(1, name="w_q")(jax.nn.relu(tokens))[:, 0]
-    return s * (jnp.tanh(q) + c)
+    phi = np.arctanh(clock_offsets(tokens.shape[0], self.spread))
+    return s * (jnp.tanh(q + phi) + c)

@@ -3,7 +3,8 @@
 Each task's stage features (4 scales) are projected to [18, 36, 72, 144] channels, upsampled to
 the finest scale and concatenated (270 ch). MTLoRA/TADFormer then run a per-task HRNet head
 (270 -> 1080 conv, BN, ReLU, 1x1 conv). Free Sinewich replaces the per-task 270 -> 1080 conv by
-one shared base modulated by each task's frequency: h_t = M~_t * x_t + b + b_t.
+one shared base modulated by each task's frequency with the same sine and low-pass as the
+encoder's Sine-AWB (adapters.SineSpec): h_t = M~_t * x_t + b + b_t.
 """
 from __future__ import annotations
 
@@ -22,19 +23,14 @@ class DecoderSpec:
   kind: str = "shared"                       # 'shared' (Free Sinewich) | 'independent' (HRNet)
   proj_channels: tuple[int, ...] = (18, 36, 72, 144)
   head_channels: int = 1080
-  modulation: str = "sine"                   # 'sine' | 'linear' for the shared base
-  lowpass: str = "matrix"                    # 'matrix' | 'none' (taps are 1x1 here)
-  lowpass_size: int = 7
-  lowpass_sigma: float = 1.0
+  sine: adapters.SineSpec = adapters.SineSpec(section="model.decoder")  # the shared base's
 
   def __post_init__(self):
     if self.kind not in ("shared", "independent"):
       raise ValueError(f"model.decoder.kind={self.kind!r} is not one of ('shared', 'independent')")
-    if self.modulation not in ("sine", "linear"):
-      raise ValueError(
-          f"model.decoder.modulation={self.modulation!r} is not one of ('sine', 'linear')")
-    if self.lowpass not in ("matrix", "none"):
-      raise ValueError(f"model.decoder.lowpass={self.lowpass!r} is not one of ('matrix', 'none')")
+    if self.sine.lowpass not in ("matrix", "none"):
+      raise ValueError(f"model.decoder.lowpass={self.sine.lowpass!r} is not one of "
+                       "('matrix', 'none') (the decoder base is a 1x1 conv: it has no taps)")
 
 
 def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
@@ -97,6 +93,8 @@ class MultiTaskDecoder(nn.Module):
       base = self.param("base_kernel", nn.initializers.lecun_normal(),
                         (1, 1, concat_channels, spec.head_channels))
       base_bias = self.param("base_bias", nn.initializers.zeros, (spec.head_channels,))
+      # All tasks' kernels from the one base (T, 1, 1, 270, head_channels).
+      kernels = spec.sine.kernels(base, omegas)
     outputs = {}
     for t, task in enumerate(self.tasks):
       x = ScaleProjections(spec.proj_channels, self.dtype, name=f"{task}_projections")(
@@ -107,11 +105,10 @@ class MultiTaskDecoder(nn.Module):
       if spec.kind == "independent":
         y = head(x, train=train)
       else:
-        kernel = adapters.modulate(base, omegas[t], spec.modulation)
-        kernel = adapters.gaussian_lowpass(kernel, spec.lowpass, spec.lowpass_size,
-                                           spec.lowpass_sigma)
+        # b and b_t feed straight into BatchNorm, which removes any per-channel constant: they
+        # get zero gradient and stay 0 (kept for the paper's parameter count, docs/method.md).
         task_bias = self.param(f"{task}_bias", nn.initializers.zeros, (spec.head_channels,))
-        h = adapters.apply_kernel(x.astype(self.dtype), kernel) + base_bias + task_bias
+        h = adapters.apply_kernel(x.astype(self.dtype), kernels[t]) + base_bias + task_bias
         y = head(h.astype(self.dtype), train=train)
       outputs[task] = resize_bilinear(y, out_size).astype(jnp.float32)
     return outputs

@@ -24,7 +24,7 @@ class MultiTaskModel(nn.Module):
   clock_net: bool = True            # False: one learnable frequency per task ("w/o LCN")
   clock_s_init: float = 1.0
   clock_c_init: float = 1.0
-  omega_init: float = 1.0           # per-task frequency init when clock_net is False
+  clock_spread: float = 0.0         # initial frequencies s (c + spread * linspace(-1, 1, T))
   use_task_tokens: bool = True
   dtype: Any = jnp.float32
 
@@ -37,10 +37,11 @@ class MultiTaskModel(nn.Module):
       self.task_tokens = self.param("task_tokens", nn.initializers.truncated_normal(0.02),
                                     (num_tasks, self.swin_spec.embed_dim))
     if self.clock_net:
-      self.clock = adapters.ClockNet(self.clock_s_init, self.clock_c_init)
-    else:
-      self.fixed_omegas = self.param("omegas", nn.initializers.constant(self.omega_init),
-                                     (num_tasks,))
+      self.clock = adapters.ClockNet(self.clock_s_init, self.clock_c_init, self.clock_spread)
+    else:  # "w/o LCN": free per-task frequencies, started where the Clock Net starts them
+      start = self.clock_s_init * (self.clock_c_init +
+                                   adapters.clock_offsets(num_tasks, self.clock_spread))
+      self.fixed_omegas = self.param("omegas", lambda key, shape: jnp.asarray(start), (num_tasks,))
 
   def frequencies(self) -> jax.Array:
     """(T,) task frequencies omega_t."""

@@ -57,8 +57,8 @@ class AdapterSpec:
   """Everything about the adapters that the backbone needs (None fields switch parts off)."""
   lora: adapters.LoraSpec | None = None
   lora_modules: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
-  task_path: adapters.SineAwbSpec | None = None
-  task_path_modules: tuple[str, ...] = ("proj", "fc1", "fc2")
+  sine_awb: adapters.SineAwbSpec | None = None
+  sine_awb_modules: tuple[str, ...] = ("proj", "fc1", "fc2")
   prompts: bool = False
   num_tasks: int = 0
 
@@ -137,7 +137,7 @@ class WindowAttention(nn.Module):
     adapter = self.adapter
     layer = lambda name, features: adapters.AdaptedDense(
         features, adapter.lora if name in adapter.lora_modules else None,
-        adapter.task_path if name in adapter.task_path_modules else None, adapter.num_tasks,
+        adapter.sine_awb if name in adapter.sine_awb_modules else None, adapter.num_tasks,
         policy=self.policy, dtype=self.dtype, name=name)
     qkv_layer, proj_layer = layer("qkv", 3 * c), layer("proj", c)
     table = backbone_weight(self, "relative_position_bias_table",
@@ -214,7 +214,7 @@ class Mlp(nn.Module):
     adapter = self.adapter
     layer = lambda name, features: adapters.AdaptedDense(
         features, adapter.lora if name in adapter.lora_modules else None,
-        adapter.task_path if name in adapter.task_path_modules else None, adapter.num_tasks,
+        adapter.sine_awb if name in adapter.sine_awb_modules else None, adapter.num_tasks,
         policy=self.policy, dtype=self.dtype, name=name)
     fc1, fc2 = layer("fc1", self.hidden), layer("fc2", x.shape[-1])
     gelu = lambda z: nn.gelu(z, approximate=False)
@@ -329,7 +329,7 @@ class SwinBackbone(nn.Module):
 
     total_blocks = sum(spec.depths)
     rates = np.linspace(0.0, spec.drop_path_rate, total_blocks)
-    task_streams = self.adapter.task_path is not None or self.adapter.prompts
+    task_streams = self.adapter.sine_awb is not None or self.adapter.prompts
     block_id = 0
     outputs = []
     num_stages = len(spec.depths)

@@ -22,7 +22,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 GROUPS = ("TA adapters (shared LoRA)", "TS adapters (Sine-AWB W, prompt path, gates)",
           "Clock Net + task tokens", "decoders", "trainable backbone")
 
-_TS_NAMES = ("awb_w", "prompt_norm", "prompt_proj", "prompt_gate")
+_TS_NAMES = ("sine_awb", "prompt_norm", "prompt_proj", "prompt_gate")
 
 
 def group_of(path: tuple[str, ...]) -> str:
@@ -34,8 +34,7 @@ def group_of(path: tuple[str, ...]) -> str:
   leaf = path[-1]
   if leaf in ("lora_a", "lora_b"):
     return GROUPS[0]
-  if any(p.startswith(_TS_NAMES) for p in path) or (leaf.startswith("task") and
-                                                    leaf.endswith(("_a", "_b", "_w"))):
+  if any(p.startswith(_TS_NAMES) for p in path):
     return GROUPS[1]
   return GROUPS[4]
 
