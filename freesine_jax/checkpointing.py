@@ -129,6 +129,13 @@ class Checkpointer:
     return (restored[_STATE], _decode_iter_state(per_process[key]),
             dict(restored[_META] or {}))
 
+  def restore_saved_state(self, step: int) -> dict:
+    """The saved TrainState of `step` as nested dicts of arrays, without a target structure
+    (for offline tools such as tools.analyze that need no optimizer)."""
+    restored = self._manager.restore(int(step), args=ocp.args.Composite(**{
+        _STATE: ocp.args.StandardRestore()}))
+    return restored[_STATE]
+
   def read_metadata(self, step: int) -> dict:
     """The metadata saved with `step` (read alone, before any array is restored)."""
     restored = self._manager.restore(int(step), args=ocp.args.Composite(**{

@@ -173,11 +173,24 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                               rng=rng)
     out = {"loss": total, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
     out.update({f"loss/{t}": v for t, v in per_task.items()})
+    out.update(task_frequencies(model, params))
     return new_state, out
 
   repl = sharding_lib.replicated(mesh)
   data = sharding_lib.data_sharded(mesh)
   return jax.jit(train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl))
+
+
+FREQUENCY_PREFIX = "frequency/"
+
+
+def task_frequencies(model: nn.Module, params: PyTree) -> dict[str, jax.Array]:
+  """{'frequency/<task>': omega_t} of a Free Sinewich model ({} for models without a Clock Net
+  or per-task frequencies, e.g. a custom config.model.factory model)."""
+  if not hasattr(model, "frequencies"):
+    return {}
+  omegas = model.apply({"params": params}, method=model.frequencies)
+  return {f"{FREQUENCY_PREFIX}{t}": omegas[i] for i, t in enumerate(model.tasks)}
 
 
 def make_eval_forward(model: nn.Module) -> Callable:
@@ -476,8 +489,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     pending.append(step_metrics)
 
     if step % log_every == 0 or step == total_steps:
-      summary = {k: float(np.mean([float(m[k]) for m in jax.device_get(pending)]))
-                 for k in pending[0]}
+      pending = jax.device_get(pending)
+      # Losses etc. are averaged over the logging window; frequencies are the values at `step`.
+      summary = {k: float(pending[-1][k]) if k.startswith(FREQUENCY_PREFIX)
+                 else float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
       pending = []
       now = time.perf_counter()
       rate = (step - step_log) / max(now - t_log, 1e-9)
@@ -487,9 +502,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       summary["steps_per_sec"] = rate
       writer.scalars(step, {f"train/{k}": v for k, v in summary.items()})
       per_task = " ".join(f"{t} {summary[f'loss/{t}']:.4f}" for t in tasks)
+      freqs = [summary[k] for k in (f"{FREQUENCY_PREFIX}{t}" for t in tasks) if k in summary]
+      freq_text = f" | ω {' '.join(f'{f:.3f}' for f in freqs)}" if freqs else ""
       writer.print(f"step {step:>{len(str(total_steps))}}/{total_steps} "
                    f"[{100.0 * step / total_steps:5.1f}%] | loss {summary['loss']:.4f} "
-                   f"({per_task}) | lr {summary['lr']:.3e} | {rate:.2f} steps/s | "
+                   f"({per_task}) | lr {summary['lr']:.3e}{freq_text} | {rate:.2f} steps/s | "
                    f"ETA {_fmt_duration(eta)}")
 
     if step % ckpt_every == 0 and step < total_steps:
