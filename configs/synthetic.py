@@ -4,7 +4,9 @@
 
 A small Swin (random init: no pretrained weights ship with the project) with all six tasks at
 64x64. Everything else (adapters, Clock Net, shared decoder group, losses) is the paper's setup.
-Arg 'tiny' shrinks it further for tests (32x32 images, 24 training examples).
+The arg is a comma-separated list: 'tiny' shrinks it further for tests (32x32 images, 24 training
+examples) and the paper's ablation names switch ablations on (configs/_paper.py), e.g.
+--config=configs/synthetic.py:no_sine or :tiny,no_lcn.
 """
 import ml_collections
 
@@ -15,7 +17,13 @@ from freesine_jax.data import synthetic
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  tiny = arg == "tiny"
+  tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
+  tiny = "tiny" in tokens
+  ablations = tuple(t for t in tokens if t != "tiny")
+  unknown = [t for t in ablations if t not in _paper.ABLATIONS]
+  if unknown:
+    raise ValueError(f"configs/synthetic.py arg {unknown[0]!r}: expected 'tiny' or one of "
+                     f"{_paper.ABLATIONS}")
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.tasks = ("semseg", "human_parts", "sal", "normals", "edge", "depth")
@@ -48,6 +56,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.patch_size = 2 if tiny else 4
   config.model.drop_path_rate = 0.1
   config.model.decoder.head_channels = 32 if tiny else 64
+  _paper.apply_ablations(config.model, ablations)
 
   common.add_training_defaults(config)
   config.optim.lr_base = 2e-3 * 512 / config.input.batch_size  # peak lr 2e-3 at this batch
