@@ -186,26 +186,15 @@ def read_json(path: str, root: str) -> Any:
 
 
 def task_feature(task: str) -> tfds.features.FeatureConnector:
-  """Stored feature of one task label, in the natural dtype of tasks.py."""
-  kind = tasks_lib.get_task(task).kind
-  zlib = tfds.features.Encoding.ZLIB
-  if kind in ("classification", "binary"):
-    return tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding=zlib)
-  if kind == "normals":
-    return tfds.features.Tensor(shape=(None, None, 3), dtype=np.float32, encoding=zlib)
-  if kind == "depth":
-    return tfds.features.Tensor(shape=(None, None), dtype=np.float32, encoding=zlib)
-  raise ValueError(f"no stored feature for task kind {kind!r}")
+  """Stored feature of one task label: its registry layout's shape and stored dtype."""
+  layout = tasks_lib.get_task(task).kind.label
+  return tfds.features.Tensor(shape=layout.shape(None, None), dtype=np.dtype(layout.stored_dtype),
+                              encoding=tfds.features.Encoding.ZLIB)
 
 
 def has_valid_label(task: str, label: np.ndarray) -> bool:
   """Whether an example carries any usable pixel for `task` (for the per-task counts)."""
-  kind = tasks_lib.get_task(task).kind
-  if kind in ("classification", "binary"):
-    return bool(np.any(label != IGNORE))
-  if kind == "normals":
-    return bool(np.any(np.any(label != 0, axis=-1)))
-  return bool(np.any(label > 0))
+  return bool(np.any(tasks_lib.get_task(task).kind.label.valid_pixels(label)))
 
 
 # ----------------------------------------------------------------------------- builder base
