@@ -14,8 +14,8 @@ from freesine_jax import metrics
 from freesine_jax import tasks
 from freesine_jax import train
 from freesine_jax.data import augment
+from freesine_jax.data import builder as builder_lib
 from freesine_jax.data import pipeline
-from freesine_jax.data import prepare
 
 
 def test_every_kind_reference_resolves():
@@ -152,7 +152,7 @@ def test_a_new_kind_is_one_registry_entry(heatmap_task):
   assert pad[task].dtype == np.float32 and np.all(pad[task] == INVALID)
 
   # Builders: stored feature and the usable-label count.
-  feature = prepare.task_feature(task)
+  feature = builder_lib.task_feature(task)
   assert feature.shape == (None, None) and feature.np_dtype == np.float32
-  assert prepare.has_valid_label(task, label[1]) and not prepare.has_valid_label(
+  assert builder_lib.has_valid_label(task, label[1]) and not builder_lib.has_valid_label(
       task, np.full((2, 2), INVALID, np.float32))
