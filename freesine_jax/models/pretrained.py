@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from freesine_jax.models import relpos_resize
 from freesine_jax.models import swin
 
 Flat = dict[str, np.ndarray]
@@ -466,23 +467,12 @@ def expected_shapes(spec: swin.SwinSpec, in_chans: int = 3) -> dict[str, tuple[i
   return out
 
 
-def _is_table(path: str) -> bool:
-  return path.endswith("relative_position_bias_table")
-
-
-def _table_resizable(src: tuple[int, ...], dst: tuple[int, ...]) -> bool:
-  if len(src) != 2 or len(dst) != 2 or src[1] != dst[1]:
-    return False
-  return all(int(round(math.sqrt(n))) ** 2 == n and int(round(math.sqrt(n))) % 2 == 1
-             for n in (src[0], dst[0]))
-
-
 def _mismatch_lines(have: Mapping[str, tuple], want: Mapping[str, tuple]) -> list[str]:
   """Shape mismatches first (the most telling), then missing, then unexpected weights."""
   lines = []
   for k in sorted(set(have) & set(want)):
     hs, ws = tuple(have[k]), tuple(want[k])
-    if hs != ws and not (_is_table(k) and _table_resizable(hs, ws)):
+    if hs != ws and not (relpos_resize.is_table(k) and relpos_resize.resizable(hs, ws)):
       lines.append(f"shape {k}: checkpoint {hs} vs model {ws}")
   for k in sorted(want):
     if k not in have:
@@ -511,62 +501,6 @@ def check_variant(flat: Flat, info: dict, spec: swin.SwinSpec, where: str = "") 
         f"{where or info.get('source', 'checkpoint')}: weights are {got} but the model is "
         f"configured as {cfg}; {len(lines)} mismatch(es), first: "
         + "; ".join(lines[:_MAX_LISTED]))
-
-
-# ------------------------------------------------------------------------------------------
-# Relative-position table resizing.
-# ------------------------------------------------------------------------------------------
-
-
-def _cubic(x: np.ndarray, a: float = -0.75) -> np.ndarray:
-  """Keys' cubic convolution kernel with a = -0.75 (PyTorch's bicubic)."""
-  x = np.abs(x)
-  near = ((a + 2) * x - (a + 3)) * x * x + 1
-  far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-  return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
-
-
-def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """(n_out, n_in) matrix of 1-D bicubic resampling as torch.nn.functional.interpolate does it.
-
-  align_corners=False: output pixel i samples source coordinate (i + 0.5) * n_in / n_out - 0.5;
-  4 taps at floor(src) - 1 .. floor(src) + 2 with the a = -0.75 cubic kernel; taps outside the
-  source are clamped to the border pixel. No antialiasing when shrinking.
-  """
-  m = np.zeros((n_out, n_in), np.float64)
-  scale = n_in / n_out
-  for i in range(n_out):
-    src = scale * (i + 0.5) - 0.5
-    base = math.floor(src)
-    t = src - base
-    for offset in (-1, 0, 1, 2):
-      m[i, min(max(base + offset, 0), n_in - 1)] += _cubic(np.array(t - offset))
-  return m
-
-
-def resize_relpos_table(table: np.ndarray, rows: int) -> np.ndarray:
-  """Resizes a ((2w-1)^2, heads) bias table to `rows` = (2w'-1)^2 rows, bicubically per head.
-
-  As the Swin authors do when fine-tuning at another window: view each head's table as a
-  (2w-1, 2w-1) image (row index = dy offset, column = dx offset) and resample it.
-  """
-  table = np.asarray(table)
-  n_in, n_out = int(round(math.sqrt(table.shape[0]))), int(round(math.sqrt(rows)))
-  if n_in * n_in != table.shape[0] or n_out * n_out != rows:
-    raise ValueError(f"relative-position tables must have (2w-1)^2 rows; got {table.shape[0]} "
-                     f"-> {rows}")
-  if n_in == n_out:
-    return table.astype(np.float32)
-  m = bicubic_matrix(n_in, n_out)
-  grid = table.astype(np.float64).reshape(n_in, n_in, -1)
-  out = np.einsum("ij,jkh,lk->ilh", m, grid, m)
-  return out.reshape(rows, -1).astype(np.float32)
-
-
-def resize_tables(flat: Flat, window: int) -> Flat:
-  """All tables resized to window `window` (other weights untouched)."""
-  rows = (2 * window - 1) ** 2
-  return {k: resize_relpos_table(v, rows) if _is_table(k) else v for k, v in flat.items()}
 
 
 # ------------------------------------------------------------------------------------------
@@ -623,7 +557,7 @@ def load_into(variables: Mapping[str, Any], flat: Flat, *, strict: bool = True,
       continue
     value = flat[rel]
     if tuple(value.shape) != tuple(leaf.shape):
-      value = resize_relpos_table(value, leaf.shape[0])
+      value = relpos_resize.resize_relpos_table(value, leaf.shape[0])
       resized.append(rel)
     arr = jnp.asarray(value, dtype=leaf.dtype)
     sharding = getattr(leaf, "sharding", None)
@@ -637,18 +571,6 @@ def load_into(variables: Mapping[str, Any], flat: Flat, *, strict: bool = True,
                 resized_tables=sorted(resized),
                 collections={n: sum(1 for s in slots.values() if s[0] == n) for n in colls})
   return (out, report) if return_report else out
-
-
-def backbone_hash(flat: Flat) -> str:
-  """sha256 over the sorted paths, dtypes, shapes and bytes: identifies the pretrained weights."""
-  h = hashlib.sha256()
-  for k in sorted(flat):
-    v = np.ascontiguousarray(flat[k])
-    h.update(k.encode())
-    h.update(str(v.dtype).encode())
-    h.update(str(tuple(v.shape)).encode())
-    h.update(v.tobytes())
-  return h.hexdigest()
 
 
 def load_pretrained(config, variables):
