@@ -32,8 +32,10 @@ from jax.experimental import multihost_utils
 from freesine_jax import checkpointing
 from freesine_jax import losses
 from freesine_jax import metrics as metrics_lib
+from freesine_jax import models
 from freesine_jax import sharding as sharding_lib
 from freesine_jax import tasks as tasks_lib
+from freesine_jax.models import pretrained
 
 PyTree = Any
 
@@ -114,8 +116,9 @@ def init_variables(model: nn.Module, config: ml_collections.ConfigDict,
   variables = flax.core.unfreeze(variables)
   weights = config.model.get("backbone_weights") if "model" in config else None
   if weights:
-    from freesine_jax.models import pretrained  # pylint: disable=g-import-not-at-top
-    variables = flax.core.unfreeze(pretrained.load_pretrained(config, variables))
+    variables = flax.core.unfreeze(pretrained.load_pretrained(
+        weights, variables, models.swin_spec(config.model),
+        config.model.get("backbone_layout") or None))
   for name in variables:
     if name not in ("backbone", "params", "batch_stats"):
       raise ValueError(f"model.init returned an unexpected variable collection {name!r}")
@@ -344,7 +347,6 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
     if not sep or not fn_name:
       raise ValueError(f"config.model.factory={factory!r} must look like 'pkg.module:function'")
     return getattr(importlib.import_module(module_name), fn_name)(config)
-  from freesine_jax import models  # pylint: disable=g-import-not-at-top
   return models.build_model(config)
 
 

@@ -26,6 +26,7 @@ torch = pytest.importorskip(
 import torch_swin_reference as ref  # pylint: disable=g-import-not-at-top
 from freesine_jax import checkpointing
 from freesine_jax import models
+from freesine_jax import train
 from freesine_jax.models import pretrained
 from freesine_jax.models import relpos_resize
 from freesine_jax.models import swin
@@ -185,7 +186,7 @@ def test_multitask_model_with_zero_adapters_reproduces_reference(tiny, tmp_path)
   model = models.build_model(config)
   images = jnp.asarray(tiny["images"])
   variables = dict(jax.jit(model.init)({"params": jax.random.key(3)}, images))
-  variables = pretrained.load_pretrained(config, variables)
+  variables = pretrained.load_pretrained(src, variables, models.swin_spec(config.model))
   # mtlora trains norms, tables, patch_embed, reductions: those sit in 'params' at the same paths.
   params = variables["params"]["backbone"]
   np.testing.assert_array_equal(
@@ -199,6 +200,22 @@ def test_multitask_model_with_zero_adapters_reproduces_reference(tiny, tmp_path)
       variables, images)
   for task in config.tasks:
     assert_stages_close(features[task], tiny["want"])
+
+
+def test_init_variables_loads_config_model_backbone_weights(tiny, tmp_path):
+  """train.init_variables passes the configured file, Swin spec and layout to load_pretrained."""
+  src = save_layout(tiny["model"], "ms", str(tmp_path))
+  config = make_config()
+  config.model.backbone_weights = src
+  config.model.backbone_layout = "timm"  # same names as ms: accepted
+  model = models.build_model(config)
+  variables = train.init_variables(model, config, tiny["images"].shape)
+  np.testing.assert_array_equal(
+      variables["backbone"]["backbone"]["layers_1_blocks_0"]["mlp"]["fc2"]["kernel"],
+      tiny["model"].state_dict()["layers.1.blocks.0.mlp.fc2.weight"].numpy().T)
+  config.model.backbone_layout = "hf"
+  with pytest.raises(ValueError, match="layout='hf' was requested"):
+    train.init_variables(model, config, tiny["images"].shape)
 
 
 # ------------------------------------------------------------------------------------------
