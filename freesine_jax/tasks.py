@@ -164,8 +164,6 @@ TASKS = {spec.name: spec for spec in (
     TaskSpec("depth", KINDS["depth"], False, "rmse"),
 )}
 
-ALL_TASKS = tuple(TASKS)
-
 # Tasks whose labels are class-id maps (nearest-neighbour resampling, 255 = ignore).
 DISCRETE_TASKS = tuple(name for name, spec in TASKS.items() if spec.kind.label == CLASS_IDS)
 
