@@ -14,6 +14,7 @@ reports as a step, so `latest_step()` always names a complete checkpoint.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from typing import Any
 
@@ -27,12 +28,26 @@ from jax.experimental import multihost_utils
 _STATE, _DATA, _META = "state", "data_iter", "metadata"
 
 
+def backbone_hash(flat: dict[str, np.ndarray]) -> str:
+  """sha256 over the sorted paths, dtypes, shapes and bytes: identifies the pretrained weights.
+
+  The converter stores it with converted weights; checkpoints store the frozen collection's.
+  """
+  h = hashlib.sha256()
+  for k in sorted(flat):
+    v = np.ascontiguousarray(flat[k])
+    h.update(k.encode())
+    h.update(str(v.dtype).encode())
+    h.update(str(tuple(v.shape)).encode())
+    h.update(v.tobytes())
+  return h.hexdigest()
+
+
 def tree_hash(tree: Any) -> str:
-  """SHA-256 over every leaf's 'a/b/c' path, dtype, shape and bytes (pretrained.backbone_hash)."""
-  from freesine_jax.models import pretrained  # pylint: disable=g-import-not-at-top
+  """`backbone_hash` of a nested tree, its leaves keyed by their 'a/b/c' paths."""
   flat = traverse_util.flatten_dict(flax.core.unfreeze(jax.device_get(tree)), sep="/") \
       if tree else {}
-  return pretrained.backbone_hash({k: np.asarray(v) for k, v in flat.items()})
+  return backbone_hash({k: np.asarray(v) for k, v in flat.items()})
 
 
 def _encode_iter_state(state: Any) -> dict:
@@ -186,12 +201,12 @@ def check_compatible(metadata: dict, config, directory: str, step: int) -> None:
         + "\n  ".join(diffs[:10]) + "\nuse the same config to resume, or a fresh --workdir")
 
 
-def check_backbone(metadata: dict, backbone_hash: str, step: int) -> None:
+def check_backbone(metadata: dict, current_hash: str, step: int) -> None:
   """Raises if the checkpoint was trained against different frozen backbone weights."""
   saved = metadata.get("backbone_hash")
-  if saved is not None and saved != backbone_hash:
+  if saved is not None and saved != current_hash:
     raise ValueError(
         f"checkpoint step {step} was trained with frozen backbone weights of hash "
         f"{saved[:12]}..., but the current backbone (config.model.backbone_weights / "
-        f"config.seed) hashes to {backbone_hash[:12]}...; resume with the same backbone or "
+        f"config.seed) hashes to {current_hash[:12]}...; resume with the same backbone or "
         f"start a fresh --workdir")

@@ -1,19 +1,20 @@
 """Per-task training losses and their weighted sum (docs/design.md §3).
 
 The formulas follow MTLoRA (scale-lab/MTLoRA, mtl_loss_schemes.py), with ignore handling made
-explicit; label conventions are those of freesine_jax/tasks.py.
+explicit; label conventions are those of freesine_jax/tasks.py, whose registry names the loss
+of each task kind.
 
   semseg, human_parts  softmax cross-entropy, mean over pixels whose label != 255 (pooled over
                        the batch, like torch NLLLoss(ignore_index=255)).
   sal, edge            class-balanced BCE on the logit (MTLoRA BalancedCrossEntropyLoss):
                          loss = (w · Σ_{y=1} ℓ + (1 − w) · Σ_{y=0} ℓ) / N,
                        ℓ = −[y log σ(x) + (1−y) log(1−σ(x))] per pixel. For edge w = 0.95 (a
-                       fixed positive weight); for sal w = N_neg / N is recomputed from each
-                       batch's label balance (HED-style). Differences from MTLoRA, which never
-                       passes its void mask for these tasks: pixels labelled 255 are excluded
-                       from the sums, from the label balance, and from N (MTLoRA would count
-                       them as positives, since 255 >= 0.5, and divide by every pixel). With no
-                       ignored pixel the two are identical.
+                       fixed positive weight, tasks.EDGE_POS_WEIGHT); for sal w = N_neg / N is
+                       recomputed from each batch's label balance (HED-style). Differences from
+                       MTLoRA, which never passes its void mask for these tasks: pixels labelled
+                       255 are excluded from the sums, from the label balance, and from N
+                       (MTLoRA would count them as positives, since 255 >= 0.5, and divide by
+                       every pixel). With no ignored pixel the two are identical.
   normals              L1 between the L2-normalised prediction (x / (|x| + 1e-12)) and the label,
                        mean over the components of valid pixels (label not the zero vector);
                        MTLoRA divides by the number of valid elements, i.e. 3 per pixel.
@@ -31,8 +32,6 @@ import jax.numpy as jnp
 
 from freesine_jax import tasks as tasks_lib
 
-IGNORE_INDEX = tasks_lib.IGNORE_INDEX
-EDGE_POS_WEIGHT = tasks_lib.EDGE_POS_WEIGHT
 _NORMALS_EPS = 1e-12
 
 Array = jax.Array
@@ -57,7 +56,7 @@ def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
   """Mean CE over pixels with label != 255. logits (B,H,W,C) float, labels (B,H,W) int."""
   _check_rank("cross-entropy", logits, labels)
   labels = labels.astype(jnp.int32)
-  valid = labels != IGNORE_INDEX
+  valid = labels != tasks_lib.IGNORE_INDEX
   safe_labels = jnp.where(valid, labels, 0)
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
@@ -73,7 +72,7 @@ def balanced_binary_cross_entropy(logits: Array, labels: Array,
   """
   _check_rank("balanced BCE", logits, labels, channels=1)
   x = logits[..., 0].astype(jnp.float32)
-  valid = labels != IGNORE_INDEX
+  valid = labels != tasks_lib.IGNORE_INDEX
   y = jnp.where(valid, labels >= 1, False).astype(jnp.float32)
   validf = valid.astype(jnp.float32)
   # Numerically stable BCE-with-logits: max(x,0) − x·y + log(1 + exp(−|x|)).
@@ -111,19 +110,9 @@ def depth_l1(pred: Array, target: Array) -> Array:
 
 
 def task_loss(task: str, output: Array, label: Array) -> Array:
-  """The docs/design.md §3 loss of one task."""
+  """The docs/design.md §3 loss of one task: its kind's loss in the task registry."""
   kind = tasks_lib.get_task(task).kind
-  if kind == "classification":
-    return softmax_cross_entropy(output, label)
-  if task == "sal":
-    return balanced_binary_cross_entropy(output, label, pos_weight=None)
-  if task == "edge":
-    return balanced_binary_cross_entropy(output, label, pos_weight=EDGE_POS_WEIGHT)
-  if kind == "normals":
-    return normals_l1(output, label)
-  if kind == "depth":
-    return depth_l1(output, label)
-  raise ValueError(f"task_loss: no loss for task {task!r} (kind {kind!r})")
+  return tasks_lib.resolve(kind.loss)(output, label, **kind.loss_options)
 
 
 def multitask_loss(outputs: Mapping[str, Array], batch: Mapping[str, Array],

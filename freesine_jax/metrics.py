@@ -14,7 +14,8 @@ Every meter keeps only additive statistics (`state()`), so meters evaluated on d
 shards/hosts combine exactly with `merge` (or by summing their states, e.g. after a
 multihost all-gather); `result()` never depends on how the split was batched.
 
-Label conventions are those of freesine_jax/tasks.py.
+Label conventions are those of freesine_jax/tasks.py, whose registry names the
+post-processing and the meter of each task kind.
 """
 from __future__ import annotations
 
@@ -25,14 +26,10 @@ import numpy as np
 
 from freesine_jax import tasks as tasks_lib
 
-IGNORE_INDEX = tasks_lib.IGNORE_INDEX
-
 # Saliency thresholds on the probability (MTI-Net / MTLoRA 'mask_thres').
 SAL_THRESHOLDS = np.linspace(0.2, 0.9, 15)
 # Angular thresholds (degrees) for the "% within" normals metrics.
 NORMALS_ANGLES = (11.25, 22.5, 30.0)
-# Positive-class weight of the class-balanced edge BCE (docs/design.md §3, MTLoRA EdgeMeter).
-EDGE_POS_WEIGHT = tasks_lib.EDGE_POS_WEIGHT
 
 _NORMALS_ANGLE_KEYS = ("11.25", "22.5", "30")
 
@@ -58,29 +55,38 @@ def _expect_channels(task: str, output: np.ndarray, channels: int | None) -> Non
 def postprocess(task: str, output: Any) -> np.ndarray:
   """Turns a task's raw model output (B,H,W,C) into what its meter consumes (numpy).
 
-  semseg/human_parts -> int32 argmax class ids (B,H,W); sal/edge -> float32 sigmoid
-  probabilities (B,H,W) (applied exactly once: meters take probabilities, never logits);
-  normals -> float32 unit vectors (B,H,W,3), zero where the output is the zero vector;
-  depth -> float32 (B,H,W).
+  The task kind's post-processing in the registry: semseg/human_parts -> int32 argmax class
+  ids (B,H,W); sal/edge -> float32 sigmoid probabilities (B,H,W) (applied exactly once: meters
+  take probabilities, never logits); normals -> float32 unit vectors (B,H,W,3), zero where the
+  output is the zero vector; depth -> float32 (B,H,W).
   """
-  spec = tasks_lib.get_task(task)
+  kind = tasks_lib.get_task(task).kind
   out = np.asarray(output)
-  if spec.kind == "classification":
-    _expect_channels(task, out, None)
-    return np.argmax(out, axis=-1).astype(np.int32)
-  if spec.kind == "binary":
-    _expect_channels(task, out, 1)
-    return _sigmoid(out[..., 0].astype(np.float32)).astype(np.float32)
-  if spec.kind == "normals":
-    _expect_channels(task, out, 3)
-    out = out.astype(np.float32)
-    norm = np.linalg.norm(out, axis=-1, keepdims=True)
-    safe = np.where(norm > 0, norm, 1.0)
-    return np.where(norm > 0, out / safe, 0.0).astype(np.float32)
-  if spec.kind == "depth":
-    _expect_channels(task, out, 1)
-    return out[..., 0].astype(np.float32)
-  raise ValueError(f"postprocess: task {task!r} has unsupported kind {spec.kind!r}")
+  _expect_channels(task, out, kind.output_channels)
+  return tasks_lib.resolve(kind.postprocess)(out)
+
+
+def argmax_class_ids(output: np.ndarray) -> np.ndarray:
+  """Logits (B,H,W,C) -> int32 class ids (B,H,W)."""
+  return np.argmax(output, axis=-1).astype(np.int32)
+
+
+def sigmoid_probabilities(output: np.ndarray) -> np.ndarray:
+  """One logit (B,H,W,1) -> float32 probabilities (B,H,W)."""
+  return _sigmoid(output[..., 0].astype(np.float32)).astype(np.float32)
+
+
+def unit_vectors(output: np.ndarray) -> np.ndarray:
+  """Vectors (B,H,W,3) -> float32 unit vectors, the zero vector where the output is zero."""
+  out = output.astype(np.float32)
+  norm = np.linalg.norm(out, axis=-1, keepdims=True)
+  safe = np.where(norm > 0, norm, 1.0)
+  return np.where(norm > 0, out / safe, 0.0).astype(np.float32)
+
+
+def first_channel(output: np.ndarray) -> np.ndarray:
+  """One value per pixel (B,H,W,1) -> float32 (B,H,W)."""
+  return output[..., 0].astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -91,9 +97,8 @@ def postprocess(task: str, output: Any) -> np.ndarray:
 class Meter:
   """Base class: additive state, `update(pred, target, valid=None)`, `result()`."""
 
-  task: str = ""
-
-  def __init__(self):
+  def __init__(self, task: str):
+    self.task = task  # names the task in error messages
     self._state = self._zero_state()
 
   def _zero_state(self) -> dict[str, np.ndarray]:
@@ -176,9 +181,8 @@ class ConfusionMatrixMeter(Meter):
   def __init__(self, task: str, num_classes: int):
     if num_classes < 1:
       raise ValueError(f"{task} meter: num_classes must be >= 1, got {num_classes}")
-    self.task = task
     self.num_classes = int(num_classes)
-    super().__init__()
+    super().__init__(task)
 
   def _zero_state(self):
     k = self.num_classes
@@ -187,12 +191,12 @@ class ConfusionMatrixMeter(Meter):
   def _accumulate(self, pred, target):
     _check_same_shape(self.task, pred, target, 3)
     k = self.num_classes
-    mask = target != IGNORE_INDEX
+    mask = target != tasks_lib.IGNORE_INDEX
     t = target[mask].astype(np.int64)
     p = pred[mask].astype(np.int64)
     if t.size and (t.min() < 0 or t.max() >= k):
       raise ValueError(
-          f"{self.task} meter: target ids must be in [0, {k}) or {IGNORE_INDEX}, "
+          f"{self.task} meter: target ids must be in [0, {k}) or {tasks_lib.IGNORE_INDEX}, "
           f"found range [{t.min()}, {t.max()}]")
     if p.size and (p.min() < 0 or p.max() >= k):
       raise ValueError(
@@ -232,11 +236,9 @@ class SaliencyMeter(Meter):
   skipped. Takes probabilities: no second sigmoid (MTLoRA's 'Beta maxF' applies one twice).
   """
 
-  task = "sal"
-
-  def __init__(self, thresholds: np.ndarray = SAL_THRESHOLDS):
+  def __init__(self, task: str, thresholds: np.ndarray = SAL_THRESHOLDS):
     self.thresholds = np.asarray(thresholds, np.float64)
-    super().__init__()
+    super().__init__(task)
 
   def _zero_state(self):
     n = len(self.thresholds)
@@ -248,7 +250,7 @@ class SaliencyMeter(Meter):
   def _accumulate(self, pred, target):
     _check_same_shape(self.task, pred, target, 3)
     b = pred.shape[0]
-    valid = (target != IGNORE_INDEX).reshape(b, -1)
+    valid = (target != tasks_lib.IGNORE_INDEX).reshape(b, -1)
     keep = valid.any(axis=1)
     if not keep.any():
       return
@@ -301,14 +303,12 @@ class NormalsMeter(Meter):
   one (np.median convention: mean of the two middle values for an even count).
   """
 
-  task = "normals"
-
-  def __init__(self, bin_width: float = 0.01):
+  def __init__(self, task: str, bin_width: float = 0.01):
     if bin_width <= 0:
-      raise ValueError(f"normals meter: bin_width must be > 0, got {bin_width}")
+      raise ValueError(f"{task} meter: bin_width must be > 0, got {bin_width}")
     self.bin_width = float(bin_width)
     self.num_bins = int(math.ceil(180.0 / self.bin_width))
-    super().__init__()
+    super().__init__(task)
 
   def _zero_state(self):
     return {
@@ -378,8 +378,6 @@ class DepthMeter(Meter):
   natural log with predictions clamped to >= 1e-9.
   """
 
-  task = "depth"
-
   def _zero_state(self):
     return {"count": np.zeros((), np.int64), "sum_sq": np.zeros(()), "sum_log_sq": np.zeros(())}
 
@@ -407,24 +405,23 @@ class EdgeMeter(Meter):
   """Class-balanced BCE of edge probabilities, averaged over the valid pixels of the split.
 
   loss = mean over pixels with target != 255 of −[w·y·log p + (1−w)·(1−y)·log(1−p)], w = 0.95
-  (docs/design.md §3), p clipped to [1e-12, 1−1e-12]. MTLoRA's EdgeMeter instead feeds the
-  probability into a logits loss (a double sigmoid) and counts 255 as an edge; we do neither,
-  so our number is not comparable with its logs. The standard edge metric (odsF via the SEISM
-  / BSDS toolbox with boundary matching) is out of scope here.
+  (docs/design.md §3; the registry passes tasks.EDGE_POS_WEIGHT), p clipped to
+  [1e-12, 1−1e-12]. MTLoRA's EdgeMeter instead feeds the probability into a logits loss (a
+  double sigmoid) and counts 255 as an edge; we do neither, so our number is not comparable
+  with its logs. The standard edge metric (odsF via the SEISM / BSDS toolbox with boundary
+  matching) is out of scope here.
   """
 
-  task = "edge"
-
-  def __init__(self, pos_weight: float = EDGE_POS_WEIGHT):
+  def __init__(self, task: str, pos_weight: float):
     self.pos_weight = float(pos_weight)
-    super().__init__()
+    super().__init__(task)
 
   def _zero_state(self):
     return {"count": np.zeros((), np.int64), "sum_loss": np.zeros(())}
 
   def _accumulate(self, pred, target):
     _check_same_shape(self.task, pred, target, 3)
-    valid = target != IGNORE_INDEX
+    valid = target != tasks_lib.IGNORE_INDEX
     y = target[valid].astype(np.float64)
     p = np.clip(pred[valid].astype(np.float64), 1e-12, 1.0 - 1e-12)
     w = self.pos_weight
@@ -440,22 +437,13 @@ class EdgeMeter(Meter):
 
 
 def make_meter(task: str, num_classes: int | None = None, **options) -> Meter:
-  """The streaming meter for `task` (options go to its constructor, e.g. bin_width)."""
-  spec = tasks_lib.get_task(task)
-  if spec.kind == "classification":
-    k = spec.default_channels if num_classes is None else int(num_classes)
-    return ConfusionMatrixMeter(task, k, **options)
-  if num_classes is not None:
-    raise ValueError(f"make_meter({task!r}): num_classes only applies to classification tasks")
-  if task == "sal":
-    return SaliencyMeter(**options)
-  if task == "edge":
-    return EdgeMeter(**options)
-  if task == "normals":
-    return NormalsMeter(**options)
-  if task == "depth":
-    return DepthMeter(**options)
-  raise ValueError(f"make_meter: no meter for task {task!r}")
+  """The streaming meter of `task`'s kind (options go to its constructor, e.g. bin_width)."""
+  kind = tasks_lib.get_task(task).kind
+  classes = tasks_lib.class_count(task, num_classes)
+  if classes is None and num_classes is not None:
+    raise ValueError(f"make_meter({task!r}): num_classes only applies to tasks with classes")
+  counts = {} if classes is None else {"num_classes": classes}
+  return tasks_lib.resolve(kind.meter)(task, **counts, **{**kind.meter_options, **options})
 
 
 # ----------------------------------------------------------------------------------------

@@ -32,8 +32,10 @@ from jax.experimental import multihost_utils
 from freesine_jax import checkpointing
 from freesine_jax import losses
 from freesine_jax import metrics as metrics_lib
+from freesine_jax import models
 from freesine_jax import sharding as sharding_lib
 from freesine_jax import tasks as tasks_lib
+from freesine_jax.models import pretrained
 
 PyTree = Any
 
@@ -114,8 +116,9 @@ def init_variables(model: nn.Module, config: ml_collections.ConfigDict,
   variables = flax.core.unfreeze(variables)
   weights = config.model.get("backbone_weights") if "model" in config else None
   if weights:
-    from freesine_jax.models import pretrained  # pylint: disable=g-import-not-at-top
-    variables = flax.core.unfreeze(pretrained.load_pretrained(config, variables))
+    variables = flax.core.unfreeze(pretrained.load_pretrained(
+        weights, variables, models.swin_spec(config.model),
+        config.model.get("backbone_layout") or None))
   for name in variables:
     if name not in ("backbone", "params", "batch_stats"):
       raise ValueError(f"model.init returned an unexpected variable collection {name!r}")
@@ -139,11 +142,14 @@ def create_train_state(variables: Mapping[str, PyTree], tx: optax.GradientTransf
 
 
 def _loss_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
-  weights = {}
-  for task in config.tasks:
-    w = config.loss_weights.get(task) if "loss_weights" in config else None
-    weights[task] = float(tasks_lib.get_task(task).default_loss_weight if w is None else w)
-  return weights
+  """{task: weight} from config.loss_weights, which must name every task of config.tasks."""
+  configured = dict(config.get("loss_weights") or {})
+  missing = [task for task in config.tasks if configured.get(task) is None]
+  if missing:
+    raise ValueError(f"config.loss_weights has no weight for task(s) {missing} (it has "
+                     f"{sorted(configured)}): give every task of config.tasks a weight, e.g. "
+                     f"--config.loss_weights.{missing[0]}=1.0")
+  return {task: float(configured[task]) for task in config.tasks}
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
@@ -222,8 +228,7 @@ def evaluate(model: nn.Module, variables: Mapping[str, PyTree], loader: Iterable
   forward = forward or make_eval_forward(model)
   tasks = tuple(config.tasks)
   num_classes = config.get("num_classes", {}) or {}
-  meters = {t: metrics_lib.make_meter(
-      t, num_classes.get(t) if tasks_lib.get_task(t).kind == "classification" else None)
+  meters = {t: metrics_lib.make_meter(t, tasks_lib.class_count(t, num_classes.get(t)))
             for t in tasks}
   variables = sharding_lib.replicate(
       {k: variables[k] for k in ("backbone", "params", "batch_stats") if k in variables}, mesh)
@@ -355,7 +360,6 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
     if not sep or not fn_name:
       raise ValueError(f"config.model.factory={factory!r} must look like 'pkg.module:function'")
     return getattr(importlib.import_module(module_name), fn_name)(config)
-  from freesine_jax import models  # pylint: disable=g-import-not-at-top
   return models.build_model(config)
 
 
@@ -385,6 +389,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   tasks = tuple(config.tasks)
   for t in tasks:
     tasks_lib.get_task(t)
+  _loss_weights(config)  # fails on a missing weight before any data or model is built
 
   # Data.
   if create_train_loader is None or create_eval_loader is None:

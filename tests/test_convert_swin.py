@@ -24,8 +24,11 @@ torch = pytest.importorskip(
     "reference for the Swin converter parity tests needs it")
 
 import torch_swin_reference as ref  # pylint: disable=g-import-not-at-top
+from freesine_jax import checkpointing
 from freesine_jax import models
+from freesine_jax import train
 from freesine_jax.models import pretrained
+from freesine_jax.models import relpos_resize
 from freesine_jax.models import swin
 from freesine_jax.models.multitask import MultiTaskModel
 from freesine_jax.tools import convert_swin
@@ -151,7 +154,7 @@ def test_layout_parity(tiny, tmp_path, layout, expected):
   assert info_c["layout"] == "converted" and info_c["converted_from"] == expected
   assert sorted(flat_c) == sorted(flat)
   assert all(np.array_equal(flat_c[k], flat[k]) for k in flat)
-  assert meta["backbone_hash"] == pretrained.backbone_hash(flat_c)
+  assert meta["backbone_hash"] == checkpointing.backbone_hash(flat_c)
 
   variables, report = pretrained.load_into(tiny["variables"], flat_c, return_report=True)
   assert report["missing"] == [] and report["unexpected"] == []
@@ -162,7 +165,7 @@ def test_layout_parity(tiny, tmp_path, layout, expected):
 def test_all_layouts_give_identical_weights(tiny, tmp_path):
   flats = [pretrained.read_checkpoint(save_layout(tiny["model"], layout, str(tmp_path)))[0]
            for layout in ("ms", "timm_old", "timm_new", "hf")]
-  hashes = {pretrained.backbone_hash(f) for f in flats}
+  hashes = {checkpointing.backbone_hash(f) for f in flats}
   assert len(hashes) == 1
   # And the mapping is exactly the transposition of the PyTorch tensors.
   sd = tiny["model"].state_dict()
@@ -183,7 +186,7 @@ def test_multitask_model_with_zero_adapters_reproduces_reference(tiny, tmp_path)
   model = models.build_model(config)
   images = jnp.asarray(tiny["images"])
   variables = dict(jax.jit(model.init)({"params": jax.random.key(3)}, images))
-  variables = pretrained.load_pretrained(config, variables)
+  variables = pretrained.load_pretrained(src, variables, models.swin_spec(config.model))
   # mtlora trains norms, tables, patch_embed, reductions: those sit in 'params' at the same paths.
   params = variables["params"]["backbone"]
   np.testing.assert_array_equal(
@@ -197,6 +200,22 @@ def test_multitask_model_with_zero_adapters_reproduces_reference(tiny, tmp_path)
       variables, images)
   for task in config.tasks:
     assert_stages_close(features[task], tiny["want"])
+
+
+def test_init_variables_loads_config_model_backbone_weights(tiny, tmp_path):
+  """train.init_variables passes the configured file, Swin spec and layout to load_pretrained."""
+  src = save_layout(tiny["model"], "ms", str(tmp_path))
+  config = make_config()
+  config.model.backbone_weights = src
+  config.model.backbone_layout = "timm"  # same names as ms: accepted
+  model = models.build_model(config)
+  variables = train.init_variables(model, config, tiny["images"].shape)
+  np.testing.assert_array_equal(
+      variables["backbone"]["backbone"]["layers_1_blocks_0"]["mlp"]["fc2"]["kernel"],
+      tiny["model"].state_dict()["layers.1.blocks.0.mlp.fc2.weight"].numpy().T)
+  config.model.backbone_layout = "hf"
+  with pytest.raises(ValueError, match="layout='hf' was requested"):
+    train.init_variables(model, config, tiny["images"].shape)
 
 
 # ------------------------------------------------------------------------------------------
@@ -357,7 +376,7 @@ def torch_resize(table, new_window):
 def test_resize_matches_torch_bicubic(src_window, dst_window):
   table = np.random.default_rng(src_window).normal(size=((2 * src_window - 1) ** 2, 4))
   table = table.astype(np.float32)
-  got = pretrained.resize_relpos_table(table, (2 * dst_window - 1) ** 2)
+  got = relpos_resize.resize_relpos_table(table, (2 * dst_window - 1) ** 2)
   np.testing.assert_allclose(got, torch_resize(table, dst_window), rtol=0, atol=1e-5)
   if src_window == dst_window:
     np.testing.assert_array_equal(got, table)

@@ -11,11 +11,11 @@ import pytest
 import scipy.io
 
 import fake_datasets as fake
+from freesine_jax.data import builder as builder_lib
 from freesine_jax.data import cityscapes
 from freesine_jax.data import nyud
 from freesine_jax.data import pascal_context
-from freesine_jax.data import prepare
-from freesine_jax.data.prepare import DatasetError
+from freesine_jax.data.builder import DatasetError
 
 H, W = fake.H, fake.W
 
@@ -134,7 +134,7 @@ def test_pascal_generation_stats(pascal_built):
   assert stats["train"] == {"examples": 2, "semseg": 2, "human_parts": 1, "sal": 2,
                             "normals": 2, "edge": 2}
   assert stats["val"]["human_parts"] == 0
-  assert prepare.count_from_source(b) == stats
+  assert builder_lib.count_from_source(b) == stats
 
 
 def test_pascal_voc12_semseg_takes_precedence(tmp_path):

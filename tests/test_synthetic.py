@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from freesine_jax import tasks
 from freesine_jax.data import registry
 from freesine_jax.data import synthetic
 
@@ -199,7 +200,7 @@ def test_human_parts_follow_persons():
       assert np.all((parts > 0) == person)
       assert set(np.unique(parts[person])) <= set(range(1, synthetic.NUM_HUMAN_PARTS_CLASSES))
     else:
-      assert np.all(parts == synthetic.IGNORE)
+      assert np.all(parts == tasks.IGNORE_INDEX)
   assert 0 < with_person < len(SCENES)
 
 

@@ -2,7 +2,9 @@
 
 An example is a dict in the stored layout (freesine_jax/data/synthetic.py docstring): 'image' uint8
 (H, W, 3) and any of 'semseg', 'human_parts', 'sal', 'edge' (uint8 (H, W)), 'normals' (float (H, W, 3),
-zero = invalid) and 'depth' (float (H, W), 0 = invalid). Other keys pass through untouched.
+zero = invalid) and 'depth' (float (H, W), 0 = invalid). Other keys pass through untouched. How
+each label moves is its kind's `warp` (and `mirror`) in the task registry (freesine_jax/tasks.py);
+those functions are defined here.
 
 What follows MTLoRA's data/custom_transforms.py and data/mtl_ds.py (read for this port):
 - RandomHorizontalFlip: p = 0.5, every map flipped, normals x negated.
@@ -43,9 +45,6 @@ from freesine_jax import tasks as tasks_lib
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-IGNORE = tasks_lib.IGNORE_INDEX
-DISCRETE_KEYS = tasks_lib.DISCRETE_TASKS
-SPATIAL_KEYS = ("image",) + DISCRETE_KEYS + ("normals", "depth")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,15 +74,25 @@ def sample_params(rng: np.random.Generator, *, flip: bool = True, rotate_degrees
                        angle_degrees=float(rotate_degrees * (2.0 * u_angle - 1.0)), scale=scale)
 
 
+def _task_labels(example: dict) -> list[tuple[str, tasks_lib.TaskSpec]]:
+  """(key, spec) of the example's task labels: the maps that move with the image."""
+  return [(key, tasks_lib.TASKS[key]) for key in example if key in tasks_lib.TASKS]
+
+
 def hflip(example: dict) -> dict:
-  """Mirrors every map left-right; the normals' x component changes sign."""
+  """Mirrors every map left-right, then applies the label kinds' mirrors (normals: -x)."""
   out = dict(example)
-  for key in SPATIAL_KEYS:
-    if key in out:
-      out[key] = np.ascontiguousarray(out[key][:, ::-1])
-  if "normals" in out:
-    out["normals"] = out["normals"] * np.array([-1.0, 1.0, 1.0], out["normals"].dtype)
+  out["image"] = np.ascontiguousarray(example["image"][:, ::-1])
+  for key, spec in _task_labels(example):
+    out[key] = np.ascontiguousarray(example[key][:, ::-1])
+    if spec.kind.mirror is not None:
+      out[key] = tasks_lib.resolve(spec.kind.mirror)(out[key])
   return out
+
+
+def mirror_normals(normals: np.ndarray) -> np.ndarray:
+  """Normals of a left-right mirrored picture: the x component changes sign."""
+  return normals * np.array([-1.0, 1.0, 1.0], normals.dtype)
 
 
 def rotate_normal_vectors(normals: np.ndarray, angle_degrees: float) -> np.ndarray:
@@ -167,8 +176,9 @@ def warp(example: dict, out_size: tuple[int, int], *, angle_degrees: float = 0.0
          scale: float = 1.0, image_order: int = 1, label_fill: str = "zero") -> dict:
   """Rotates by `angle_degrees`, zooms by `scale` about the centre and resizes to `out_size`.
 
-  Returns 'image' float32 in [0, 255] (not yet normalised), discrete labels uint8, 'normals'
-  float32 unit-or-zero, 'depth' float32 (divided by `scale`).
+  Returns 'image' float32 in [0, 255] (not yet normalised) and every task label resampled by
+  its kind's warp (tasks.py): discrete labels uint8, 'normals' float32 unit-or-zero, 'depth'
+  float32 (divided by `scale`).
   """
   if label_fill not in ("zero", "ignore"):
     raise ValueError(f"augment.warp: label_fill must be 'zero' or 'ignore', got {label_fill!r}")
@@ -176,8 +186,8 @@ def warp(example: dict, out_size: tuple[int, int], *, angle_degrees: float = 0.0
     raise ValueError(f"augment.warp: image_order must be 1 (bilinear) or 3, got {image_order!r}")
   in_size = tuple(example["image"].shape[:2])
   out_size = (int(out_size[0]), int(out_size[1]))
-  for key in SPATIAL_KEYS:
-    if key in example and tuple(example[key].shape[:2]) != in_size:
+  for key, _ in _task_labels(example):
+    if tuple(example[key].shape[:2]) != in_size:
       raise ValueError(f"augment.warp: '{key}' has spatial shape {example[key].shape[:2]}, "
                        f"but 'image' has {in_size}")
   ys, xs = source_coordinates(in_size, out_size, angle_degrees, scale)
@@ -188,27 +198,52 @@ def warp(example: dict, out_size: tuple[int, int], *, angle_degrees: float = 0.0
   else:
     image = _cubic(example["image"], ys, xs, sampler)
   out["image"] = np.clip(image, 0.0, 255.0)
-  fill = 0 if label_fill == "zero" else IGNORE
-  for key in DISCRETE_KEYS:
-    if key in example:
-      out[key] = sampler.nearest_sample(np.asarray(example[key], np.uint8), fill)
-  if "human_parts" in out:
-    parts = out["human_parts"]
-    if not np.any((parts > 0) & (parts != IGNORE)):
-      out["human_parts"] = np.full_like(parts, IGNORE)
-  if "normals" in example:
-    normals = rotate_normal_vectors(np.asarray(example["normals"], np.float32), angle_degrees)
-    valid_src = np.linalg.norm(normals, axis=-1) > 0.5
-    valid = sampler.nearest_sample(valid_src, False)
-    n = sampler.bilinear_sample(normals)
-    norm = np.linalg.norm(n, axis=-1, keepdims=True)
-    valid &= norm[..., 0] > 1e-6
-    out["normals"] = np.where(valid[..., None], n / np.maximum(norm, 1e-12), 0.0).astype(
-        np.float32)
-  if "depth" in example:
-    depth = sampler.nearest_sample(np.asarray(example["depth"], np.float32), 0.0)
-    out["depth"] = np.where(depth > 0, depth / scale, 0.0).astype(np.float32)
+  for key, spec in _task_labels(example):
+    out[key] = tasks_lib.resolve(spec.kind.warp)(
+        example[key], sampler, angle_degrees=angle_degrees, scale=scale, label_fill=label_fill)
+    if spec.ignore_without_foreground:
+      out[key] = _ignore_without_foreground(out[key])
   return out
+
+
+def warp_class_ids(labels: np.ndarray, sampler: _Sampler, *, angle_degrees: float,
+                   scale: float, label_fill: str) -> np.ndarray:
+  """Nearest neighbour; pixels from outside the source are 0 (label_fill 'zero') or 255."""
+  del angle_degrees, scale  # class ids do not change with the geometry
+  fill = 0 if label_fill == "zero" else tasks_lib.IGNORE_INDEX
+  return sampler.nearest_sample(np.asarray(labels, np.uint8), fill)
+
+
+def warp_normals(normals: np.ndarray, sampler: _Sampler, *, angle_degrees: float, scale: float,
+                 label_fill: str) -> np.ndarray:
+  """In-plane part rotated with the picture, bilinear resampling, renormalised; zero = invalid.
+
+  A pixel stays valid where its nearest source pixel is valid and the interpolated vector is
+  not (near) zero; outside the source it is invalid whatever label_fill says.
+  """
+  del scale, label_fill  # zooming does not tilt a surface; invalid is always the zero vector
+  normals = rotate_normal_vectors(np.asarray(normals, np.float32), angle_degrees)
+  valid_src = np.linalg.norm(normals, axis=-1) > 0.5
+  valid = sampler.nearest_sample(valid_src, False)
+  n = sampler.bilinear_sample(normals)
+  norm = np.linalg.norm(n, axis=-1, keepdims=True)
+  valid &= norm[..., 0] > 1e-6
+  return np.where(valid[..., None], n / np.maximum(norm, 1e-12), 0.0).astype(np.float32)
+
+
+def warp_depth(depth: np.ndarray, sampler: _Sampler, *, angle_degrees: float, scale: float,
+               label_fill: str) -> np.ndarray:
+  """Nearest neighbour, divided by `scale` (zooming in by s brings the scene s times closer)."""
+  del angle_degrees, label_fill  # rotation about the optical axis keeps depth; 0 = invalid
+  depth = sampler.nearest_sample(np.asarray(depth, np.float32), 0.0)
+  return np.where(depth > 0, depth / scale, 0.0).astype(np.float32)
+
+
+def _ignore_without_foreground(labels: np.ndarray) -> np.ndarray:
+  """All 255 when no foreground value (1..254) is left, e.g. parts of a person cropped away."""
+  if np.any((labels > 0) & (labels != tasks_lib.IGNORE_INDEX)):
+    return labels
+  return np.full_like(labels, tasks_lib.IGNORE_INDEX)
 
 
 def resize(example: dict, out_size: tuple[int, int], *, image_order: int = 1) -> dict:
@@ -247,10 +282,5 @@ def to_model_inputs(example: dict, tasks: Sequence[str]) -> dict:
     if task not in example:
       raise KeyError(f"Task {task!r} is not in the example (keys: {sorted(example)}); the dataset "
                      "does not provide this label.")
-    if task in DISCRETE_KEYS:
-      out[task] = np.asarray(example[task]).astype(np.int32)
-    elif task in ("normals", "depth"):
-      out[task] = np.asarray(example[task], np.float32)
-    else:
-      raise ValueError(f"Unknown task {task!r} in to_model_inputs")
+    out[task] = np.asarray(example[task]).astype(tasks_lib.get_task(task).kind.label.batch_dtype)
   return out

@@ -21,15 +21,17 @@ import os
 from typing import Any
 
 import numpy as np
+import tensorflow_datasets as tfds
 
-from freesine_jax.data import prepare as P
-from freesine_jax.data.prepare import DatasetError
+from freesine_jax import tasks as tasks_lib
+from freesine_jax.data import builder as builder_lib
+from freesine_jax.data.builder import DatasetError
 
 # Official labelId (0..33) -> trainId; 255 = not evaluated.
 _TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
               24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 NUM_LABEL_IDS = 34
-LABEL_TO_TRAIN = np.full(256, P.IGNORE, np.uint8)
+LABEL_TO_TRAIN = np.full(256, tasks_lib.IGNORE_INDEX, np.uint8)
 for _label_id, _train_id in _TRAIN_IDS.items():
   LABEL_TO_TRAIN[_label_id] = _train_id
 
@@ -57,10 +59,10 @@ class _Ref:
     return self.stem
 
 
-class CityscapesMT(P.ManualDirBuilder):
+class CityscapesMT(builder_lib.ManualDirBuilder):
   """Cityscapes: semseg (19 classes) + depth (metres) from disparity."""
 
-  VERSION = P.tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Official layout; depth = baseline * fx / ((p - 1) / 256)."}
   TASKS = ("semseg", "depth")
   SPLITS = ("train", "val")
@@ -84,44 +86,46 @@ class CityscapesMT(P.ManualDirBuilder):
     for split in self.SPLITS:
       split_dir = os.path.join(root, "leftImg8bit", split)
       if not os.path.isdir(split_dir):
-        raise DatasetError(f"{P.rel(root, split_dir)}: missing (expected "
+        raise DatasetError(f"{builder_lib.rel(root, split_dir)}: missing (expected "
                            f"leftImg8bit/{split}/<city>/*{suffix})")
       files = sorted(glob.glob(os.path.join(split_dir, "*", "*" + suffix)))
       if not files:
-        raise DatasetError(f"{P.rel(root, split_dir)}: no images found (expected "
+        raise DatasetError(f"{builder_lib.rel(root, split_dir)}: no images found (expected "
                            f"<city>/*{suffix})")
       refs = [_Ref(split, os.path.basename(os.path.dirname(f)),
                    os.path.basename(f)[:-len(suffix)]) for f in files]
       for ref in refs:
         required += [(p, what[k]) for k, p in self.paths(root, ref).items() if k != "image"]
       plan[split] = refs
-    P.check_files_exist(root, required)
+    builder_lib.check_files_exist(root, required)
     return plan
 
   def load_example(self, root: str, ref: _Ref) -> dict[str, Any]:
     p = self.paths(root, ref)
-    image, hw = P.read_rgb_image(p["image"], root)
+    image, hw = builder_lib.read_rgb_image(p["image"], root)
 
-    label_ids = P.read_png_array(p["semseg"], root)
-    P.check_shape(label_ids, hw, p["semseg"], root, "labelIds")
-    P.check_values(label_ids, np.arange(NUM_LABEL_IDS), p["semseg"], root, "Cityscapes labelId")
+    label_ids = builder_lib.read_png_array(p["semseg"], root)
+    builder_lib.check_shape(label_ids, hw, p["semseg"], root, "labelIds")
+    builder_lib.check_values(label_ids, np.arange(NUM_LABEL_IDS), p["semseg"], root,
+                             "Cityscapes labelId")
 
-    disparity = P.read_png_array(p["disparity"], root)
-    P.check_shape(disparity, hw, p["disparity"], root, "disparity")
+    disparity = builder_lib.read_png_array(p["disparity"], root)
+    builder_lib.check_shape(disparity, hw, p["disparity"], root, "disparity")
     if disparity.dtype.kind not in "iu":
-      raise DatasetError(f"{P.rel(root, p['disparity'])}: expected an integer (16-bit) PNG, "
-                         f"got dtype {disparity.dtype}")
+      raise DatasetError(f"{builder_lib.rel(root, p['disparity'])}: expected an integer "
+                         f"(16-bit) PNG, got dtype {disparity.dtype}")
 
-    camera = P.read_json(p["camera"], root)
+    camera = builder_lib.read_json(p["camera"], root)
     try:
       baseline = float(camera["extrinsic"]["baseline"])
       fx = float(camera["intrinsic"]["fx"])
     except (KeyError, TypeError, ValueError) as e:
-      raise DatasetError(f"{P.rel(root, p['camera'])}: expected numeric extrinsic.baseline and "
-                         f"intrinsic.fx ({type(e).__name__}: {e})") from None
+      raise DatasetError(f"{builder_lib.rel(root, p['camera'])}: expected numeric "
+                         f"extrinsic.baseline and intrinsic.fx ({type(e).__name__}: {e})"
+                         ) from None
     if not (baseline > 0 and fx > 0):
-      raise DatasetError(f"{P.rel(root, p['camera'])}: baseline ({baseline}) and fx ({fx}) "
-                         "must be positive")
+      raise DatasetError(f"{builder_lib.rel(root, p['camera'])}: baseline ({baseline}) and "
+                         f"fx ({fx}) must be positive")
 
     return {"image": image, "id": ref.stem, "semseg": semseg_from_label_ids(label_ids),
             "depth": depth_from_disparity(disparity, baseline, fx)}

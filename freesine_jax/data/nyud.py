@@ -17,9 +17,11 @@ import os
 from typing import Any
 
 import numpy as np
+import tensorflow_datasets as tfds
 
-from freesine_jax.data import prepare as P
-from freesine_jax.data.prepare import DatasetError
+from freesine_jax import tasks as tasks_lib
+from freesine_jax.data import builder as builder_lib
+from freesine_jax.data.builder import DatasetError
 
 NUM_CLASSES = 40
 
@@ -27,13 +29,13 @@ NUM_CLASSES = 40
 def semseg_from_png(raw: np.ndarray) -> np.ndarray:
   """NYUD label PNG (0 unlabelled, 1..40) -> uint8 class ids 0..39 with 255 ignore."""
   raw = raw.astype(np.int64)
-  return np.where(raw == 0, P.IGNORE, raw - 1).astype(np.uint8)
+  return np.where(raw == 0, tasks_lib.IGNORE_INDEX, raw - 1).astype(np.uint8)
 
 
-class NyudMT(P.ManualDirBuilder):
+class NyudMT(builder_lib.ManualDirBuilder):
   """NYUDv2 multi-task: semseg (40), depth, normals, edge."""
 
-  VERSION = P.tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "NYUD_MT layout, MTLoRA/MTI-Net preprocessing."}
   TASKS = ("semseg", "depth", "normals", "edge")
   SPLITS = ("train", "val")
@@ -54,38 +56,38 @@ class NyudMT(P.ManualDirBuilder):
     what = {"image": "RGB image", "semseg": "40-class label PNG", "depth": "depth .npy (H, W)",
             "normals": "normals .npy (H, W, 3)", "edge": "edge .npy (H, W)"}
     for split in self.SPLITS:
-      ids = P.read_id_list(os.path.join(root, "gt_sets", split + ".txt"))
+      ids = builder_lib.read_id_list(os.path.join(root, "gt_sets", split + ".txt"))
       for image_id in ids:
         required += [(path, what[k]) for k, path in self.paths(root, image_id).items()]
       plan[split] = ids
-    P.check_files_exist(root, required)
+    builder_lib.check_files_exist(root, required)
     return plan
 
   def load_example(self, root: str, image_id: str) -> dict[str, Any]:
     p = self.paths(root, image_id)
-    image, hw = P.read_rgb_image(p["image"], root)
+    image, hw = builder_lib.read_rgb_image(p["image"], root)
 
-    raw = P.read_png_array(p["semseg"], root)
-    P.check_shape(raw, hw, p["semseg"], root, "segmentation")
-    P.check_values(raw, np.arange(NUM_CLASSES + 1), p["semseg"], root, "NYUD class")
+    raw = builder_lib.read_png_array(p["semseg"], root)
+    builder_lib.check_shape(raw, hw, p["semseg"], root, "segmentation")
+    builder_lib.check_values(raw, np.arange(NUM_CLASSES + 1), p["semseg"], root, "NYUD class")
 
-    depth = P.load_npy(p["depth"], root)
+    depth = builder_lib.load_npy(p["depth"], root)
     if depth.ndim == 3 and depth.shape[2] == 1:
       depth = depth[..., 0]
-    P.check_shape(depth, hw, p["depth"], root, "depth")
-    P.check_finite(depth, p["depth"], root, "depth")
+    builder_lib.check_shape(depth, hw, p["depth"], root, "depth")
+    builder_lib.check_finite(depth, p["depth"], root, "depth")
     if np.any(depth < 0):
-      raise DatasetError(f"{P.rel(root, p['depth'])}: depth has negative values")
+      raise DatasetError(f"{builder_lib.rel(root, p['depth'])}: depth has negative values")
 
-    normals = P.load_npy(p["normals"], root)
-    P.check_shape(normals, hw + (3,), p["normals"], root, "normals")
-    P.check_finite(normals, p["normals"], root, "normals")
+    normals = builder_lib.load_npy(p["normals"], root)
+    builder_lib.check_shape(normals, hw + (3,), p["normals"], root, "normals")
+    builder_lib.check_finite(normals, p["normals"], root, "normals")
 
-    edge = P.load_npy(p["edge"], root)
+    edge = builder_lib.load_npy(p["edge"], root)
     if edge.ndim == 3 and edge.shape[2] == 1:
       edge = edge[..., 0]
-    P.check_shape(edge, hw, p["edge"], root, "edge")
-    P.check_values(edge, np.array([0, 1]), p["edge"], root, "edge")
+    builder_lib.check_shape(edge, hw, p["edge"], root, "edge")
+    builder_lib.check_values(edge, np.array([0, 1]), p["edge"], root, "edge")
 
     return {"image": image, "id": image_id, "semseg": semseg_from_png(raw),
             "depth": depth.astype(np.float32), "normals": normals.astype(np.float32),

@@ -27,9 +27,11 @@ import os
 from typing import Any
 
 import numpy as np
+import tensorflow_datasets as tfds
 
-from freesine_jax.data import prepare as P
-from freesine_jax.data.prepare import DatasetError
+from freesine_jax import tasks as tasks_lib
+from freesine_jax.data import builder as builder_lib
+from freesine_jax.data.builder import DatasetError
 
 PERSON_CLASS = 15  # Pascal VOC class index of 'person' in the Pascal-Part annotations.
 
@@ -61,7 +63,7 @@ NORMALS_VALID_CLASSES = np.array([
 ], dtype=np.int64)
 
 NUM_CONTEXT_CLASSES = 459  # LabelMap values are 0 (unlabelled) .. 459.
-SEMSEG_VALUES = np.array(list(range(21)) + [P.IGNORE])
+SEMSEG_VALUES = np.array(list(range(21)) + [tasks_lib.IGNORE_INDEX])
 
 
 # ----------------------------------------------------------------------------- pure transforms
@@ -178,7 +180,7 @@ def human_parts_from_anno(anno: Any, shape: tuple[int, int], where: str) -> np.n
                            f"{part_mask.shape}, expected {shape}")
       target[part_mask] = HUMAN_PART_IDS[name]
   if not has_person or not np.any(target):
-    return np.full(shape, P.IGNORE, np.uint8)
+    return np.full(shape, tasks_lib.IGNORE_INDEX, np.uint8)
   return target
 
 
@@ -194,10 +196,10 @@ class _Ref:
     return self.image_id
 
 
-class PascalContextMT(P.ManualDirBuilder):
+class PascalContextMT(builder_lib.ManualDirBuilder):
   """PASCAL-Context multi-task: semseg, human_parts, sal, normals, edge."""
 
-  VERSION = P.tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "PASCAL_MT layout, MTLoRA/MTI-Net preprocessing."}
   TASKS = ("semseg", "human_parts", "sal", "normals", "edge")
   SPLITS = ("train", "val")
@@ -220,7 +222,7 @@ class PascalContextMT(P.ManualDirBuilder):
   def list_examples(self, root: str) -> dict[str, list[_Ref]]:
     plan, required = {}, []
     for split in self.SPLITS:
-      ids = P.read_id_list(os.path.join(root, "ImageSets", "Context", split + ".txt"))
+      ids = builder_lib.read_id_list(os.path.join(root, "ImageSets", "Context", split + ".txt"))
       refs = []
       for image_id in ids:
         p = self.paths(root, image_id)
@@ -232,33 +234,33 @@ class PascalContextMT(P.ManualDirBuilder):
                      (p["label_map"], "PASCAL-Context 'LabelMap' .mat")]
         refs.append(_Ref(image_id, semseg))
       plan[split] = refs
-    P.check_files_exist(root, required)
+    builder_lib.check_files_exist(root, required)
     return plan
 
   def load_example(self, root: str, ref: _Ref) -> dict[str, Any]:
     p = self.paths(root, ref.image_id)
-    image, hw = P.read_rgb_image(p["image"], root)
+    image, hw = builder_lib.read_rgb_image(p["image"], root)
 
-    semseg = P.read_png_array(ref.semseg_path, root)
-    P.check_shape(semseg, hw, ref.semseg_path, root, "semseg")
-    P.check_values(semseg, SEMSEG_VALUES, ref.semseg_path, root, "semseg class")
+    semseg = builder_lib.read_png_array(ref.semseg_path, root)
+    builder_lib.check_shape(semseg, hw, ref.semseg_path, root, "semseg")
+    builder_lib.check_values(semseg, SEMSEG_VALUES, ref.semseg_path, root, "semseg class")
 
-    anno = P.load_mat(p["human_parts"], root, "anno")
-    parts = human_parts_from_anno(anno, hw, P.rel(root, p["human_parts"]))
+    anno = builder_lib.load_mat(p["human_parts"], root, "anno")
+    parts = human_parts_from_anno(anno, hw, builder_lib.rel(root, p["human_parts"]))
 
-    sal_png = P.read_png_array(p["sal"], root)
-    P.check_shape(sal_png, hw, p["sal"], root, "saliency")
+    sal_png = builder_lib.read_png_array(p["sal"], root)
+    builder_lib.check_shape(sal_png, hw, p["sal"], root, "saliency")
 
-    label_map = np.asarray(P.load_mat(p["label_map"], root, "LabelMap"))
-    P.check_shape(label_map, hw, p["label_map"], root, "LabelMap")
+    label_map = np.asarray(builder_lib.load_mat(p["label_map"], root, "LabelMap"))
+    builder_lib.check_shape(label_map, hw, p["label_map"], root, "LabelMap")
     if label_map.dtype.kind not in "iuf":
-      raise DatasetError(f"{P.rel(root, p['label_map'])}: LabelMap has dtype "
+      raise DatasetError(f"{builder_lib.rel(root, p['label_map'])}: LabelMap has dtype "
                          f"{label_map.dtype}, expected integer class ids")
-    P.check_values(label_map, np.arange(NUM_CONTEXT_CLASSES + 1), p["label_map"], root,
+    builder_lib.check_values(label_map, np.arange(NUM_CONTEXT_CLASSES + 1), p["label_map"], root,
                    "PASCAL-Context class")
 
-    normals_png = P.read_png_array(p["normals"], root, channels=3)
-    P.check_shape(normals_png, hw + (3,), p["normals"], root, "normals")
+    normals_png = builder_lib.read_png_array(p["normals"], root, channels=3)
+    builder_lib.check_shape(normals_png, hw + (3,), p["normals"], root, "normals")
 
     return {
         "image": image,

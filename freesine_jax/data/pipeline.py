@@ -24,9 +24,9 @@ from typing import Any, Iterator, Sequence
 import grain.python as grain
 import numpy as np
 
+from freesine_jax import tasks as tasks_lib
 from freesine_jax.data import augment as augment_lib
 from freesine_jax.data import registry
-
 
 
 def _get(cfg, key: str, default=None):
@@ -145,14 +145,8 @@ def padding_example(tasks: Sequence[str], image_size: tuple[int, int]) -> dict:
   h, w = image_size
   out = {"image": np.zeros((h, w, 3), np.float32)}
   for task in tasks:
-    if task in augment_lib.DISCRETE_KEYS:
-      out[task] = np.full((h, w), augment_lib.IGNORE, np.int32)
-    elif task == "normals":
-      out[task] = np.zeros((h, w, 3), np.float32)
-    elif task == "depth":
-      out[task] = np.zeros((h, w), np.float32)
-    else:
-      raise ValueError(f"Unknown task {task!r}")
+    layout = tasks_lib.get_task(task).kind.label
+    out[task] = np.full(layout.shape(h, w), layout.padding_value, layout.batch_dtype)
   out["valid"] = np.bool_(False)
   return out
 

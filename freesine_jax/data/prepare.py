@@ -6,313 +6,21 @@ r"""Build the TFDS (array_record) copy of a real multi-task dataset from a local
 --data_dir defaults to $FREESINE_DATA_DIR or ~/.cache/freesine_jax/tensorflow_datasets, where the
 configs look.
 
-This module also holds what the three real-dataset builders share: `DatasetError`, readers that
-turn every broken input (missing file, truncated image, wrong-shaped .mat/.npy, unknown class value)
-into a `DatasetError` naming the file, and `ManualDirBuilder`, the TFDS builder base class.
-
-Nothing half-written survives a failure: the builders check that every listed file exists before
-any example is written, decode errors raise `DatasetError` during generation, and TFDS writes into
-an `incomplete.*` directory that it deletes on error and renames only after every split succeeded.
+Prints, per split, the number of examples and how many carry a usable label for each task. The
+builders, their base class and readers are in freesine_jax/data/builder.py; a failure is reported
+as the `DatasetError` naming the file at fault, without a traceback.
 """
 from __future__ import annotations
 
-import abc
-import io
-import json
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
-import numpy as np
-from PIL import Image
-import tensorflow_datasets as tfds
-from tensorflow_datasets.core import utils as tfds_utils
+from absl import app
+from absl import flags
 
-from freesine_jax import tasks as tasks_lib
-
-IGNORE = tasks_lib.IGNORE_INDEX
-_MAX_LISTED_PROBLEMS = 20
-
-
-class DatasetError(Exception):
-  """A dataset folder is missing, incomplete or holds a file that cannot be used."""
-
-
-# ----------------------------------------------------------------------------- readers
-
-
-def rel(root: str, path: str) -> str:
-  """`path` relative to the dataset root (what error messages show)."""
-  try:
-    return os.path.relpath(path, root)
-  except ValueError:
-    return path
-
-
-def read_id_list(path: str) -> list[str]:
-  """Reads a split file: one image id per line (blank lines skipped)."""
-  if not os.path.isfile(path):
-    raise DatasetError(f"{path}: missing split file (expected one image id per line)")
-  try:
-    with open(path, "r", encoding="utf-8") as f:
-      ids = [line.strip() for line in f if line.strip()]
-  except (OSError, UnicodeDecodeError) as e:
-    raise DatasetError(f"{path}: unreadable split file ({e})") from None
-  if not ids:
-    raise DatasetError(f"{path}: split file is empty (expected one image id per line)")
-  return ids
-
-
-def check_files_exist(root: str, required: Iterable[tuple[str, str]]) -> None:
-  """Raises one DatasetError listing every missing (path, description) pair."""
-  missing = [(p, what) for p, what in required if not os.path.isfile(p)]
-  if not missing:
-    return
-  lines = [f"  {rel(root, p)}: missing (expected {what})" for p, what in
-           missing[:_MAX_LISTED_PROBLEMS]]
-  if len(missing) > _MAX_LISTED_PROBLEMS:
-    lines.append(f"  ... and {len(missing) - _MAX_LISTED_PROBLEMS} more")
-  raise DatasetError(f"{root}: dataset incomplete, {len(missing)} file(s) missing:\n"
-                     + "\n".join(lines))
-
-
-def _open_image(path: str, root: str) -> tuple[bytes, Image.Image]:
-  """Reads and fully decodes an image file; any failure becomes a DatasetError."""
-  if not os.path.isfile(path):
-    raise DatasetError(f"{rel(root, path)}: missing")
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-    im = Image.open(io.BytesIO(data))
-    im.load()  # Forces a full decode, so truncated files fail here.
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise DatasetError(f"{rel(root, path)}: cannot decode image ({e})") from None
-  return data, im
-
-
-def read_rgb_image(path: str, root: str) -> tuple[Any, tuple[int, int]]:
-  """Returns (value for a tfds Image feature, (H, W)).
-
-  RGB files are stored byte-for-byte (no re-encoding); other modes (grayscale, CMYK, palette) are
-  converted to RGB as the baselines' `.convert('RGB')` does, and handed to TFDS as a PIL image,
-  which TFDS stores losslessly as PNG.
-  """
-  data, im = _open_image(path, root)
-  size = (im.height, im.width)
-  if im.mode == "RGB":
-    return data, size
-  return im.convert("RGB"), size
-
-
-def read_png_array(path: str, root: str, *, channels: int | None = None) -> np.ndarray:
-  """Decodes a label PNG to its raw values (palette indices for 'P' images).
-
-  channels=None expects a single-channel (H, W) array, otherwise (H, W, channels).
-  """
-  _, im = _open_image(path, root)
-  arr = np.asarray(im)
-  if channels is None and arr.ndim != 2:
-    raise DatasetError(f"{rel(root, path)}: expected a single-channel label image, "
-                       f"got shape {arr.shape} (mode {im.mode})")
-  if channels is not None and (arr.ndim != 3 or arr.shape[2] != channels):
-    raise DatasetError(f"{rel(root, path)}: expected an image with {channels} channels, "
-                       f"got shape {arr.shape} (mode {im.mode})")
-  return arr
-
-
-def load_mat(path: str, root: str, key: str) -> Any:
-  """scipy.io.loadmat(path)[key], with unreadable files and missing keys as DatasetError."""
-  import scipy.io  # Imported here: only the PASCAL builder needs it.
-
-  if not os.path.isfile(path):
-    raise DatasetError(f"{rel(root, path)}: missing")
-  try:
-    contents = scipy.io.loadmat(path)
-  except Exception as e:  # scipy raises many types (ValueError, TypeError, MatReadError...).
-    raise DatasetError(f"{rel(root, path)}: cannot read .mat file ({type(e).__name__}: {e})"
-                       ) from None
-  if key not in contents:
-    keys = sorted(k for k in contents if not k.startswith("__"))
-    raise DatasetError(f"{rel(root, path)}: expected variable {key!r}, found {keys}")
-  return contents[key]
-
-
-def load_npy(path: str, root: str) -> np.ndarray:
-  """np.load without pickles; failures become DatasetError."""
-  if not os.path.isfile(path):
-    raise DatasetError(f"{rel(root, path)}: missing")
-  try:
-    arr = np.load(path, allow_pickle=False)
-  except Exception as e:  # ValueError, OSError, EOFError, UnpicklingError...
-    raise DatasetError(f"{rel(root, path)}: cannot read .npy file ({type(e).__name__}: {e})"
-                       ) from None
-  if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf":
-    raise DatasetError(f"{rel(root, path)}: expected a numeric array, got dtype "
-                       f"{getattr(arr, 'dtype', type(arr))}")
-  return arr
-
-
-def check_shape(arr: np.ndarray, expected: Sequence[int], path: str, root: str,
-                what: str) -> None:
-  if tuple(arr.shape) != tuple(expected):
-    raise DatasetError(f"{rel(root, path)}: {what} has shape {tuple(arr.shape)}, expected "
-                       f"{tuple(expected)} (the image's height x width)")
-
-
-def check_values(arr: np.ndarray, allowed: np.ndarray, path: str, root: str, what: str) -> None:
-  """Raises if `arr` holds a value outside `allowed` (listing up to 10 offenders)."""
-  values = np.unique(arr)
-  bad = values[~np.isin(values, allowed)]
-  if bad.size:
-    shown = ", ".join(str(v) for v in bad[:10].tolist())
-    raise DatasetError(f"{rel(root, path)}: unknown {what} value(s) {shown}")
-
-
-def check_finite(arr: np.ndarray, path: str, root: str, what: str) -> None:
-  if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-    raise DatasetError(f"{rel(root, path)}: {what} contains NaN or infinite values")
-
-
-def read_json(path: str, root: str) -> Any:
-  if not os.path.isfile(path):
-    raise DatasetError(f"{rel(root, path)}: missing")
-  try:
-    with open(path, "r", encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise DatasetError(f"{rel(root, path)}: cannot read JSON ({e})") from None
-
-
-# ----------------------------------------------------------------------------- features
-
-
-def task_feature(task: str) -> tfds.features.FeatureConnector:
-  """Stored feature of one task label, in the natural dtype of tasks.py."""
-  kind = tasks_lib.get_task(task).kind
-  zlib = tfds.features.Encoding.ZLIB
-  if kind in ("classification", "binary"):
-    return tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding=zlib)
-  if kind == "normals":
-    return tfds.features.Tensor(shape=(None, None, 3), dtype=np.float32, encoding=zlib)
-  if kind == "depth":
-    return tfds.features.Tensor(shape=(None, None), dtype=np.float32, encoding=zlib)
-  raise ValueError(f"no stored feature for task kind {kind!r}")
-
-
-def has_valid_label(task: str, label: np.ndarray) -> bool:
-  """Whether an example carries any usable pixel for `task` (for the per-task counts)."""
-  kind = tasks_lib.get_task(task).kind
-  if kind in ("classification", "binary"):
-    return bool(np.any(label != IGNORE))
-  if kind == "normals":
-    return bool(np.any(np.any(label != 0, axis=-1)))
-  return bool(np.any(label > 0))
-
-
-# ----------------------------------------------------------------------------- builder base
-
-
-class ManualDirBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """TFDS builder that reads a local dataset folder (nothing can be downloaded).
-
-  Subclasses define TASKS, `list_examples(root)` (split -> example references, after checking
-  that every needed file exists) and `load_example(root, ref)` (-> dict of numpy arrays with
-  'image' as a tfds Image value and 'id').
-  """
-
-  TASKS: tuple[str, ...] = ()
-  DESCRIPTION = ""
-  HOMEPAGE = ""
-
-  @tfds_utils.classproperty
-  @classmethod
-  def code_path(cls):
-    # TFDS looks for a checksums file next to the builder's source; resolving that path for a
-    # module inside a package needs `importlib_resources`, which is not installed here, and a
-    # manual_dir dataset has no checksums anyway.
-    return None
-
-  def __init__(self, *, manual_dir: str | None = None, file_format: str = "array_record",
-               **kwargs):
-    self._manual_root = os.path.expanduser(manual_dir) if manual_dir else None
-    self.generation_stats: dict[str, dict[str, int]] = {}
-    super().__init__(file_format=file_format, **kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    features = {"image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
-                "id": tfds.features.Text()}
-    features.update({t: task_feature(t) for t in self.TASKS})
-    return tfds.core.DatasetInfo(
-        builder=self, description=self.DESCRIPTION, homepage=self.HOMEPAGE,
-        features=tfds.features.FeaturesDict(features),
-        disable_shuffling=True)  # Stored order = split-file order, so ds[i] is the i-th id.
-
-  def _resolve_root(self, dl_manager=None) -> str:
-    root = self._manual_root
-    if root is None and dl_manager is not None:
-      root = os.fspath(dl_manager.manual_dir)
-    if root is None:
-      raise DatasetError(f"{self.name}: no manual_dir given (the dataset cannot be downloaded)")
-    if not os.path.isdir(root):
-      raise DatasetError(f"{root}: manual_dir does not exist or is not a directory")
-    return root
-
-  @abc.abstractmethod
-  def list_examples(self, root: str) -> dict[str, list[Any]]:
-    """split -> references; raises DatasetError if any split file or listed file is missing."""
-
-  @abc.abstractmethod
-  def load_example(self, root: str, ref: Any) -> dict[str, Any]:
-    """Reads, checks and converts one example; raises DatasetError naming the file at fault."""
-
-  def example_key(self, ref: Any) -> str:
-    return str(ref)
-
-  def _split_generators(self, dl_manager):
-    root = self._resolve_root(dl_manager)
-    plan = self.list_examples(root)  # Fails before anything is written.
-    self.generation_stats = {}
-    return {split: self._generate_examples(root=root, split=split, refs=refs)
-            for split, refs in plan.items()}
-
-  def _generate_examples(self, root: str, split: str, refs: Sequence[Any]):
-    stats = self.generation_stats.setdefault(split, _empty_stats(self.TASKS))
-    for ref in refs:
-      example = self.load_example(root, ref)
-      _update_stats(stats, self.TASKS, example)
-      yield self.example_key(ref), example
-
-  def validate(self) -> dict[str, dict[str, int]]:
-    """Decodes and checks every example of every split without writing anything."""
-    root = self._resolve_root()
-    stats = {}
-    for split, refs in self.list_examples(root).items():
-      stats[split] = _empty_stats(self.TASKS)
-      for ref in refs:
-        _update_stats(stats[split], self.TASKS, self.load_example(root, ref))
-    return stats
-
-
-def _empty_stats(task_names: Sequence[str]) -> dict[str, int]:
-  return {"examples": 0, **{t: 0 for t in task_names}}
-
-
-def _update_stats(stats: dict[str, int], task_names: Sequence[str],
-                  example: Mapping[str, Any]) -> None:
-  stats["examples"] += 1
-  for t in task_names:
-    stats[t] += int(has_valid_label(t, example[t]))
-
-
-def count_from_source(builder: tfds.core.DatasetBuilder) -> dict[str, dict[str, int]]:
-  """Per-split, per-task counts read back from the stored data (checks the round trip too)."""
-  task_names = [t for t in builder.info.features.keys() if t in tasks_lib.TASKS]
-  stats = {}
-  for split in builder.info.splits:
-    source = builder.as_data_source(split)
-    stats[split] = _empty_stats(task_names)
-    for i in range(len(source)):
-      _update_stats(stats[split], task_names, source[i])
-  return stats
+from freesine_jax.data import builder as builder_lib
+from freesine_jax.data import registry
+from freesine_jax.data.builder import DatasetError
 
 
 def format_stats(stats: Mapping[str, Mapping[str, int]]) -> str:
@@ -327,10 +35,8 @@ def format_stats(stats: Mapping[str, Mapping[str, int]]) -> str:
 def prepare(dataset: str, manual_dir: str, data_dir: str | None = None,
             validate_only: bool = False) -> dict[str, dict[str, int]]:
   """Builds (or only validates) `dataset`; returns per-split, per-task counts."""
-  from freesine_jax.data import registry  # Local: registry imports builders lazily anyway.
-
   cls = registry.builder_class(dataset)
-  if not (isinstance(cls, type) and issubclass(cls, ManualDirBuilder)):
+  if not (isinstance(cls, type) and issubclass(cls, builder_lib.ManualDirBuilder)):
     raise DatasetError(f"{dataset}: not a manual_dir dataset; nothing to prepare here")
   kwargs = {"data_dir": os.path.expanduser(data_dir)} if data_dir else {}
   builder = cls(manual_dir=manual_dir, **kwargs)
@@ -340,13 +46,10 @@ def prepare(dataset: str, manual_dir: str, data_dir: str | None = None,
   builder.download_and_prepare()
   if not already and builder.generation_stats:
     return builder.generation_stats
-  return count_from_source(builder)
+  return builder_lib.count_from_source(builder)
 
 
 def main(argv: Sequence[str]) -> None:
-  from absl import app
-  from absl import flags
-
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
@@ -360,10 +63,6 @@ def main(argv: Sequence[str]) -> None:
 
 def _define_flags() -> None:
   """Flags are defined only when run as a script, so importing this module defines none."""
-  from absl import flags
-
-  from freesine_jax.data import registry
-
   flags.DEFINE_enum("dataset", None, [n for n in registry.DATASET_NAMES if n != "synthetic"],
                     "Dataset to prepare.")
   flags.DEFINE_string("manual_dir", None, "Folder holding the dataset in its standard layout.")
@@ -375,14 +74,8 @@ def _define_flags() -> None:
 
 def run() -> None:
   """Console-script entry point (`freesine-prepare-data`)."""
-  from absl import app as _app
-
-  # Run the imported module's code, not a `__main__` copy, so that DatasetError and
-  # ManualDirBuilder are the classes the builders use.
-  from freesine_jax.data import prepare as _prepare
-
-  _prepare._define_flags()  # pylint: disable=protected-access
-  _app.run(_prepare.main)
+  _define_flags()
+  app.run(main)
 
 
 if __name__ == "__main__":

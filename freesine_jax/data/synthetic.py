@@ -55,13 +55,13 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from freesine_jax import tasks as tasks_lib
+from freesine_jax.data import builder as builder_lib
 
 NUM_SEMSEG_CLASSES = 6
 NUM_HUMAN_PARTS_CLASSES = 7
 SEMSEG_CLASS_NAMES = ("wall", "floor", "sphere", "box", "cylinder", "person")
 HUMAN_PARTS_NAMES = ("none", "head", "torso", "upper_arm", "lower_arm", "upper_leg", "lower_leg")
 WALL, FLOOR, SPHERE, BOX, CYLINDER, PERSON = range(6)
-IGNORE = tasks_lib.IGNORE_INDEX
 SPLITS = ("train", "val")
 TASK_KEYS = ("semseg", "human_parts", "sal", "edge", "normals", "depth")
 
@@ -361,7 +361,7 @@ def render_scene(rng: np.random.Generator, height: int, width: int) -> dict[str,
   if np.any(semseg == PERSON):
     parts = part.reshape(shape).astype(np.uint8)
   else:
-    parts = np.full(shape, IGNORE, np.uint8)
+    parts = np.full(shape, tasks_lib.IGNORE_INDEX, np.uint8)
   normals = normal * np.array([1.0, 1.0, -1.0])  # stored convention: z towards the camera
   return {
       "image": image.reshape(height, width, 3),
@@ -396,16 +396,10 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def example_features() -> tfds.features.FeaturesDict:
   """The stored feature spec described in the module docstring (all six tasks)."""
-  label = lambda: tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding="zlib")
   return tfds.features.FeaturesDict({
       "id": tfds.features.Text(),
       "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
-      "semseg": label(),
-      "human_parts": label(),
-      "sal": label(),
-      "edge": label(),
-      "normals": tfds.features.Tensor(shape=(None, None, 3), dtype=np.float32, encoding="zlib"),
-      "depth": tfds.features.Tensor(shape=(None, None), dtype=np.float32, encoding="zlib"),
+      **{task: builder_lib.task_feature(task) for task in TASK_KEYS},
   })
 
 

@@ -101,6 +101,4 @@ def build_model(config) -> MultiTaskModel:
       use_task_tokens=mc.prompts or mc.clock_net, dtype=DTYPES[mc.dtype])
 
 
-from freesine_jax.models.pretrained import load_pretrained  # noqa: E402  (needs swin_spec above)
-
-__all__ = ["build_model", "model_config", "MultiTaskModel", "num_outputs", "load_pretrained"]
+__all__ = ["build_model", "model_config", "MultiTaskModel", "num_outputs"]

@@ -9,6 +9,11 @@ Three source layouts are understood, plus our own converted directory:
   hf    Hugging Face transformers Swin (swin.embeddings..., separate query/key/value).
   converted  a directory written by `python -m freesine_jax.tools.convert_swin` (Orbax + metadata).
 
+One path for every source file: its state dict is first rewritten into the canonical layout (the
+Microsoft release's names and merge placement, PyTorch tensors: `_to_canonical`), then one table
+maps canonical names to our module paths and Flax conventions (`_to_ours`, `_to_flax`), and
+`load_into` places the weights in the variables.
+
 Nothing here ever unpickles code: .pth/.bin files go through torch.load(weights_only=True) (torch is
 an optional extra, imported lazily) and .safetensors through the safetensors package (numpy API).
 
@@ -31,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from freesine_jax.models import relpos_resize
 from freesine_jax.models import swin
 
 Flat = dict[str, np.ndarray]
@@ -40,26 +46,39 @@ METADATA_FILE = "metadata.json"
 WEIGHTS_DIR = "weights"
 _MAX_LISTED = 10  # how many mismatches an error message lists
 
-# Our names of every pretrained weight (relative to the Swin backbone module).
-_PRETRAINED_PATH = re.compile(
-    r"^(patch_embed_proj/(kernel|bias)"
-    r"|patch_embed_norm/(scale|bias)"
-    r"|layers_\d+_blocks_\d+/(norm1|norm2)/(scale|bias)"
-    r"|layers_\d+_blocks_\d+/attn/(qkv|proj)/(kernel|bias)"
-    r"|layers_\d+_blocks_\d+/attn/relative_position_bias_table"
-    r"|layers_\d+_blocks_\d+/mlp/(fc1|fc2)/(kernel|bias)"
-    r"|layers_\d+_downsample/norm/(scale|bias)"
-    r"|layers_\d+_downsample/reduction/kernel)$")
-
-# Source keys that are deliberately not used (final norm, classifier, HF backbone-output norms).
-_IGNORED_MS = re.compile(r"^(norm\.(weight|bias)|head\..*|head_drop\..*)$")
-_IGNORED_HF = re.compile(r"^(swin\.)?(layernorm\.(weight|bias)|pooler\..*|hidden_states_norms\..*)$"
-                         r"|^classifier\..*$")
+# The canonical layout: Microsoft's release names (layers.0.blocks.0.attn.qkv.weight), PyTorch
+# tensors, each patch merging at the end of the stage whose output it merges. Every source layout
+# is first rewritten into it (`_to_canonical`), then one mapping gives our paths (`_to_ours`).
+_PATCH_EMBED_NAMES = {"patch_embed.proj.weight": "patch_embed_proj/kernel",
+                      "patch_embed.proj.bias": "patch_embed_proj/bias",
+                      "patch_embed.norm.weight": "patch_embed_norm/scale",
+                      "patch_embed.norm.bias": "patch_embed_norm/bias"}
+_BLOCK = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.(.+)$")
+_BLOCK_NAMES = {
+    "norm1.weight": "norm1/scale", "norm1.bias": "norm1/bias",
+    "norm2.weight": "norm2/scale", "norm2.bias": "norm2/bias",
+    "attn.qkv.weight": "attn/qkv/kernel", "attn.qkv.bias": "attn/qkv/bias",
+    "attn.proj.weight": "attn/proj/kernel", "attn.proj.bias": "attn/proj/bias",
+    "attn.relative_position_bias_table": "attn/relative_position_bias_table",
+    "mlp.fc1.weight": "mlp/fc1/kernel", "mlp.fc1.bias": "mlp/fc1/bias",
+    "mlp.fc2.weight": "mlp/fc2/kernel", "mlp.fc2.bias": "mlp/fc2/bias",
+}
+_MERGE = re.compile(r"^layers\.(\d+)\.downsample\.(.+)$")
+_MERGE_NAMES = {"norm.weight": "norm/scale", "norm.bias": "norm/bias",
+                "reduction.weight": "reduction/kernel"}
+_OUR_BLOCK = re.compile(r"^layers_\d+_blocks_\d+/(.+)$")
+_OUR_MERGE = re.compile(r"^layers_\d+_downsample/(.+)$")
+_BUFFER = re.compile(r"^layers\.\d+\.blocks\.\d+\.(attn\.relative_position_index|attn_mask)$")
+_STAGE_WIDTH = re.compile(r"^layers\.(\d+)\.blocks\.0\.norm1\.weight$")
 
 
 def is_pretrained_path(path: str) -> bool:
   """Whether `path` (relative to the Swin module) names a pretrained Swin weight."""
-  return bool(_PRETRAINED_PATH.match(path))
+  if m := _OUR_BLOCK.match(path):
+    return m.group(1) in _BLOCK_NAMES.values()
+  if m := _OUR_MERGE.match(path):
+    return m.group(1) in _MERGE_NAMES.values()
+  return path in _PATCH_EMBED_NAMES.values()
 
 
 # ------------------------------------------------------------------------------------------
@@ -168,40 +187,93 @@ def detect_layout(keys, wrapper: str | None = None) -> str:
       f"{sorted(keys)[:_MAX_LISTED]}")
 
 
-def _linear(w: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(w.T)
-
-
-_MS_BLOCK = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.(.+)$")
-_MS_DOWN = re.compile(r"^layers\.(\d+)\.downsample\.(norm\.weight|norm\.bias|reduction\.weight)$")
+# Hugging Face -> canonical: name prefixes (after an optional 'swin.'), then block-relative ones.
+_HF_PREFIXES = ((re.compile(r"^embeddings\.patch_embeddings\.projection\."), "patch_embed.proj."),
+                (re.compile(r"^embeddings\.norm\."), "patch_embed.norm."),
+                (re.compile(r"^encoder\.layers\.(\d+)\.downsample\."), r"layers.\1.downsample."))
 _HF_BLOCK = re.compile(r"^encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)$")
-_HF_DOWN = re.compile(
-    r"^encoder\.layers\.(\d+)\.downsample\.(norm\.weight|norm\.bias|reduction\.weight)$")
+_HF_BLOCK_PREFIXES = (
+    ("layernorm_before.", "norm1."), ("layernorm_after.", "norm2."),
+    ("attention.output.dense.", "attn.proj."), ("intermediate.dense.", "mlp.fc1."),
+    ("output.dense.", "mlp.fc2."),
+    ("attention.self.relative_position_bias_table", "attn.relative_position_bias_table"),
+    ("attention.self.relative_position_index", "attn.relative_position_index"))
+_HF_QKV = re.compile(r"^attention\.self\.(query|key|value)\.(weight|bias)$")
 
-_MS_BLOCK_NAMES = {
-    "norm1.weight": ("norm1/scale", None), "norm1.bias": ("norm1/bias", None),
-    "norm2.weight": ("norm2/scale", None), "norm2.bias": ("norm2/bias", None),
-    "attn.qkv.weight": ("attn/qkv/kernel", _linear), "attn.qkv.bias": ("attn/qkv/bias", None),
-    "attn.proj.weight": ("attn/proj/kernel", _linear), "attn.proj.bias": ("attn/proj/bias", None),
-    "mlp.fc1.weight": ("mlp/fc1/kernel", _linear), "mlp.fc1.bias": ("mlp/fc1/bias", None),
-    "mlp.fc2.weight": ("mlp/fc2/kernel", _linear), "mlp.fc2.bias": ("mlp/fc2/bias", None),
-    "attn.relative_position_bias_table": ("attn/relative_position_bias_table", None),
+
+def _ms_to_canonical(state: dict[str, np.ndarray], path: str
+                     ) -> tuple[dict[str, np.ndarray], dict[str, str], list[str]]:
+  """Microsoft and timm names are canonical already (a timm merge is moved later, by shape)."""
+  del path
+  return dict(state), {}, []
+
+
+def _hf_to_canonical(state: dict[str, np.ndarray], path: str
+                     ) -> tuple[dict[str, np.ndarray], dict[str, str], list[str]]:
+  """Renames Hugging Face keys and stacks each block's query, key and value into qkv.
+
+  Returns (canonical tensors, canonical name -> source key, source keys with no canonical name).
+  """
+  tensors, source_of, unknown, qkv = {}, {}, [], {}
+  for key, value in state.items():
+    name = key[len("swin."):] if key.startswith("swin.") else key
+    if m := _HF_BLOCK.match(name):
+      stage, block, rest = m.groups()
+      prefix = f"layers.{stage}.blocks.{block}."
+      if mq := _HF_QKV.match(rest):
+        qkv.setdefault((prefix, mq.group(2)), {})[mq.group(1)] = (key, value)
+        continue
+      canonical = next((prefix + ours + rest[len(theirs):]
+                        for theirs, ours in _HF_BLOCK_PREFIXES if rest.startswith(theirs)), None)
+    else:
+      canonical = next((pattern.sub(replacement, name)
+                        for pattern, replacement in _HF_PREFIXES if pattern.match(name)), None)
+    if canonical is None:
+      unknown.append(key)
+    else:
+      tensors[canonical], source_of[canonical] = value, key
+  for (prefix, param), parts in qkv.items():
+    missing = [p for p in ("query", "key", "value") if p not in parts]
+    if missing:
+      some_key = next(iter(parts.values()))[0]
+      raise ValueError(f"{path}: {some_key} has no matching attention.self.{missing[0]}.{param}")
+    # PyTorch's qkv weight stacks q, k, v along the output dimension.
+    canonical = f"{prefix}attn.qkv.{param}"
+    tensors[canonical] = np.concatenate([parts[p][1] for p in ("query", "key", "value")], axis=0)
+    source_of[canonical] = parts["query"][0]
+  return tensors, source_of, unknown
+
+
+# Per source layout: how it becomes canonical, and the keys it holds that the backbone never uses
+# (final norm, classifier head, Hugging Face's pooler and backbone-output norms).
+_LAYOUT_REWRITES = {
+    "ms": (_ms_to_canonical, re.compile(r"^(norm\.(weight|bias)|head\..*|head_drop\..*)$")),
+    "hf": (_hf_to_canonical, re.compile(
+        r"^(swin\.)?(layernorm\.(weight|bias)|pooler\..*|hidden_states_norms\..*)$"
+        r"|^classifier\..*$")),
 }
-_HF_BLOCK_NAMES = {
-    "layernorm_before.weight": ("norm1/scale", None),
-    "layernorm_before.bias": ("norm1/bias", None),
-    "layernorm_after.weight": ("norm2/scale", None),
-    "layernorm_after.bias": ("norm2/bias", None),
-    "attention.output.dense.weight": ("attn/proj/kernel", _linear),
-    "attention.output.dense.bias": ("attn/proj/bias", None),
-    "intermediate.dense.weight": ("mlp/fc1/kernel", _linear),
-    "intermediate.dense.bias": ("mlp/fc1/bias", None),
-    "output.dense.weight": ("mlp/fc2/kernel", _linear),
-    "output.dense.bias": ("mlp/fc2/bias", None),
-    "attention.self.relative_position_bias_table": ("attn/relative_position_bias_table", None),
-}
-_DOWN_NAMES = {"norm.weight": ("norm/scale", None), "norm.bias": ("norm/bias", None),
-               "reduction.weight": ("reduction/kernel", _linear)}
+_LAYOUT_REWRITES["timm"] = _LAYOUT_REWRITES["ms"]
+
+
+def _to_ours(canonical: str) -> str | None:
+  """Our path of a canonical weight name ('layers.0.blocks.1.norm1.weight' ->
+  'layers_0_blocks_1/norm1/scale'); None if the name is not a Swin weight."""
+  if canonical in _PATCH_EMBED_NAMES:
+    return _PATCH_EMBED_NAMES[canonical]
+  if (m := _BLOCK.match(canonical)) and m.group(3) in _BLOCK_NAMES:
+    return f"layers_{m.group(1)}_blocks_{m.group(2)}/{_BLOCK_NAMES[m.group(3)]}"
+  if (m := _MERGE.match(canonical)) and m.group(2) in _MERGE_NAMES:
+    return f"layers_{m.group(1)}_downsample/{_MERGE_NAMES[m.group(2)]}"
+  return None
+
+
+def _to_flax(ours: str, value: np.ndarray) -> np.ndarray:
+  """PyTorch tensor -> Flax convention: conv OIHW -> HWIO, linear (out, in) -> (in, out)."""
+  if ours == "patch_embed_proj/kernel":
+    return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
+  if ours.endswith("/kernel"):
+    return np.ascontiguousarray(value.T)
+  return value
 
 
 def _check_index_buffer(key: str, index: np.ndarray, table_len: int | None) -> None:
@@ -217,131 +289,67 @@ def _check_index_buffer(key: str, index: np.ndarray, table_len: int | None) -> N
                      f"window {n}; this checkpoint uses a different position convention")
 
 
-def _map_downsamples(downs: dict[tuple[int, str], np.ndarray], flat: Flat, key_of) -> str:
-  """Places patch-merging weights at the stage whose output they merge; returns the placement.
+def _merges_at_end_of_stage(tensors: dict[str, np.ndarray], source_of: Mapping[str, str]
+                            ) -> tuple[dict[str, np.ndarray], str]:
+  """Moves each patch merging to the stage whose output it merges; returns the placement found.
 
   The merge after stage i normalises 4*C_i channels; timm >= 0.9 stores it under stage i + 1,
   whose blocks have C_{i+1} = 2*C_i channels. Shapes decide, per merge.
   """
-  dims = {}
-  for k, v in flat.items():
-    m = re.match(r"^layers_(\d+)_blocks_0/norm1/scale$", k)
-    if m:
-      dims[int(m.group(1))] = v.shape[0]
+  widths = {int(m.group(1)): v.shape[0] for k, v in tensors.items()
+            if (m := _STAGE_WIDTH.match(k))}
+  merges = {k: m for k in tensors if (m := _MERGE.match(k))}
+  out = {k: v for k, v in tensors.items() if k not in merges}
   placements = set()
-  for stage in sorted({s for s, _ in downs}):
-    norm = downs.get((stage, "norm.weight"))
-    if norm is None:
-      raise ValueError(f"{key_of(stage, 'norm.weight')}: missing (the patch merging of that "
-                       "stage has other weights)")
-    width = norm.shape[0]
-    if dims.get(stage) is not None and width == 4 * dims[stage]:
+  for stage in sorted({int(m.group(1)) for m in merges.values()}):
+    norm_key = f"layers.{stage}.downsample.norm.weight"
+    if norm_key not in tensors:  # named as the file would name it, after a sibling's key
+      sibling = next(k for k, m in merges.items() if int(m.group(1)) == stage)
+      source = source_of.get(sibling, sibling)
+      missing = source[:-len(merges[sibling].group(2))] + "norm.weight"
+      raise ValueError(f"{missing}: missing (the patch merging of that stage has other weights)")
+    width = tensors[norm_key].shape[0]
+    if widths.get(stage) is not None and width == 4 * widths[stage]:
       target, placement = stage, "end_of_stage"
-    elif dims.get(stage - 1) is not None and width == 4 * dims[stage - 1]:
+    elif widths.get(stage - 1) is not None and width == 4 * widths[stage - 1]:
       target, placement = stage - 1, "start_of_next_stage"
     else:
-      raise ValueError(f"{key_of(stage, 'norm.weight')}: width {width} fits no stage "
-                       f"(block widths per stage: {dims})")
+      raise ValueError(f"{source_of.get(norm_key, norm_key)}: width {width} fits no stage "
+                       f"(block widths per stage: {widths})")
     placements.add(placement)
-    for (s, name), value in downs.items():
-      if s == stage:
-        ours, fn = _DOWN_NAMES[name]
-        flat[f"layers_{target}_downsample/{ours}"] = fn(value) if fn else value
+    for key, m in merges.items():
+      if int(m.group(1)) == stage:
+        out[f"layers.{target}.downsample.{m.group(2)}"] = tensors[key]
   if len(placements) > 1:
     raise ValueError(f"inconsistent patch-merging placement across stages: {sorted(placements)}")
-  return placements.pop() if placements else "none"
+  return out, placements.pop() if placements else "none"
 
 
-def _map_ms(sd: dict[str, np.ndarray], path: str) -> tuple[Flat, dict]:
-  flat: Flat = {}
-  ignored, buffers, unknown = [], [], []
-  downs = {}
-  indices = {}
-  for key, value in sd.items():
-    if key == "patch_embed.proj.weight":
-      flat["patch_embed_proj/kernel"] = np.ascontiguousarray(value.transpose(2, 3, 1, 0))
-    elif key == "patch_embed.proj.bias":
-      flat["patch_embed_proj/bias"] = value
-    elif key in ("patch_embed.norm.weight", "patch_embed.norm.bias"):
-      flat["patch_embed_norm/" + ("scale" if key.endswith("weight") else "bias")] = value
-    elif m := _MS_BLOCK.match(key):
-      i, j, rest = m.groups()
-      prefix = f"layers_{i}_blocks_{j}/"
-      if rest in _MS_BLOCK_NAMES:
-        ours, fn = _MS_BLOCK_NAMES[rest]
-        flat[prefix + ours] = fn(value) if fn else value
-      elif rest == "attn.relative_position_index":
-        indices[prefix] = (key, value)
-        buffers.append(key)
-      elif rest == "attn_mask":
-        buffers.append(key)
-      else:
-        unknown.append(key)
-    elif m := _MS_DOWN.match(key):
-      downs[(int(m.group(1)), m.group(2))] = value
-    elif _IGNORED_MS.match(key):
-      ignored.append(key)
-    else:
-      unknown.append(key)
+def _to_canonical(state: dict[str, np.ndarray], layout: str, path: str
+                  ) -> tuple[dict[str, np.ndarray], dict]:
+  """A source state dict in the canonical layout (weights only), and what was left out of it.
+
+  Fails, naming the source keys, on any key that is not a Swin weight, buffer, final norm or
+  classifier head, on a relative_position_index that is not Swin's, and on merges that fit no
+  stage.
+  """
+  rewrite, ignored_pattern = _LAYOUT_REWRITES[layout]
+  ignored = sorted(k for k in state if ignored_pattern.match(k))
+  tensors, source_of, unknown = rewrite(
+      {k: v for k, v in state.items() if not ignored_pattern.match(k)}, path)
+  buffers = {k: v for k, v in tensors.items() if _BUFFER.match(k)}
+  unknown += [source_of.get(k, k) for k in tensors if k not in buffers and _to_ours(k) is None]
   _fail_unknown(path, unknown)
-  placement = _map_downsamples(downs, flat, lambda s, n: f"layers.{s}.downsample.{n}")
-  for prefix, (key, index) in indices.items():
-    table = flat.get(prefix + "attn/relative_position_bias_table")
-    _check_index_buffer(key, index, None if table is None else table.shape[0])
-  return flat, dict(ignored_keys=sorted(ignored), skipped_buffers=sorted(buffers),
-                    downsample_placement=placement)
-
-
-def _map_hf(sd: dict[str, np.ndarray], path: str) -> tuple[Flat, dict]:
-  flat: Flat = {}
-  ignored, buffers, unknown = [], [], []
-  downs, qkv, indices = {}, {}, {}
-  for key, value in sd.items():
-    if _IGNORED_HF.match(key):
-      ignored.append(key)
-      continue
-    name = key[len("swin."):] if key.startswith("swin.") else key
-    if name == "embeddings.patch_embeddings.projection.weight":
-      flat["patch_embed_proj/kernel"] = np.ascontiguousarray(value.transpose(2, 3, 1, 0))
-    elif name == "embeddings.patch_embeddings.projection.bias":
-      flat["patch_embed_proj/bias"] = value
-    elif name in ("embeddings.norm.weight", "embeddings.norm.bias"):
-      flat["patch_embed_norm/" + ("scale" if name.endswith("weight") else "bias")] = value
-    elif m := _HF_BLOCK.match(name):
-      i, j, rest = m.groups()
-      prefix = f"layers_{i}_blocks_{j}/"
-      if rest in _HF_BLOCK_NAMES:
-        ours, fn = _HF_BLOCK_NAMES[rest]
-        flat[prefix + ours] = fn(value) if fn else value
-      elif mq := re.match(r"^attention\.self\.(query|key|value)\.(weight|bias)$", rest):
-        qkv.setdefault((prefix, mq.group(2)), {})[mq.group(1)] = (key, value)
-      elif rest == "attention.self.relative_position_index":
-        indices[prefix] = (key, value)
-        buffers.append(key)
-      else:
-        unknown.append(key)
-    elif m := _HF_DOWN.match(name):
-      downs[(int(m.group(1)), m.group(2))] = value
-    else:
-      unknown.append(key)
-  _fail_unknown(path, unknown)
-  for (prefix, kind), parts in qkv.items():
-    missing = [p for p in ("query", "key", "value") if p not in parts]
-    if missing:
-      some_key = next(iter(parts.values()))[0]
-      raise ValueError(f"{path}: {some_key} has no matching attention.self.{missing[0]}.{kind}")
-    # PyTorch's qkv weight stacks q, k, v along the output dimension.
-    stacked = np.concatenate([parts[p][1] for p in ("query", "key", "value")], axis=0)
-    flat[prefix + ("attn/qkv/kernel" if kind == "weight" else "attn/qkv/bias")] = (
-        _linear(stacked) if kind == "weight" else stacked)
-  pre = "swin." if any(k.startswith("swin.") for k in sd) else ""
-  placement = _map_downsamples(downs, flat,
-                               lambda s, n: f"{pre}encoder.layers.{s}.downsample.{n}")
-  for prefix, (key, index) in indices.items():
-    table = flat.get(prefix + "attn/relative_position_bias_table")
-    _check_index_buffer(key, index, None if table is None else table.shape[0])
-  return flat, dict(ignored_keys=sorted(ignored), skipped_buffers=sorted(buffers),
-                    downsample_placement=placement)
+  weights, placement = _merges_at_end_of_stage(
+      {k: v for k, v in tensors.items() if k not in buffers}, source_of)
+  for key, index in buffers.items():
+    if key.endswith("relative_position_index"):
+      table = weights.get(key.replace("relative_position_index", "relative_position_bias_table"))
+      _check_index_buffer(source_of.get(key, key), index,
+                          None if table is None else table.shape[0])
+  return weights, dict(ignored_keys=ignored,
+                       skipped_buffers=sorted(source_of.get(k, k) for k in buffers),
+                       downsample_placement=placement)
 
 
 def _fail_unknown(path: str, unknown: list[str]) -> None:
@@ -430,8 +438,11 @@ def read_checkpoint(path: str, layout: str | None = None) -> tuple[Flat, dict]:
   if layout is not None and {layout, found} != {"ms", "timm"} and layout != found:
     raise ValueError(f"{path}: layout={layout!r} was requested but the keys are {found!r} "
                      f"names, e.g. {sorted(sd)[:3]}")
-  flat, extra = (_map_hf if found == "hf" else _map_ms)(sd, path)
-  flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
+  canonical, extra = _to_canonical(sd, found, path)
+  flat = {}
+  for name, value in canonical.items():
+    ours = _to_ours(name)
+    flat[ours] = np.asarray(_to_flax(ours, value), np.float32)
   info = dict(layout=layout or found, source=path, **extra)
   info.update(describe(flat))
   for key in info["ignored_keys"]:
@@ -466,23 +477,12 @@ def expected_shapes(spec: swin.SwinSpec, in_chans: int = 3) -> dict[str, tuple[i
   return out
 
 
-def _is_table(path: str) -> bool:
-  return path.endswith("relative_position_bias_table")
-
-
-def _table_resizable(src: tuple[int, ...], dst: tuple[int, ...]) -> bool:
-  if len(src) != 2 or len(dst) != 2 or src[1] != dst[1]:
-    return False
-  return all(int(round(math.sqrt(n))) ** 2 == n and int(round(math.sqrt(n))) % 2 == 1
-             for n in (src[0], dst[0]))
-
-
 def _mismatch_lines(have: Mapping[str, tuple], want: Mapping[str, tuple]) -> list[str]:
   """Shape mismatches first (the most telling), then missing, then unexpected weights."""
   lines = []
   for k in sorted(set(have) & set(want)):
     hs, ws = tuple(have[k]), tuple(want[k])
-    if hs != ws and not (_is_table(k) and _table_resizable(hs, ws)):
+    if hs != ws and not (relpos_resize.is_table(k) and relpos_resize.resizable(hs, ws)):
       lines.append(f"shape {k}: checkpoint {hs} vs model {ws}")
   for k in sorted(want):
     if k not in have:
@@ -511,62 +511,6 @@ def check_variant(flat: Flat, info: dict, spec: swin.SwinSpec, where: str = "") 
         f"{where or info.get('source', 'checkpoint')}: weights are {got} but the model is "
         f"configured as {cfg}; {len(lines)} mismatch(es), first: "
         + "; ".join(lines[:_MAX_LISTED]))
-
-
-# ------------------------------------------------------------------------------------------
-# Relative-position table resizing.
-# ------------------------------------------------------------------------------------------
-
-
-def _cubic(x: np.ndarray, a: float = -0.75) -> np.ndarray:
-  """Keys' cubic convolution kernel with a = -0.75 (PyTorch's bicubic)."""
-  x = np.abs(x)
-  near = ((a + 2) * x - (a + 3)) * x * x + 1
-  far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-  return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
-
-
-def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """(n_out, n_in) matrix of 1-D bicubic resampling as torch.nn.functional.interpolate does it.
-
-  align_corners=False: output pixel i samples source coordinate (i + 0.5) * n_in / n_out - 0.5;
-  4 taps at floor(src) - 1 .. floor(src) + 2 with the a = -0.75 cubic kernel; taps outside the
-  source are clamped to the border pixel. No antialiasing when shrinking.
-  """
-  m = np.zeros((n_out, n_in), np.float64)
-  scale = n_in / n_out
-  for i in range(n_out):
-    src = scale * (i + 0.5) - 0.5
-    base = math.floor(src)
-    t = src - base
-    for offset in (-1, 0, 1, 2):
-      m[i, min(max(base + offset, 0), n_in - 1)] += _cubic(np.array(t - offset))
-  return m
-
-
-def resize_relpos_table(table: np.ndarray, rows: int) -> np.ndarray:
-  """Resizes a ((2w-1)^2, heads) bias table to `rows` = (2w'-1)^2 rows, bicubically per head.
-
-  As the Swin authors do when fine-tuning at another window: view each head's table as a
-  (2w-1, 2w-1) image (row index = dy offset, column = dx offset) and resample it.
-  """
-  table = np.asarray(table)
-  n_in, n_out = int(round(math.sqrt(table.shape[0]))), int(round(math.sqrt(rows)))
-  if n_in * n_in != table.shape[0] or n_out * n_out != rows:
-    raise ValueError(f"relative-position tables must have (2w-1)^2 rows; got {table.shape[0]} "
-                     f"-> {rows}")
-  if n_in == n_out:
-    return table.astype(np.float32)
-  m = bicubic_matrix(n_in, n_out)
-  grid = table.astype(np.float64).reshape(n_in, n_in, -1)
-  out = np.einsum("ij,jkh,lk->ilh", m, grid, m)
-  return out.reshape(rows, -1).astype(np.float32)
-
-
-def resize_tables(flat: Flat, window: int) -> Flat:
-  """All tables resized to window `window` (other weights untouched)."""
-  rows = (2 * window - 1) ** 2
-  return {k: resize_relpos_table(v, rows) if _is_table(k) else v for k, v in flat.items()}
 
 
 # ------------------------------------------------------------------------------------------
@@ -623,7 +567,7 @@ def load_into(variables: Mapping[str, Any], flat: Flat, *, strict: bool = True,
       continue
     value = flat[rel]
     if tuple(value.shape) != tuple(leaf.shape):
-      value = resize_relpos_table(value, leaf.shape[0])
+      value = relpos_resize.resize_relpos_table(value, leaf.shape[0])
       resized.append(rel)
     arr = jnp.asarray(value, dtype=leaf.dtype)
     sharding = getattr(leaf, "sharding", None)
@@ -639,28 +583,15 @@ def load_into(variables: Mapping[str, Any], flat: Flat, *, strict: bool = True,
   return (out, report) if return_report else out
 
 
-def backbone_hash(flat: Flat) -> str:
-  """sha256 over the sorted paths, dtypes, shapes and bytes: identifies the pretrained weights."""
-  h = hashlib.sha256()
-  for k in sorted(flat):
-    v = np.ascontiguousarray(flat[k])
-    h.update(k.encode())
-    h.update(str(v.dtype).encode())
-    h.update(str(tuple(v.shape)).encode())
-    h.update(v.tobytes())
-  return h.hexdigest()
+def load_pretrained(path: str, variables: Mapping[str, Any], spec: swin.SwinSpec,
+                    layout: str | None = None) -> dict[str, Any]:
+  """Loads the Swin weights at `path` (a source file or converted dir) into `variables`.
 
-
-def load_pretrained(config, variables):
-  """Loads config.model.backbone_weights (a source file or converted dir) into `variables`.
-
-  Called by train.init_variables. config.model.backbone_layout (optional) forces the layout.
+  The weights must fit `spec` (only the window may differ: tables are then resized); `layout`
+  forces the source layout (None: detected). Called by train.init_variables.
   """
-  from freesine_jax.models import swin_spec  # pylint: disable=g-import-not-at-top
-  mc = config.model
-  path = mc.backbone_weights
-  flat, info = read_checkpoint(path, layout=mc.get("backbone_layout", None) or None)
-  check_variant(flat, info, swin_spec(mc), where=path)
+  flat, info = read_checkpoint(path, layout=layout)
+  check_variant(flat, info, spec, where=path)
   variables, report = load_into(variables, flat, strict=True, return_report=True)
   logging.info("loaded %d pretrained Swin weights from %s (layout %s, variant %s, window %s); "
                "resized tables: %d; ignored source keys: %s", report["loaded"], path,

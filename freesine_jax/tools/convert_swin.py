@@ -20,7 +20,9 @@ from absl import flags
 import numpy as np
 from flax import traverse_util
 
+from freesine_jax import checkpointing
 from freesine_jax.models import pretrained
+from freesine_jax.models import relpos_resize
 from freesine_jax.models import swin
 
 _SRC = flags.DEFINE_string("src", None, "Source checkpoint file (.pth/.bin/.safetensors) or dir.")
@@ -48,7 +50,7 @@ def convert(src: str, out: str, *, variant: str | None = None, layout: str | Non
   if window is not None:
     if window < 1:
       raise ValueError(f"--window={window} must be >= 1")
-    flat = pretrained.resize_tables(flat, window)
+    flat = relpos_resize.resize_tables(flat, window)
   sha = pretrained.file_sha256(info["source"]) if os.path.isfile(info["source"]) else None
   metadata = dict(
       variant=info["variant"], embed_dim=info["embed_dim"], depths=list(info["depths"]),
@@ -57,7 +59,7 @@ def convert(src: str, out: str, *, variant: str | None = None, layout: str | Non
       mlp_ratio=info["mlp_ratio"], layout=info["layout"],
       downsample_placement=info.get("downsample_placement"),
       source=os.path.abspath(info["source"]), source_sha256=sha,
-      backbone_hash=pretrained.backbone_hash(flat),
+      backbone_hash=checkpointing.backbone_hash(flat),
       num_weights=len(flat), num_params=int(sum(v.size for v in flat.values())),
       ignored_keys=list(info.get("ignored_keys", [])),
       skipped_buffers=len(info.get("skipped_buffers", [])))
