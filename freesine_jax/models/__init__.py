@@ -29,7 +29,7 @@ def model_config(rank: int = 64, variant: str = "swin_t") -> ml_collections.Conf
       # K_t = lowpass((rho/omega_0) sin(omega_0 omega_t A.W.B / rho)), rho = RMS(A.W.B).
       sine_awb=dict(enabled=True, modules=("proj", "fc1", "fc2"), kernel_size=3, w_mode="full",
                     w_init="identity", scale=4.0, independent_bases=False,
-                    modulation="sine", omega_0=2.0, base_norm="tap_rms",
+                    modulation="sine", omega_0=3.0, base_norm="tap_rms",
                     lowpass="matrix", lowpass_size=7, lowpass_sigma=1.0),
       prompts=True,               # task tokens join window attention
       # Clock Net omega_t = s (tanh(W_q ReLU(p_t) + phi_t) + c); tanh(phi_t) evenly spaced in
@@ -38,7 +38,7 @@ def model_config(rank: int = 64, variant: str = "swin_t") -> ml_collections.Conf
       clock_net=True,
       clock_s_init=1.0, clock_c_init=1.0, clock_spread=0.5,
       decoder=dict(kind="shared", proj_channels=(18, 36, 72, 144), head_channels=1080,
-                   modulation="sine", omega_0=2.0, base_norm="tap_rms",
+                   modulation="sine", omega_0=3.0, base_norm="tap_rms",
                    lowpass="matrix", lowpass_size=7, lowpass_sigma=1.0),
   ))
 

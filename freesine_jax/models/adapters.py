@@ -54,7 +54,7 @@ class SineSpec:
   amp * omega_0 * omega_t * M / rho = omega_t * M, the "w/o sine" ablation.
   """
   modulation: str = "sine"      # 'sine' | 'linear' (the "w/o sine" ablation)
-  omega_0: float = 2.0          # base frequency, in units of the base's RMS
+  omega_0: float = 3.0          # base frequency, in units of the base's RMS
   base_norm: str = "tap_rms"    # 'tap_rms' | 'rms' | 'none' (the literal sin(omega_0 omega_t M))
   lowpass: str = "matrix"       # 'matrix' | 'taps' | 'taps_full' | 'none'
   lowpass_size: int = 7
