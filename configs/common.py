@@ -1,62 +1,72 @@
-"""Training / optimisation / evaluation defaults shared by every experiment config.
+"""Helpers shared by the experiment configs: the config arg and the paper's ablations.
 
-Dataset and model config files call `add_training_defaults(config)` (or merge the fragments
-themselves) and override what differs. Values follow MTLoRA's recipe (docs/design.md §3):
-AdamW (0.9, 0.999, eps 1e-8), weight decay 0.05 on >=2-D weights only, gradient clipping at
-global norm 5.0, linear warmup over 20 epochs then cosine to min_lr over 300 epochs, per step,
-learning rates scaled linearly by the global batch size over 512.
+Every key and its default is declared in configs/base.py; the experiment configs change values
+only. Their arg is a comma-separated list of tokens: a rank `r16`/`r32`/`r64` (the paper's
+configs; default r64) or `tiny` (configs/synthetic.py), plus any ablations (docs/design.md §2):
+  no_lcn               one learnable frequency per task instead of the Clock Net
+  no_lowpass           no Gaussian low-pass on the task kernels
+  no_sine              linear scaling omega_t * M instead of the sine (same amplitude)
+  independent_bases    per-task A, W, B instead of one shared base
+  independent_decoder  per-task HRNet heads instead of the shared decoder group
+  depthwise            depthwise W (r x k x k) instead of the full r x r x k x k
+  taps_full            encoder low-pass over the k x k taps in 'full' mode (= a 7x7 Gaussian blur
+                       of the feature map before the k x k kernel) instead of over the matrix
+e.g. --config=configs/pascal_context.py:r32,no_sine or --config=configs/synthetic.py:tiny,no_lcn
 """
 from __future__ import annotations
 
 import ml_collections
 
+from freesine_jax import errors
 
-def optim_config() -> ml_collections.ConfigDict:
-  """config.optim: AdamW + warmup/cosine schedule (rates are per 512 examples)."""
-  c = ml_collections.ConfigDict()
-  c.lr_base = 5e-4            # peak lr for a global batch of `lr_reference_batch`
-  c.warmup_lr_base = 5e-7     # lr at step 0
-  c.min_lr_base = 5e-6        # lr at the end of the cosine
-  c.lr_reference_batch = 512  # lr = lr_base * global_batch / lr_reference_batch
-  c.scale_lr_with_batch = True
-  c.b1 = 0.9
-  c.b2 = 0.999
-  c.eps = 1e-8
-  c.weight_decay = 0.05       # applied to 'params' leaves with ndim >= 2 only
-  c.grad_clip = 5.0           # global-norm clipping; <= 0 disables
-  return c
+ABLATIONS = ("no_lcn", "no_lowpass", "no_sine", "independent_bases", "independent_decoder",
+             "depthwise", "taps_full")
+RANK_EXAMPLES = ("r16", "r32", "r64")  # any r<int> is a rank
 
 
-def train_config() -> ml_collections.ConfigDict:
-  """config.train: loop length, logging, checkpointing."""
-  c = ml_collections.ConfigDict()
-  c.num_epochs = 300
-  c.warmup_epochs = 20
-  # Optional hard cap on the number of steps (None: num_epochs * steps_per_epoch). The
-  # schedule always spans num_epochs, so capping does not change the lr at a given step.
-  c.max_steps = ml_collections.FieldReference(None, field_type=int)
-  # Optional override of the examples per epoch (None: read from the train split).
-  c.num_train_examples = ml_collections.FieldReference(None, field_type=int)
-  c.log_every_steps = 50
-  c.checkpoint_every_steps = 500
-  c.max_checkpoints_to_keep = 3
-  c.eval_every_steps = 0      # 0: evaluate only at the end
-  c.untrained_baseline = True  # evaluate the step-0 model to report "beats untrained"
-  c.async_checkpointing = True
-  return c
+def _is_rank(token: str) -> bool:
+  return len(token) > 1 and token[0] == "r" and token[1:].isdigit()
 
 
-def eval_config() -> ml_collections.ConfigDict:
-  """config.eval: single-task reference row for Δm ({task: {metric: value}}, optional)."""
-  c = ml_collections.ConfigDict()
-  c.reference = ml_collections.FieldReference(None, field_type=dict)
-  c.max_batches = ml_collections.FieldReference(None, field_type=int)  # None: whole split
-  return c
+def parse_arg(arg: str, *, ranks: bool = False, extra: tuple[str, ...] = ()
+              ) -> tuple[str, ...]:
+  """The tokens of a config arg: ranks r<int> (if `ranks`), `extra` words, ABLATIONS.
+
+  An unknown token is a UserError naming the accepted ones.
+  """
+  tokens = tuple(t.strip() for t in (arg or "").split(",") if t.strip())
+  known = (RANK_EXAMPLES if ranks else ()) + tuple(extra) + ABLATIONS
+  for token in tokens:
+    if token not in known and not (ranks and _is_rank(token)):
+      raise errors.UserError(
+          f"unknown config arg {token!r}{errors.did_you_mean(token, known)}; the arg is a "
+          f"comma-separated list of {'r<rank>, ' if ranks else ''}"
+          f"{', '.join(tuple(extra) + ABLATIONS)}")
+  return tokens
 
 
-def add_training_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Adds config.optim / config.train / config.eval (missing ones only); returns config."""
-  for name, make in (("optim", optim_config), ("train", train_config), ("eval", eval_config)):
-    if name not in config:
-      config[name] = make()
-  return config
+def rank_of(tokens: tuple[str, ...], default: int = 64) -> int:
+  """The LoRA rank named by an 'r<rank>' token (the last one wins), else `default`."""
+  ranks = [int(t[1:]) for t in tokens if _is_rank(t)]
+  return ranks[-1] if ranks else default
+
+
+def apply_ablations(config: ml_collections.ConfigDict, tokens: tuple[str, ...]) -> None:
+  """Switches the named ablations (docs/design.md §2) on in config.model."""
+  model = config.model
+  if "no_lcn" in tokens:
+    model.clock_net = False
+  if "no_lowpass" in tokens:
+    model.sine_awb.lowpass = "none"
+    model.decoder.lowpass = "none"
+  if "no_sine" in tokens:
+    model.sine_awb.modulation = "linear"
+    model.decoder.modulation = "linear"
+  if "independent_bases" in tokens:
+    model.sine_awb.independent_bases = True
+  if "independent_decoder" in tokens:
+    model.decoder.kind = "independent"
+  if "depthwise" in tokens:
+    model.sine_awb.w_mode = "depthwise"
+  if "taps_full" in tokens:
+    model.sine_awb.lowpass = "taps_full"

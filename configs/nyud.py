@@ -2,30 +2,26 @@
 
   python -m freesine_jax.main --config=configs/nyud.py:r64 --workdir=...
 
-Arg: r16 | r32 | r64 plus ablations (see configs/_paper.py). The dataset also stores edges
-(MTLoRA's 4-task NYUD setup): add them with --config.tasks=semseg,normals,depth,edge (the loss
-weight is set). Augmentation: flip and discrete scales {1, 1.2, 1.5}.
+Arg: r16 | r32 | r64 plus ablations (configs/common.py). The dataset also stores edges
+(MTLoRA's 4-task NYUD setup): add them with --config.tasks="('semseg','normals','depth','edge')".
+Augmentation: flip and discrete scales {1, 1.2, 1.5}. No single-task reference row is given for
+NYUDv2 in docs/design.md: set config.eval.reference in a config file to get Δm.
 """
 import ml_collections
 
-from configs import _paper
+from configs import base
 from configs import common
 
 
 def get_config(arg: str = "r64") -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.seed = 0
+  tokens = common.parse_arg(arg, ranks=True)
+  config = base.get_config()
   config.tasks = ("semseg", "normals", "depth")
-  config.num_classes = {"semseg": 40}
-  config.loss_weights = {"semseg": 1.0, "normals": 10.0, "depth": 1.0, "edge": 50.0}
-
-  config.dataset = _paper.dataset(
-      "nyud", (448, 448), dict(flip=True, rotate_degrees=0.0, scale_range=None,
-                              scales=(1.0, 1.2, 1.5)))
-  config.input = _paper.input_pipeline(32)
-
-  config.model = _paper.model(arg)
-
-  common.add_training_defaults(config)
-  # No single-task reference row is given for NYUDv2 in docs/design.md: set one to get Δm.
+  config.num_classes.semseg = 40
+  config.dataset.name = "nyud"
+  config.dataset.augment.rotate_degrees = 0.0
+  config.dataset.augment.scale_range = None
+  config.dataset.augment.scales = (1.0, 1.2, 1.5)
+  config.model.lora.rank = common.rank_of(tokens)
+  common.apply_ablations(config, tokens)
   return config

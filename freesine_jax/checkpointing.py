@@ -25,6 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from freesine_jax import errors
+
 _STATE, _DATA, _META = "state", "data_iter", "metadata"
 
 
@@ -174,39 +176,66 @@ def _abstract_leaf(x: Any) -> Any:
   return jax.ShapeDtypeStruct(arr.shape, arr.dtype)
 
 
-def check_compatible(metadata: dict, config, directory: str, step: int) -> None:
-  """Raises, naming the fields, if the checkpoint was written by a different model/task setup.
+COMPARED_SECTIONS = ("tasks", "num_classes", "model")  # what the saved parameters depend on
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+  if isinstance(value, dict):
+    out = {}
+    for k, v in value.items():
+      out.update(_flatten(v, f"{prefix}.{k}"))
+    return out
+  return {prefix: tuple(value) if isinstance(value, list) else value}
+
+
+def config_differences(saved_config_json: str, config) -> list[tuple[str, Any, Any]]:
+  """(key, value in the checkpoint, value in `config`) for every key of COMPARED_SECTIONS that
+  differs (model.backbone_weights may move: its content is checked by the backbone hash)."""
+  saved = json.loads(saved_config_json)
+  current = json.loads(config.to_json_best_effort())
+  diffs = []
+  for section in COMPARED_SECTIONS:
+    a, b = _flatten(saved.get(section), section), _flatten(current.get(section), section)
+    for key in sorted(set(a) | set(b)):
+      if key != "model.backbone_weights" and a.get(key) != b.get(key):
+        diffs.append((key, a.get(key), b.get(key)))
+  return diffs
+
+
+def override_flag(key: str, value: Any) -> str:
+  """The --config.<key>=<value> that sets `value` (tuples quoted as Python literals)."""
+  if isinstance(value, tuple):
+    return f"--config.{key}=\"{value!r}\""
+  return f"--config.{key}={value}"
+
+
+def check_compatible(metadata: dict, config, directory: str, step: int, action: str) -> None:
+  """UserError (one line, naming the fields and the overrides that match the run) if the
+  checkpoint was written by a different model/task setup than `config`.
 
   Compared before restoring, so a changed config gives this message instead of a shape
-  mismatch from deep inside Orbax.
+  mismatch from deep inside Orbax. `action` says what would work otherwise ('resume', ...).
   """
   saved_json = metadata.get("config")
   if not saved_json:
     return
-  saved = json.loads(saved_json) if isinstance(saved_json, str) else saved_json
-  current = json.loads(config.to_json_best_effort())
-  diffs = []
-  for section in ("tasks", "num_classes", "model"):
-    a, b = saved.get(section), current.get(section)
-    if isinstance(a, dict) and isinstance(b, dict):
-      # The weights' location may move; their content is checked by the backbone hash.
-      diffs += [f"{section}.{k}: checkpoint {a.get(k)!r} vs config {b.get(k)!r}"
-                for k in sorted(set(a) | set(b))
-                if a.get(k) != b.get(k) and k != "backbone_weights"]
-    elif a != b:
-      diffs.append(f"{section}: checkpoint {a!r} vs config {b!r}")
-  if diffs:
-    raise ValueError(
-        f"{directory} step {step} was written by a different model/task setup:\n  "
-        + "\n  ".join(diffs[:10]) + "\nuse the same config to resume, or a fresh --workdir")
+  diffs = config_differences(saved_json, config)
+  if not diffs:
+    return
+  shown = "; ".join(f"{key} is {saved!r} there, {now!r} here" for key, saved, now in diffs[:3])
+  more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+  overrides = " ".join(override_flag(key, saved) for key, saved, _ in diffs[:3])
+  raise errors.UserError(
+      f"{directory} step {step} was trained with another config: {shown}{more}; to {action}, use "
+      f"the run's config (e.g. {overrides}){' or a fresh --workdir' if action == 'resume' else ''}")
 
 
 def check_backbone(metadata: dict, current_hash: str, step: int) -> None:
-  """Raises if the checkpoint was trained against different frozen backbone weights."""
+  """UserError if the checkpoint was trained against different frozen backbone weights."""
   saved = metadata.get("backbone_hash")
   if saved is not None and saved != current_hash:
-    raise ValueError(
+    raise errors.UserError(
         f"checkpoint step {step} was trained with frozen backbone weights of hash "
-        f"{saved[:12]}..., but the current backbone (config.model.backbone_weights / "
-        f"config.seed) hashes to {current_hash[:12]}...; resume with the same backbone or "
-        f"start a fresh --workdir")
+        f"{saved[:12]}..., but this config's backbone (config.model.backbone_weights, or "
+        f"config.seed for a random one) hashes to {current_hash[:12]}...; use the run's "
+        "backbone weights and seed")

@@ -491,7 +491,9 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
       mark = ""
       if spec is not None and key == spec.headline_metric:
         mark = " ↑" if spec.higher_is_better else " ↓"
-      if isinstance(value, (int, np.integer)):
+      if value is None:  # a non-finite value after a JSON round trip
+        text = "nan"
+      elif isinstance(value, (int, np.integer)):
         text = f"{int(value)}"
       else:
         text = f"{float(value):.4f}"

@@ -6,7 +6,7 @@ slice of the global batch, which `shard_batch` assembles into global arrays.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -14,20 +14,21 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from freesine_jax import errors
+
 DATA_AXIS = "data"
 
 
-def make_mesh(config: ml_collections.ConfigDict | None = None) -> Mesh:
-  """A 1-D mesh over all devices (axis 'data', Auto axis type so jit uses GSPMD propagation).
-
-  config.mesh.num_devices (optional) restricts the mesh to the first N devices.
-  """
+def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
+  """A 1-D mesh (axis 'data', Auto axis type so jit uses GSPMD propagation) over the first
+  config.mesh.num_devices devices (None: all)."""
   devices = jax.devices()
   num = len(devices)
-  if config is not None and "mesh" in config and config.mesh.get("num_devices"):
+  if config.mesh.num_devices is not None:
     num = int(config.mesh.num_devices)
-    if num > len(devices):
-      raise ValueError(f"config.mesh.num_devices={num} but only {len(devices)} devices exist")
+    if not 0 < num <= len(devices):
+      raise errors.UserError(f"config.mesh.num_devices={num} but {len(devices)} device(s) "
+                             f"exist; use 1..{len(devices)}, or None for all")
     devices = devices[:num]
   return jax.make_mesh((num,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=devices)
@@ -45,21 +46,28 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
 def check_batch_size(global_batch: int, mesh: Mesh, what: str = "config.input.batch_size"):
   n = mesh.devices.size
   if global_batch % n:
-    raise ValueError(f"{what}={global_batch} is not divisible by the {n} devices of the mesh")
+    raise errors.UserError(f"{what}={global_batch} is not divisible by the {n} devices of the "
+                           f"mesh; use a multiple of {n}")
   if global_batch % jax.process_count():
-    raise ValueError(f"{what}={global_batch} is not divisible by the "
-                     f"{jax.process_count()} processes")
+    raise errors.UserError(f"{what}={global_batch} is not divisible by the "
+                           f"{jax.process_count()} processes; use a multiple of them")
 
 
-def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
-  """Process-local numpy batch -> global jax.Arrays sharded along 'data'.
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh,
+                keys: Sequence[str] | None = None) -> dict[str, jax.Array]:
+  """Process-local numpy batch (its `keys`, default all) -> global jax.Arrays along 'data'.
 
   Each host passes its own rows (global batch / process_count); the global batch is their
   concatenation in process order.
   """
+  keys = tuple(batch) if keys is None else tuple(keys)
+  missing = [k for k in keys if k not in batch]
+  if missing:
+    raise KeyError(f"batch lacks {missing} (has {sorted(batch)}); check config.tasks")
   sharding = data_sharded(mesh)
   out = {}
-  for key, value in batch.items():
+  for key in keys:
+    value = batch[key]
     value = np.asarray(value)
     global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
     out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)

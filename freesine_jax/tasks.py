@@ -31,6 +31,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from freesine_jax import errors
+
 IGNORE_INDEX = 255
 
 # Class-balanced BCE weight of edge positives (MTLoRA/MTI-Net); the edge loss and meter share it.
@@ -83,6 +85,8 @@ class TaskKind:
   warp         (label, sampler, *, angle_degrees, scale, label_fill) -> the label resampled by an
                augment._Sampler (rotation, zoom and resize in one pass)
   mirror       label -> label after its array was flipped left-right (None: values unchanged)
+  draw         (ax_label, ax_prediction, label, prediction, *, spec, class_names) draws one
+               example's ground truth and prediction (freesine_jax/visualize.py)
   """
   name: str
   label: LabelLayout
@@ -92,6 +96,7 @@ class TaskKind:
   meter: str
   warp: str
   mirror: str | None = None
+  draw: str = "freesine_jax.visualize:draw_values"
   loss_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   meter_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -106,17 +111,20 @@ KINDS = {kind.name: kind for kind in (
              loss="freesine_jax.losses:softmax_cross_entropy",
              postprocess="freesine_jax.metrics:argmax_class_ids",
              meter="freesine_jax.metrics:ConfusionMatrixMeter",
-             warp="freesine_jax.data.augment:warp_class_ids"),
+             warp="freesine_jax.data.augment:warp_class_ids",
+             draw="freesine_jax.visualize:draw_class_ids"),
     TaskKind("saliency", CLASS_IDS, 1,
              loss="freesine_jax.losses:balanced_binary_cross_entropy",  # batch-balanced weight
              postprocess="freesine_jax.metrics:sigmoid_probabilities",
              meter="freesine_jax.metrics:SaliencyMeter",
-             warp="freesine_jax.data.augment:warp_class_ids"),
+             warp="freesine_jax.data.augment:warp_class_ids",
+             draw="freesine_jax.visualize:draw_probabilities"),
     TaskKind("edge", CLASS_IDS, 1,
              loss="freesine_jax.losses:balanced_binary_cross_entropy",
              postprocess="freesine_jax.metrics:sigmoid_probabilities",
              meter="freesine_jax.metrics:EdgeMeter",
              warp="freesine_jax.data.augment:warp_class_ids",
+             draw="freesine_jax.visualize:draw_edges",
              loss_options={"pos_weight": EDGE_POS_WEIGHT},
              meter_options={"pos_weight": EDGE_POS_WEIGHT}),
     TaskKind("normals", UNIT_VECTORS, 3,
@@ -124,12 +132,14 @@ KINDS = {kind.name: kind for kind in (
              postprocess="freesine_jax.metrics:unit_vectors",
              meter="freesine_jax.metrics:NormalsMeter",
              warp="freesine_jax.data.augment:warp_normals",
-             mirror="freesine_jax.data.augment:mirror_normals"),
+             mirror="freesine_jax.data.augment:mirror_normals",
+             draw="freesine_jax.visualize:draw_normals"),
     TaskKind("depth", POSITIVE_VALUES, 1,
              loss="freesine_jax.losses:depth_l1",
              postprocess="freesine_jax.metrics:first_channel",
              meter="freesine_jax.metrics:DepthMeter",
-             warp="freesine_jax.data.augment:warp_depth"),
+             warp="freesine_jax.data.augment:warp_depth",
+             draw="freesine_jax.visualize:draw_values"),
 )}
 
 
@@ -169,8 +179,13 @@ DISCRETE_TASKS = tuple(name for name, spec in TASKS.items() if spec.kind.label =
 
 
 def get_task(name: str) -> TaskSpec:
+  """The registry entry of task `name` (a UserError naming the known tasks if there is none)."""
   if name not in TASKS:
-    raise ValueError(f"Unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    hint = errors.did_you_mean(name, TASKS)
+    if "," in str(name):
+      hint += (f"; a tuple on the command line is written --config.tasks=\"("
+               f"{', '.join(repr(t.strip()) for t in str(name).split(','))})\"")
+    raise errors.UserError(f"unknown task {name!r}{hint}; the tasks are {', '.join(TASKS)}")
   return TASKS[name]
 
 

@@ -1,7 +1,8 @@
 """tools.analyze on a short real training run, checked against an independent numpy recomputation.
 
 The run is the real Free Sinewich model on the tiny synthetic dataset (6 tasks, r = 4), trained
-for a few steps in-process; the CLI then reads its checkpoint and metrics.jsonl in a subprocess.
+for a few steps in-process (conftest.free_sinewich_run, shared with the README and notebook
+tests); the CLI then reads its checkpoint and metrics.jsonl in a subprocess.
 """
 import json
 import os
@@ -14,27 +15,17 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from configs import synthetic
-from freesine_jax import train
 from freesine_jax.models import adapters
 
+from conftest import FREE_SINEWICH_STEPS as STEPS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  root = tmp_path_factory.mktemp("analyze")
-  config = synthetic.get_config("tiny")
-  config.dataset.data_dir = str(root / "data")
-  config.train.max_steps = STEPS
-  config.train.log_every_steps = 2
-  config.train.checkpoint_every_steps = 3
-  config.train.untrained_baseline = False
-  config.eval.max_batches = 1
-  workdir = str(root / "run")
-  train.train_and_evaluate(config, workdir)
-  out = str(root / "analysis")
+def run(tmp_path_factory, free_sinewich_run):
+  config, workdir = free_sinewich_run  # tests/conftest.py: STEPS steps, checkpoints every 3
+  out = str(tmp_path_factory.mktemp("analyze") / "analysis")
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-m", "freesine_jax.tools.analyze", f"--workdir={workdir}",

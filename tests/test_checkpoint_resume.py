@@ -34,6 +34,7 @@ CONFIG = textwrap.dedent("""\
       c.train.checkpoint_every_steps = {ckpt}
       c.train.max_checkpoints_to_keep = 2
       c.train.untrained_baseline = False
+      c.train.image_every_steps = 0
       return c
     """).format(ckpt=CKPT_EVERY)
 

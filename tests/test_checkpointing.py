@@ -1,32 +1,42 @@
 """Resume guards: a checkpoint from another model/task setup or backbone fails clearly."""
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from configs import base
 from freesine_jax import checkpointing
 
 
 def _config(rank):
-  return ml_collections.ConfigDict(dict(tasks=("semseg", "depth"), num_classes={"semseg": 5},
-                                        model=dict(lora=dict(rank=rank), backbone_weights="/a"),
-                                        train=dict(num_epochs=3)))
+  config = base.get_config()
+  config.tasks = ("semseg", "depth")
+  config.num_classes.semseg = 5
+  config.model.lora.rank = rank
+  config.model.backbone_weights = "/a"
+  config.train.num_epochs = 3
+  return config
 
 
 def test_check_compatible_names_the_differing_fields():
   saved = {"config": _config(8).to_json_best_effort()}
-  checkpointing.check_compatible(saved, _config(8), "/w/checkpoints", 5)  # same: no error
+  checkpointing.check_compatible(saved, _config(8), "/w", 5, "resume")  # same: no error
   moved = _config(8)
   moved.model.backbone_weights = "/b"  # weights moved: their content is checked by the hash
   moved.train.num_epochs = 10          # training length is not part of the model
-  checkpointing.check_compatible(saved, moved, "/w/checkpoints", 5)
-  with pytest.raises(ValueError, match=r"(?s)/w/checkpoints step 5.*model\.lora: checkpoint "
-                     r"\{'rank': 8\} vs config \{'rank': 16\}"):
-    checkpointing.check_compatible(saved, _config(16), "/w/checkpoints", 5)
+  checkpointing.check_compatible(saved, moved, "/w", 5, "resume")
+  with pytest.raises(ValueError) as error:
+    checkpointing.check_compatible(saved, _config(16), "/w", 5, "resume")
+  assert str(error.value) == (
+      "/w step 5 was trained with another config: model.lora.rank is 8 there, 16 here; to "
+      "resume, use the run's config (e.g. --config.model.lora.rank=8) or a fresh --workdir")
   other_tasks = _config(8)
   other_tasks.tasks = ("semseg",)
-  with pytest.raises(ValueError, match="tasks: checkpoint"):
-    checkpointing.check_compatible(saved, other_tasks, "/w/checkpoints", 5)
+  with pytest.raises(ValueError) as error:
+    checkpointing.check_compatible(saved, other_tasks, "/w", 5, "evaluate it")
+  assert str(error.value) == (
+      "/w step 5 was trained with another config: tasks is ('semseg', 'depth') there, "
+      "('semseg',) here; to evaluate it, use the run's config (e.g. "
+      "--config.tasks=\"('semseg', 'depth')\")")
 
 
 def test_tree_hash_is_the_converter_hash_of_the_same_weights():

@@ -14,7 +14,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -24,9 +23,10 @@ torch = pytest.importorskip(
     "reference for the Swin converter parity tests needs it")
 
 import torch_swin_reference as ref  # pylint: disable=g-import-not-at-top
+from configs import base
 from freesine_jax import checkpointing
+from freesine_jax import modeling
 from freesine_jax import models
-from freesine_jax import train
 from freesine_jax.models import pretrained
 from freesine_jax.models import relpos_resize
 from freesine_jax.models import swin
@@ -40,11 +40,11 @@ TINY_IMG = 64  # patch 4 -> grids 16, 8, 4, 2: shifted windows in stages 1-2, gr
 
 def make_config(variant="custom", window=4, rank=0, sine_awb=False, clock_net=False,
                 policy="none", dims=TINY):
-  config = ml_collections.ConfigDict()
-  config.seed = 0
+  config = base.get_config()
   config.tasks = ("semseg", "sal")
-  config.num_classes = {"semseg": 3}
-  mc = models.model_config(rank=rank, variant=variant)
+  config.num_classes.semseg = 3
+  mc = config.model
+  mc.lora.rank, mc.variant = rank, variant
   mc.embed_dim, mc.depths, mc.num_heads = dims["embed_dim"], dims["depths"], dims["num_heads"]
   mc.window_size = window
   mc.sine_awb.enabled = sine_awb
@@ -52,7 +52,7 @@ def make_config(variant="custom", window=4, rank=0, sine_awb=False, clock_net=Fa
   mc.clock_net = clock_net
   mc.trainable_backbone = policy
   mc.decoder.head_channels = 16
-  config.model = mc
+  config.dataset.image_size = (TINY_IMG, TINY_IMG)
   return config
 
 
@@ -203,19 +203,20 @@ def test_multitask_model_with_zero_adapters_reproduces_reference(tiny, tmp_path)
 
 
 def test_init_variables_loads_config_model_backbone_weights(tiny, tmp_path):
-  """train.init_variables passes the configured file, Swin spec and layout to load_pretrained."""
+  """modeling.init_variables passes the configured file, Swin spec and layout to
+  load_pretrained."""
   src = save_layout(tiny["model"], "ms", str(tmp_path))
   config = make_config()
   config.model.backbone_weights = src
   config.model.backbone_layout = "timm"  # same names as ms: accepted
   model = models.build_model(config)
-  variables = train.init_variables(model, config, tiny["images"].shape)
+  variables = modeling.init_variables(model, config)
   np.testing.assert_array_equal(
       variables["backbone"]["backbone"]["layers_1_blocks_0"]["mlp"]["fc2"]["kernel"],
       tiny["model"].state_dict()["layers.1.blocks.0.mlp.fc2.weight"].numpy().T)
   config.model.backbone_layout = "hf"
   with pytest.raises(ValueError, match="layout='hf' was requested"):
-    train.init_variables(model, config, tiny["images"].shape)
+    modeling.init_variables(model, config)
 
 
 # ------------------------------------------------------------------------------------------

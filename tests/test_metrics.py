@@ -58,7 +58,7 @@ def test_postprocess_depth_and_bad_shapes():
     metrics.postprocess("sal", np.zeros((1, 2, 2, 2)))
   with pytest.raises(ValueError, match=r"\(B,H,W,C\)"):
     metrics.postprocess("semseg", np.zeros((2, 2, 3)))
-  with pytest.raises(ValueError, match="Unknown task"):
+  with pytest.raises(ValueError, match="unknown task"):
     metrics.postprocess("nope", np.zeros((1, 1, 1, 1)))
 
 

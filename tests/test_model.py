@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from configs import base
 from freesine_jax import models
 from freesine_jax.models import adapters
 from freesine_jax.tools import count_params
@@ -15,9 +16,11 @@ TASKS = ("semseg", "human_parts", "sal", "normals", "edge", "depth")
 
 
 def tiny_config(**model_overrides):
-  cfg = ml_collections.ConfigDict(dict(tasks=TASKS, num_classes={"semseg": 5, "human_parts": 3}))
-  cfg.model = models.model_config(rank=4, variant="custom")
+  cfg = base.get_config()
+  cfg.tasks = TASKS
+  cfg.num_classes.semseg, cfg.num_classes.human_parts = 5, 3
   mc = cfg.model
+  mc.lora.rank, mc.variant = 4, "custom"
   mc.embed_dim, mc.depths, mc.num_heads, mc.window_size = 16, (2, 2, 2, 2), (1, 2, 2, 4), 4
   mc.decoder.head_channels = 32
   for k, v in model_overrides.items():

@@ -2,10 +2,10 @@
 import hashlib
 import sys
 
-import ml_collections
 import numpy as np
 import pytest
 
+from configs import synthetic
 from freesine_jax.data import augment
 from freesine_jax.data import pipeline
 
@@ -18,16 +18,16 @@ def data_dir(tmp_path_factory):
 
 
 def _config(data_dir, tasks=ALL, augment_on=True, seed=0, batch=4, eval_batch=4):
-  c = ml_collections.ConfigDict()
+  c = synthetic.get_config("tiny")
   c.seed = seed
   c.tasks = tasks
-  c.dataset = ml_collections.ConfigDict(dict(
-      name="synthetic", data_dir=data_dir, builder_config="tiny", train_split="train",
-      eval_split="val", image_size=(24, 32),
-      augment=dict(flip=augment_on, rotate_degrees=20.0 if augment_on else 0.0,
-                   scale_range=(0.75, 1.25) if augment_on else None, scales=None)))
-  c.input = ml_collections.ConfigDict(dict(batch_size=batch, eval_batch_size=eval_batch,
-                                           num_workers=0))
+  c.dataset.data_dir = data_dir
+  c.dataset.image_size = (24, 32)
+  c.dataset.augment.flip = augment_on
+  c.dataset.augment.rotate_degrees = 20.0 if augment_on else 0.0
+  c.dataset.augment.scale_range = (0.75, 1.25) if augment_on else None
+  c.input.batch_size = batch
+  c.input.eval_batch_size = eval_batch
   return c
 
 
@@ -37,7 +37,7 @@ def _digest(image):
 
 def _expected_images(config, split):
   """Resized, normalised images of every stored example (independent of the loaders)."""
-  source = pipeline.get_data_source(config.dataset, split)
+  source = pipeline.get_data_source(config, split)
   size = tuple(config.dataset.image_size)
   return [augment.normalize_image(augment.resize({"image": source[i]["image"]}, size)["image"])
           for i in range(len(source))]
@@ -151,10 +151,10 @@ def test_errors_are_clear(data_dir):
   config = _config(data_dir)
   config.dataset.name = "imagenet"
   with pytest.raises(ValueError, match="imagenet"):
-    pipeline.get_data_source(config.dataset, "train")
+    pipeline.get_data_source(config, "train")
   config = _config(data_dir)
   with pytest.raises(ValueError, match="'test'"):
-    pipeline.get_data_source(config.dataset, "test")
+    pipeline.get_data_source(config, "test")
   source = [{"image": np.zeros((8, 8, 3), np.uint8), "semseg": np.zeros((8, 8), np.uint8)}] * 4
   config = _config(data_dir, tasks=("semseg", "depth"))
   loader = pipeline.create_eval_loader(config, shard_index=0, shard_count=1, data_source=source)
@@ -167,11 +167,16 @@ def test_unprepared_real_dataset_raises(tmp_path):
   assert registry.builder_class("pascal_context") is not None  # always registered
   config = _config(str(tmp_path))
   config.dataset.name = "pascal_context"
-  config.dataset.builder_config = None
-  with pytest.raises(FileNotFoundError, match="not prepared"):
-    pipeline.get_data_source(config.dataset, "train")
+  config.dataset.builder_config = ""
+  with pytest.raises(ValueError, match="not prepared.*freesine_jax.data.prepare"):
+    pipeline.get_data_source(config, "train")
 
 
-def test_unknown_augment_key_is_rejected():
-  with pytest.raises(ValueError, match=r"unknown keys \['rotate_degree'\]"):
-    pipeline.TrainTransform(("semseg",), (32, 32), {"flip": True, "rotate_degree": 10.0})
+def test_augment_options_come_from_the_config_and_bad_values_are_rejected(data_dir):
+  config = _config(data_dir)
+  assert pipeline.augment_options(config) == dict(
+      flip=True, rotate_degrees=20.0, scale_range=(0.75, 1.25), scales=None, image_order=1,
+      label_fill="zero")
+  config.dataset.augment.label_fill = "black"
+  with pytest.raises(ValueError, match="label_fill='black'"):
+    pipeline.augment_options(config)

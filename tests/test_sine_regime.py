@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import base
 from freesine_jax import models
 from freesine_jax.models import adapters
 from freesine_jax.tools import analyze
@@ -26,13 +27,20 @@ NUM_TASKS = 4
 TRAINED_B_RMS = (1e-4, 1e-2, 1e-1)
 
 
+def model_config(rank: int = 64):
+  """config.model of configs/base.py at LoRA rank `rank`."""
+  model = base.get_config().model
+  model.lora.rank = rank
+  return model
+
+
 def default_spec() -> adapters.SineAwbSpec:
-  return models.adapter_spec(models.model_config(rank=RANK), NUM_TASKS).sine_awb
+  return models.adapter_spec(model_config(RANK), NUM_TASKS).sine_awb
 
 
 def default_frequencies() -> jnp.ndarray:
   """The Clock Net's initial frequencies under the default config (tokens contribute ~1e-2)."""
-  mc = models.model_config()
+  mc = model_config()
   return jnp.asarray(mc.clock_s_init * (mc.clock_c_init +
                                         adapters.clock_offsets(NUM_TASKS, mc.clock_spread)))
 
@@ -152,7 +160,7 @@ def test_zero_base_gives_zero_kernel_and_the_linear_gradient():
 
 def test_decoder_group_is_nonlinear_at_its_scale():
   """The decoder's shared 270 -> 1080 base (lecun-normal, trained from there)."""
-  spec = models.decoder_spec(models.model_config())
+  spec = models.decoder_spec(model_config())
   base = jax.nn.initializers.lecun_normal()(jax.random.key(6), (1, 1, 270, 1080))
   omegas = default_frequencies()
   kernels = np.asarray(spec.sine.kernels(base, omegas))
@@ -163,7 +171,7 @@ def test_decoder_group_is_nonlinear_at_its_scale():
 
 
 def test_clock_net_starts_tasks_at_distinct_frequencies():
-  mc = models.model_config()
+  mc = model_config()
   tokens = 0.02 * jax.random.truncated_normal(jax.random.key(7), -2, 2, (NUM_TASKS, 96))
   clock = adapters.ClockNet(mc.clock_s_init, mc.clock_c_init, mc.clock_spread)
   omegas = np.asarray(clock.apply(clock.init(jax.random.key(8), tokens), tokens))

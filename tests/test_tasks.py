@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from configs import synthetic
 from freesine_jax import losses
 from freesine_jax import metrics
 from freesine_jax import tasks
@@ -56,10 +56,10 @@ def test_class_counts_and_output_channels():
 
 
 def test_missing_loss_weight_is_a_config_error(tmp_path):
-  config = ml_collections.ConfigDict(dict(tasks=("semseg", "depth"),
-                                          loss_weights={"semseg": 1.0}))
-  with pytest.raises(ValueError, match=r"config\.loss_weights has no weight for task\(s\) "
-                     r"\['depth'\]"):
+  config = synthetic.get_config("tiny")
+  config.tasks = ("semseg", "depth")
+  config.loss_weights = {"semseg": 1.0}
+  with pytest.raises(ValueError, match=r"config\.loss_weights has no weight for depth;"):
     train.train_and_evaluate(config, str(tmp_path))
 
 

@@ -1,4 +1,8 @@
-"""Optimizer, schedule, train step, evaluation and the loop, on a tiny model and fake data."""
+"""Optimizer, schedule, train step, evaluation and the loop, on a tiny model and fake data.
+
+`build_tiny_model` is also the config.model.factory of the tests that run the command lines on
+a model that compiles in seconds (TINY_FACTORY).
+"""
 import json
 import math
 import os
@@ -11,14 +15,18 @@ import numpy as np
 import optax
 import pytest
 
-from configs import common
+from configs import synthetic
+from freesine_jax import evaluate
 from freesine_jax import metrics as metrics_lib
+from freesine_jax import modeling
+from freesine_jax import optimizer
 from freesine_jax import sharding as sharding_lib
 from freesine_jax import tasks as tasks_lib
 from freesine_jax import train
 
 TASKS = ("semseg", "sal", "normals", "depth")
 NUM_CLASSES = 3
+TINY_FACTORY = "tests.test_train:build_tiny_model"
 
 
 class TinyModel(nn.Module):
@@ -44,9 +52,8 @@ class TinyModel(nn.Module):
 
 def build_tiny_model(config) -> TinyModel:
   """config.model.factory target ('tests.test_train:build_tiny_model')."""
-  num_classes = dict(config.get("num_classes", {}) or {})
-  return TinyModel(tuple((t, tasks_lib.output_channels(t, num_classes.get(t)))
-                         for t in config.tasks))
+  return TinyModel(tuple((t, tasks_lib.output_channels(
+      t, config.num_classes[t] if t in config.num_classes else None)) for t in config.tasks))
 
 
 def make_example(rng: np.random.Generator, size: int) -> dict:
@@ -120,14 +127,15 @@ def eval_batches(config, num_examples=6, pad_garbage=False):
 
 
 def tiny_config(**train_overrides) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
+  """configs/synthetic.py:tiny with the tiny model, 8x8 fake data and a fast recipe."""
+  c = synthetic.get_config("tiny")
   c.tasks = TASKS
-  c.num_classes = {"semseg": NUM_CLASSES}
-  c.loss_weights = {"semseg": 1.0, "sal": 1.0, "normals": 1.0, "depth": 1.0}
-  c.dataset = ml_collections.ConfigDict({"image_size": (8, 8), "train_split": "train"})
-  c.input = ml_collections.ConfigDict({"batch_size": 4, "eval_batch_size": 4})
-  common.add_training_defaults(c)
+  c.num_classes.semseg = NUM_CLASSES
+  c.loss_weights.update({"semseg": 1.0, "sal": 1.0, "normals": 1.0, "depth": 1.0})
+  c.dataset.image_size = (8, 8)
+  c.input.batch_size = 4
+  c.input.eval_batch_size = 4
+  c.model.factory = TINY_FACTORY
   c.optim.scale_lr_with_batch = False
   c.optim.lr_base = 2e-2
   c.optim.warmup_lr_base = 2e-3
@@ -135,16 +143,17 @@ def tiny_config(**train_overrides) -> ml_collections.ConfigDict:
   c.train.num_epochs = 8
   c.train.warmup_epochs = 1
   c.train.log_every_steps = 4
+  c.train.image_every_steps = 0
   c.train.checkpoint_every_steps = 16
-  c.update(ml_collections.ConfigDict({"train": train_overrides}))
+  c.train.update(train_overrides)
   return c
 
 
 def _setup(config):
   model = TinyModel()
-  variables = train.init_variables(model, config, (1, 8, 8, 3))
-  schedule = train.make_schedule(1e-2, 1e-3, 1e-4, 2, 20)
-  tx = train.make_optimizer(config, schedule)
+  variables = modeling.init_variables(model, config)
+  schedule = optimizer.make_schedule(1e-2, 1e-3, 1e-4, 2, 20)
+  tx = optimizer.make_optimizer(config, schedule)
   mesh = sharding_lib.make_mesh(config)
   state = train.create_train_state(variables, tx, config.seed)
   step_fn = train.make_train_step(model, tx, config, schedule, mesh)
@@ -156,7 +165,7 @@ def _setup(config):
 
 def test_schedule_closed_form():
   peak, warm, low, w, total = 1e-3, 1e-5, 1e-4, 10, 110
-  s = train.make_schedule(peak, warm, low, w, total)
+  s = optimizer.make_schedule(peak, warm, low, w, total)
   np.testing.assert_allclose(s(0), warm, rtol=1e-6)
   np.testing.assert_allclose(s(5), warm + 0.5 * (peak - warm), rtol=1e-6)
   np.testing.assert_allclose(s(10), peak, rtol=1e-6)
@@ -169,20 +178,20 @@ def test_learning_rates_scale_with_batch():
   c = tiny_config()
   c.optim.scale_lr_with_batch = True
   c.optim.lr_base, c.optim.warmup_lr_base, c.optim.min_lr_base = 5e-4, 5e-7, 5e-6
-  peak, warm, low = train.scaled_learning_rates(c, 32)
+  peak, warm, low = optimizer.scaled_learning_rates(c, 32)
   np.testing.assert_allclose((peak, warm, low), (3.125e-5, 3.125e-8, 3.125e-7))
 
 
 def test_weight_decay_only_on_ndim_ge_2():
   params = {"kernel": jnp.ones((2, 3)), "conv": jnp.ones((1, 1, 2, 2)), "bias": jnp.ones((3,)),
             "scale": jnp.ones(()), "norm": {"scale": jnp.ones((4,))}}
-  mask = train.weight_decay_mask(params)
+  mask = optimizer.weight_decay_mask(params)
   assert mask == {"kernel": True, "conv": True, "bias": False, "scale": False,
                   "norm": {"scale": False}}
   # Behaviour: with zero gradients AdamW only decays the masked leaves, by lr*wd*p.
   c = tiny_config()
   c.optim.weight_decay = 0.5
-  tx = train.make_optimizer(c, lambda step: 0.1)
+  tx = optimizer.make_optimizer(c, lambda step: 0.1)
   grads = jax.tree_util.tree_map(jnp.zeros_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   new = optax.apply_updates(params, updates)
@@ -203,7 +212,7 @@ def test_gradient_clipping_at_global_norm():
   c.optim.weight_decay = 0.0
   c.optim.grad_clip = clip
   c.optim.eps = eps
-  tx = train.make_optimizer(c, lambda step: lr)
+  tx = optimizer.make_optimizer(c, lambda step: lr)
   params = {"w": jnp.zeros((2, 2)), "b": jnp.zeros((3,))}
   direction = {"w": np.array([[3.0, -1.0], [0.5, 2.0]]), "b": np.array([-4.0, 1.5, 0.25])}
   norm = math.sqrt(sum(float(np.sum(v ** 2)) for v in direction.values()))
@@ -238,7 +247,7 @@ def test_gradient_clipping_at_global_norm():
     np.testing.assert_allclose(first_update(tx, big)[k], first_update(tx, huge)[k], rtol=1e-6)
   # ...while without clipping (grad_clip <= 0 disables it) it does.
   c.optim.grad_clip = 0.0
-  unclipped = first_update(train.make_optimizer(c, lambda step: lr), big)
+  unclipped = first_update(optimizer.make_optimizer(c, lambda step: lr), big)
   want = hand_adam(big)
   for k in params:
     np.testing.assert_allclose(unclipped[k], want[k], rtol=1e-5, atol=1e-8, err_msg=k)
@@ -332,11 +341,12 @@ def test_tiny_training_loss_decreases():
 def test_evaluate_ignores_padding_rows_and_matches_meters():
   config = tiny_config()
   model = TinyModel()
-  variables = train.init_variables(model, config, (1, 8, 8, 3))
+  variables = modeling.init_variables(model, config)
+  forward, mesh = evaluate.make_eval_forward(model), sharding_lib.make_mesh(config)
   clean = eval_batches(config, num_examples=6, pad_garbage=False)
   garbage = eval_batches(config, num_examples=6, pad_garbage=True)
-  res_clean, delta = train.evaluate(model, variables, clean, config)
-  res_garbage, _ = train.evaluate(model, variables, garbage, config)
+  res_clean, delta = evaluate.evaluate(forward, variables, clean, config, mesh)
+  res_garbage, _ = evaluate.evaluate(forward, variables, garbage, config, mesh)
   assert delta is None
   assert json.dumps(res_clean, sort_keys=True) == json.dumps(res_garbage, sort_keys=True)
   # Independent computation: one un-padded batch of the 6 real examples, plain model.apply.
@@ -358,17 +368,18 @@ def test_evaluate_delta_m_against_reference():
   config = tiny_config()
   model = TinyModel(outputs=(("semseg", NUM_CLASSES),))
   config.tasks = ("semseg",)
-  variables = train.init_variables(model, config, (1, 8, 8, 3))
-  res, _ = train.evaluate(model, variables, eval_batches(config), config)
+  variables = modeling.init_variables(model, config)
+  forward, mesh = evaluate.make_eval_forward(model), sharding_lib.make_mesh(config)
+  res, _ = evaluate.evaluate(forward, variables, eval_batches(config), config, mesh)
   config.eval.reference = {"semseg": {"mIoU": res["semseg"]["mIoU"] / 2}}
-  _, delta = train.evaluate(model, variables, eval_batches(config), config)
+  _, delta = evaluate.evaluate(forward, variables, eval_batches(config), config, mesh)
   np.testing.assert_allclose(delta, 100.0, rtol=1e-6)
 
 
 def test_beats_untrained_respects_metric_direction():
   final = {"semseg": {"mIoU": 30.0}, "normals": {"mean": 20.0}, "depth": {"rmse": 2.0}}
   untrained = {"semseg": {"mIoU": 10.0}, "normals": {"mean": 40.0}, "depth": {"rmse": 1.0}}
-  assert train.beats_untrained(final, untrained) == {
+  assert evaluate.beats_untrained(final, untrained) == {
       "semseg": True, "normals": True, "depth": False}
 
 
@@ -376,8 +387,7 @@ def test_train_and_evaluate_writes_outputs(tmp_path):
   """End to end with injected model/data (resume is covered by test_checkpoint_resume.py)."""
   config = tiny_config(max_steps=24, checkpoint_every_steps=8, eval_every_steps=12)
   workdir = str(tmp_path / "run")
-  results = train.train_and_evaluate(config, workdir, model=TinyModel(),
-                                     create_train_loader=FakeTrainLoader,
+  results = train.train_and_evaluate(config, workdir, create_train_loader=FakeTrainLoader,
                                      create_eval_loader=lambda c: eval_batches(c))
   assert results["step"] == 24
   # The run learns: every task beats the untrained (step-0) model on this easy data.
@@ -408,7 +418,7 @@ assert jax.device_count() == 4, jax.devices()
 out = {}
 for n in (1, 4):
   config = T.tiny_config()
-  config.mesh = ml_collections.ConfigDict({"num_devices": n})
+  config.mesh.num_devices = n
   model, variables, state, step_fn, mesh = T._setup(config)
   assert mesh.devices.size == n
   state = S.replicate(state, mesh)

@@ -31,6 +31,11 @@ from freesine_jax.data.builder import DatasetError
 _TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
               24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 NUM_LABEL_IDS = 34
+# Class names of the 19 train ids (legends of freesine_jax.visualize; data/registry.py).
+CLASS_NAMES = {"semseg": (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle")}
 LABEL_TO_TRAIN = np.full(256, tasks_lib.IGNORE_INDEX, np.uint8)
 for _label_id, _train_id in _TRAIN_IDS.items():
   LABEL_TO_TRAIN[_label_id] = _train_id

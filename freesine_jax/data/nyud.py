@@ -24,6 +24,14 @@ from freesine_jax.data import builder as builder_lib
 from freesine_jax.data.builder import DatasetError
 
 NUM_CLASSES = 40
+# Class names (legends of freesine_jax.visualize; data/registry.py): the 40 classes of
+# Gupta et al.'s NYUDv2 labelling, in label order 1..40 (stored as 0..39).
+CLASS_NAMES = {"semseg": (
+    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
+    "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror",
+    "floor mat", "clothes", "ceiling", "books", "refrigerator", "television", "paper", "towel",
+    "shower curtain", "box", "whiteboard", "person", "night stand", "toilet", "sink", "lamp",
+    "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop")}
 
 
 def semseg_from_png(raw: np.ndarray) -> np.ndarray:

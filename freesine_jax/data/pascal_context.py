@@ -46,6 +46,15 @@ _PART_GROUPS = {
     6: ("llleg", "rlleg", "lfoot", "rfoot"),
 }
 HUMAN_PART_IDS = {name: pid for pid, names in _PART_GROUPS.items() for name in names}
+# Class names per classification task (legends of freesine_jax.visualize; data/registry.py):
+# semseg is PASCAL VOC's 20 classes + background, human_parts the 6 groups above + background.
+CLASS_NAMES = {
+    "semseg": ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
+               "cat", "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
+               "pottedplant", "sheep", "sofa", "train", "tvmonitor"),
+    "human_parts": ("background", "head", "torso", "upper_arms", "lower_arms", "upper_legs",
+                    "lower_legs"),
+}
 
 # PASCAL-Context (459-class LabelMap) ids whose distilled normals are kept: the context classes
 # whose names also appear in the NYUDv2 class list (except 'unknown'), plus 'tvmonitor' (427),

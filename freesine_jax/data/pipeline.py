@@ -18,49 +18,58 @@ Worker processes need absl flags parsed (run under absl.app, or call flags.FLAGS
 """
 from __future__ import annotations
 
+import glob
 import math
+import os
 from typing import Any, Iterator, Sequence
 
 import grain.python as grain
 import numpy as np
 
+from freesine_jax import errors
 from freesine_jax import tasks as tasks_lib
 from freesine_jax.data import augment as augment_lib
 from freesine_jax.data import registry
 
 
-def _get(cfg, key: str, default=None):
-  return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-
-
-def _builder(dataset_config):
-  """Returns a prepared TFDS builder for config.dataset (renders 'synthetic' on first use)."""
-  name = _get(dataset_config, "name")
-  data_dir = _get(dataset_config, "data_dir")
-  builder_config = _get(dataset_config, "builder_config")
-  cls = registry.builder_class(name)  # raises on an unknown name
-  if name == "synthetic":
+def _builder(config):
+  """A prepared TFDS builder for config.dataset (renders 'synthetic' on first use)."""
+  dataset = config.dataset
+  cls = registry.builder_class(dataset.name)  # a UserError for an unknown name
+  if dataset.name == "synthetic":
     from freesine_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    return synthetic.ensure_built(data_dir, config=builder_config or "default")
-  kwargs: dict[str, Any] = {"data_dir": data_dir, "file_format": "array_record"}
-  if builder_config:
-    kwargs["config"] = builder_config
-  builder = cls(**kwargs)
-  if not builder.is_prepared():
-    raise FileNotFoundError(
-        f"Dataset {name!r} is not prepared under {builder.data_dir!r} (config.dataset.data_dir="
-        f"{data_dir!r}). It cannot be downloaded: put the original files in a folder and run "
-        f"`python -m freesine_jax.data.prepare --dataset={name} --manual_dir=<folder> "
-        f"--data_dir={data_dir}` once (docs/datasets.md).")
+    return synthetic.ensure_built(dataset.data_dir, config=dataset.builder_config or "default")
+  kwargs: dict[str, Any] = {"data_dir": dataset.data_dir, "file_format": "array_record"}
+  if dataset.builder_config:
+    kwargs["config"] = dataset.builder_config
+  # Looked for before the builder exists: TFDS warns about every missing dataset folder.
+  written = glob.glob(os.path.join(os.path.expanduser(dataset.data_dir), cls.name, "**",
+                                   "dataset_info.json"), recursive=True)
+  builder = cls(**kwargs) if written else None
+  if builder is None or not builder.is_prepared():
+    raise errors.UserError(
+        f"dataset {dataset.name!r} is not prepared in config.dataset.data_dir="
+        f"{dataset.data_dir}; prepare it once from its files with "
+        f"python -m freesine_jax.data.prepare --dataset={dataset.name} --manual_dir=<folder> "
+        f"--data_dir={dataset.data_dir} (docs/datasets.md)")
   return builder
 
 
-def get_data_source(dataset_config, split: str):
-  """Random-access source of decoded examples (dicts in the stored format) for `split`."""
-  builder = _builder(dataset_config)
+def get_data_source(config, split: str):
+  """Random-access source of decoded examples (dicts in the stored format) of `split` of
+  config.dataset; every task of config.tasks must be stored in it."""
+  builder = _builder(config)
   if split not in builder.info.splits:
-    raise ValueError(f"Split {split!r} not in dataset {_get(dataset_config, 'name')!r}; "
-                     f"available: {sorted(builder.info.splits)}")
+    raise errors.UserError(
+        f"dataset {config.dataset.name!r} has no split {split!r}"
+        f"{errors.did_you_mean(split, builder.info.splits)}; its splits are "
+        f"{', '.join(sorted(builder.info.splits))}")
+  stored = set(builder.info.features)
+  missing = [t for t in config.tasks if t not in stored]
+  if missing:
+    raise errors.UserError(
+        f"dataset {config.dataset.name!r} stores no {', '.join(missing)} labels (it has "
+        f"{', '.join(sorted(stored - {'image', 'id'}))}); remove them from config.tasks")
   return builder.as_data_source(split)
 
 
@@ -83,10 +92,24 @@ def _local_batch(global_batch: int, shard_count: int, key: str) -> int:
 
 
 def _image_size(config) -> tuple[int, int]:
-  size = _get(config.dataset, "image_size")
-  if size is None or len(size) != 2:
-    raise ValueError(f"config.dataset.image_size must be (H, W), got {size!r}")
+  size = config.dataset.image_size
+  if len(size) != 2:
+    raise errors.UserError(f"config.dataset.image_size must be (height, width), got {size!r}")
   return int(size[0]), int(size[1])
+
+
+def augment_options(config) -> dict[str, Any]:
+  """Keyword arguments of augment.augment from config.dataset.augment."""
+  options = config.dataset.augment
+  if options.label_fill not in ("zero", "ignore"):
+    raise errors.UserError(f"config.dataset.augment.label_fill={options.label_fill!r}: use "
+                           "'zero' or 'ignore'")
+  if options.image_order not in (1, 3):
+    raise errors.UserError(f"config.dataset.augment.image_order={options.image_order!r}: use "
+                           "1 (bilinear) or 3 (bicubic)")
+  return dict(flip=bool(options.flip), rotate_degrees=float(options.rotate_degrees),
+              scale_range=options.scale_range, scales=options.scales,
+              image_order=int(options.image_order), label_fill=options.label_fill)
 
 
 def _select(element: dict, tasks: Sequence[str]) -> dict:
@@ -100,24 +123,13 @@ def _select(element: dict, tasks: Sequence[str]) -> dict:
 
 
 class TrainTransform(grain.RandomMapTransform):
-  """Selects config.tasks, augments with the record's rng, normalises."""
+  """Selects the tasks, augments with the record's rng (augment.augment options), normalises."""
 
-  def __init__(self, tasks: Sequence[str], image_size: tuple[int, int], augment_cfg):
+  def __init__(self, tasks: Sequence[str], image_size: tuple[int, int],
+               options: dict[str, Any]):
     self.tasks = tuple(tasks)
     self.image_size = image_size
-    cfg = augment_cfg or {}
-    self.kwargs = dict(
-        flip=bool(_get(cfg, "flip", False)),
-        rotate_degrees=float(_get(cfg, "rotate_degrees", 0.0) or 0.0),
-        scale_range=_get(cfg, "scale_range"),
-        scales=_get(cfg, "scales"),
-        image_order=int(_get(cfg, "image_order", 1)),
-        label_fill=_get(cfg, "label_fill", "zero"),
-    )
-    unknown = sorted(set(cfg.keys()) - set(self.kwargs)) if hasattr(cfg, "keys") else []
-    if unknown:
-      raise ValueError(f"config.dataset.augment has unknown keys {unknown}; known: "
-                       f"{tuple(self.kwargs)}")
+    self.kwargs = dict(options)
 
   def random_map(self, element, rng: np.random.Generator):
     ex = augment_lib.augment(_select(element, self.tasks), rng, self.image_size, **self.kwargs)
@@ -152,8 +164,7 @@ def padding_example(tasks: Sequence[str], image_size: tuple[int, int]) -> dict:
 
 
 def _seed(config) -> int:
-  seed = _get(config.input, "seed")
-  return int(config.seed if seed is None else seed)
+  return int(config.seed if config.input.seed is None else config.input.seed)
 
 
 def create_train_loader(config, *, shard_index: int | None = None,
@@ -161,7 +172,7 @@ def create_train_loader(config, *, shard_index: int | None = None,
   """Endless shuffled, augmented train batches of batch_size // shard_count examples."""
   shard_index, shard_count = _shard(shard_index, shard_count)
   if data_source is None:
-    data_source = get_data_source(config.dataset, _get(config.dataset, "train_split", "train"))
+    data_source = get_data_source(config, config.dataset.train_split)
   batch = _local_batch(int(config.input.batch_size), shard_count, "batch_size")
   shard_options = grain.ShardOptions(shard_index, shard_count, drop_remainder=True)
   if len(data_source) // shard_count < batch:
@@ -169,11 +180,11 @@ def create_train_loader(config, *, shard_index: int | None = None,
                      f"local batch ({batch})")
   sampler = grain.IndexSampler(len(data_source), shard_options=shard_options, shuffle=True,
                                num_epochs=None, seed=_seed(config))
-  transform = TrainTransform(config.tasks, _image_size(config), _get(config.dataset, "augment"))
+  transform = TrainTransform(config.tasks, _image_size(config), augment_options(config))
   return grain.DataLoader(
       data_source=data_source, sampler=sampler,
       operations=[transform, grain.Batch(batch, drop_remainder=True)],
-      worker_count=int(_get(config.input, "num_workers", 0) or 0))
+      worker_count=int(config.input.num_workers))
 
 
 class _Subset:
@@ -249,10 +260,8 @@ def create_eval_loader(config, *, shard_index: int | None = None,
   """Resize-only batches of eval_batch_size // shard_count covering this shard once."""
   shard_index, shard_count = _shard(shard_index, shard_count)
   if data_source is None:
-    data_source = get_data_source(config.dataset,
-                                  split or _get(config.dataset, "eval_split", "val"))
+    data_source = get_data_source(config, split or config.dataset.eval_split)
   batch = _local_batch(int(config.input.eval_batch_size), shard_count, "eval_batch_size")
-  augment_cfg = _get(config.dataset, "augment") or {}
   return EvalLoader(data_source, config.tasks, _image_size(config), batch, shard_index,
-                    shard_count, num_workers=int(_get(config.input, "num_workers", 0) or 0),
-                    image_order=int(_get(augment_cfg, "image_order", 1)))
+                    shard_count, num_workers=int(config.input.num_workers),
+                    image_order=int(config.dataset.augment.image_order))

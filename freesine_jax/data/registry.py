@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 import os
 
+from freesine_jax import errors
+
 _BUILDERS = {
     "synthetic": "freesine_jax.data.synthetic:SyntheticMultiTask",
     "pascal_context": "freesine_jax.data.pascal_context:PascalContextMT",
@@ -24,6 +26,16 @@ DEFAULT_DATA_DIR = os.environ.get(
 
 def builder_class(name: str):
   if name not in _BUILDERS:
-    raise ValueError(f"Unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
+    raise errors.UserError(f"config.dataset.name={name!r} is not a dataset"
+                           f"{errors.did_you_mean(name, DATASET_NAMES)}; the datasets are "
+                           f"{', '.join(DATASET_NAMES)}")
   module_name, class_name = _BUILDERS[name].split(":")
   return getattr(importlib.import_module(module_name), class_name)
+
+
+def class_names(name: str) -> dict[str, tuple[str, ...]]:
+  """{task: class names} of dataset `name` (its module's CLASS_NAMES; {} if it has none)."""
+  module_name = _BUILDERS[name].split(":")[0] if name in _BUILDERS else None
+  if module_name is None:
+    return {}
+  return dict(getattr(importlib.import_module(module_name), "CLASS_NAMES", {}))

@@ -61,6 +61,8 @@ NUM_SEMSEG_CLASSES = 6
 NUM_HUMAN_PARTS_CLASSES = 7
 SEMSEG_CLASS_NAMES = ("wall", "floor", "sphere", "box", "cylinder", "person")
 HUMAN_PARTS_NAMES = ("none", "head", "torso", "upper_arm", "lower_arm", "upper_leg", "lower_leg")
+# Class names per classification task (legends of freesine_jax.visualize; data/registry.py).
+CLASS_NAMES = {"semseg": SEMSEG_CLASS_NAMES, "human_parts": HUMAN_PARTS_NAMES}
 WALL, FLOOR, SPHERE, BOX, CYLINDER, PERSON = range(6)
 SPLITS = ("train", "val")
 TASK_KEYS = ("semseg", "human_parts", "sal", "edge", "normals", "depth")

@@ -19,10 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from typing import Iterable, Mapping, Sequence
 
-from absl import app
 from absl import flags
 from absl import logging
 from flax import traverse_util
@@ -32,12 +30,10 @@ import ml_collections
 import numpy as np
 
 from freesine_jax import checkpointing
+from freesine_jax import cli
+from freesine_jax import errors
 from freesine_jax import models
 from freesine_jax.models import adapters
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's --workdir.")
-_OUT = flags.DEFINE_string("out", None, "Output directory (default: <workdir>/analysis).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 
 RANK_RTOL = 1e-3  # numerical rank: singular values >= RANK_RTOL * the largest (float64 SVD)
 FREQUENCY_KEY = "train/frequency/"  # metrics.jsonl keys written by train.py
@@ -296,21 +292,23 @@ def plot_frequencies(history: Mapping[str, list], tasks: Sequence[str], path: st
 
 
 def load_run(workdir: str, step: int | None = None):
-  """(config, params, step) of a run's checkpoint; ValueError with one line if it has none."""
+  """(config, params, step) of a run's checkpoint; a one-line UserError if it has none."""
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(directory):
-    raise ValueError(f"{workdir}: no checkpoints/ directory (is it a training --workdir?)")
+    raise errors.UserError(f"{workdir}: no checkpoints/ directory (is it a training --workdir?)")
   ckpt = checkpointing.Checkpointer(directory, async_save=False)
   try:
     steps = ckpt.all_steps()
     if not steps:
-      raise ValueError(f"{directory}: no checkpoint saved yet")
+      raise errors.UserError(f"{directory}: no checkpoint saved yet")
     step = max(steps) if step is None else int(step)
     if step not in steps:
-      raise ValueError(f"{directory}: no checkpoint at step {step} (saved: {sorted(steps)})")
+      raise errors.UserError(f"{directory}: no checkpoint at step {step} (saved: "
+                             f"{sorted(steps)})")
     metadata = ckpt.read_metadata(step)
     if not metadata.get("config"):
-      raise ValueError(f"{directory} step {step}: the checkpoint's metadata holds no config")
+      raise errors.UserError(f"{directory} step {step}: the checkpoint's metadata holds no "
+                             "config")
     config = ml_collections.ConfigDict(json.loads(metadata["config"]))
     params = ckpt.restore_saved_state(step)["params"]
   finally:
@@ -341,23 +339,24 @@ def report(result: Mapping) -> str:
   return "\n".join(lines)
 
 
+def define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "A training run's --workdir.")
+  flags.DEFINE_string("out", None, "Output directory (default: <workdir>/analysis).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.mark_flags_as_required(["workdir"])
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir=<a training run's workdir> is required")
+  del argv
   logging.set_verbosity(logging.WARNING)
-  try:
-    config, params, step = load_run(_WORKDIR.value, _STEP.value)
-  except ValueError as e:
-    print(f"analyze: {e}", file=sys.stderr)
-    sys.exit(2)
-  out = _OUT.value or os.path.join(_WORKDIR.value, "analysis")
+  f = flags.FLAGS
+  config, params, step = load_run(f.workdir, f.step)
+  out = f.out or os.path.join(f.workdir, "analysis")
   os.makedirs(out, exist_ok=True)
   result, layers, history = analyze(params, config, step,
-                                    os.path.join(_WORKDIR.value, "metrics.jsonl"))
-  with open(os.path.join(out, "analysis.json"), "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2, allow_nan=True)
+                                    os.path.join(f.workdir, "metrics.jsonl"))
+  with open(os.path.join(out, "analysis.json"), "w", encoding="utf-8") as fh:
+    json.dump(result, fh, indent=2, allow_nan=True)
   tasks = tuple(config.tasks)
   if layers:
     plot_spectra(layers, tasks, os.path.join(out, "spectra.png"))
@@ -368,7 +367,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.run("freesine_jax.tools.analyze", define_flags, main)
 
 
 if __name__ == "__main__":

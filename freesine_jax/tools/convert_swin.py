@@ -15,25 +15,15 @@ import json
 import os
 from typing import Sequence
 
-from absl import app
 from absl import flags
 import numpy as np
 from flax import traverse_util
 
 from freesine_jax import checkpointing
+from freesine_jax import cli
 from freesine_jax.models import pretrained
 from freesine_jax.models import relpos_resize
 from freesine_jax.models import swin
-
-_SRC = flags.DEFINE_string("src", None, "Source checkpoint file (.pth/.bin/.safetensors) or dir.")
-_OUT = flags.DEFINE_string("out", None, "Output directory (must not exist yet).")
-_VARIANT = flags.DEFINE_enum("variant", None, sorted(swin.SWIN_VARIANTS),
-                             "Expected variant; the conversion fails if the weights differ.")
-_LAYOUT = flags.DEFINE_enum("layout", None, ["ms", "timm", "hf"],
-                            "Source layout (default: detected from the key names).")
-_WINDOW = flags.DEFINE_integer("window", None,
-                               "Resize every relative-position table to this window (bicubic).")
-
 
 def convert(src: str, out: str, *, variant: str | None = None, layout: str | None = None,
             window: int | None = None) -> dict:
@@ -75,26 +65,35 @@ def convert(src: str, out: str, *, variant: str | None = None, layout: str | Non
   return metadata
 
 
+def define_flags() -> None:
+  flags.DEFINE_string("src", None, "Source checkpoint file (.pth/.bin/.safetensors) or dir.")
+  flags.DEFINE_string("out", None, "Output directory (must not exist yet).")
+  flags.DEFINE_enum("variant", None, sorted(swin.SWIN_VARIANTS),
+                    "Expected variant; the conversion fails if the weights differ.")
+  flags.DEFINE_enum("layout", None, ["ms", "timm", "hf"],
+                    "Source layout (default: detected from the key names).")
+  flags.DEFINE_integer("window", None,
+                       "Resize every relative-position table to this window (bicubic).")
+  flags.mark_flags_as_required(["src", "out"])
+
+
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _SRC.value or not _OUT.value:
-    raise app.UsageError("--src and --out are required")
-  meta = convert(_SRC.value, _OUT.value, variant=_VARIANT.value, layout=_LAYOUT.value,
-                 window=_WINDOW.value)
+  del argv
+  f = flags.FLAGS
+  meta = convert(f.src, f.out, variant=f.variant, layout=f.layout, window=f.window)
   print(f"converted {meta['source']} ({meta['layout']}, sha256 {meta['source_sha256']})")
   print(f"  variant {meta['variant']}: embed {meta['embed_dim']}, depths {meta['depths']}, "
         f"heads {meta['num_heads']}, window {meta['source_window_size']} -> "
         f"{meta['window_size']}, {meta['num_params']:,} parameters in {meta['num_weights']} "
         "arrays")
   print(f"  ignored source keys (not backbone features): {meta['ignored_keys'] or 'none'}")
-  print(f"  wrote {os.path.join(_OUT.value, pretrained.WEIGHTS_DIR)} and "
+  print(f"  wrote {os.path.join(f.out, pretrained.WEIGHTS_DIR)} and "
         f"{pretrained.METADATA_FILE} (backbone_hash {meta['backbone_hash'][:16]}...)")
 
 
 def run() -> None:
   """Console-script entry point (freesine-convert-swin)."""
-  app.run(main)
+  cli.run("freesine_jax.tools.convert_swin", define_flags, main)
 
 
 if __name__ == "__main__":

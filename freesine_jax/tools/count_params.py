@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import collections
 
-from absl import app
-from ml_collections import config_flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from freesine_jax import cli
 from freesine_jax import models
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 
 GROUPS = ("TA adapters (shared LoRA)", "TS adapters (Sine-AWB W, prompt path, gates)",
           "Clock Net + task tokens", "decoders", "trainable backbone")
@@ -72,16 +70,18 @@ def report(config) -> str:
   return "\n".join(lines)
 
 
+def define_flags() -> None:
+  cli.define_config_flag()
+  flags.mark_flags_as_required(["config"])
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if _CONFIG.value is None:
-    raise app.UsageError("--config=<configs/file.py[:args]> is required")
-  print(report(_CONFIG.value))
+  del argv
+  print(report(flags.FLAGS.config))
 
 
 def run():
-  app.run(main)
+  cli.run("freesine_jax.tools.count_params", define_flags, main)
 
 
 if __name__ == "__main__":

@@ -16,20 +16,17 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from typing import Sequence
 
-from absl import app
 from absl import flags
 import numpy as np
+
+from freesine_jax import cli
+from freesine_jax import errors
 
 from freesine_jax import metrics as metrics_lib
 from freesine_jax import tasks as tasks_lib
 
-_RUNS = flags.DEFINE_multi_string(
-    "runs", None, "label=dir[,dir...] or dir; repeat the flag or list several after it.")
-_REFERENCE = flags.DEFINE_string("reference", None, "Label of the Δm reference row "
-                                 "(default: the first row).")
 
 
 @dataclasses.dataclass
@@ -47,7 +44,7 @@ def parse_runs(specs: Sequence[str]) -> list[tuple[str, list[str]]]:
       label, dirs = os.path.basename(os.path.normpath(spec)), spec
     paths = [d.strip() for d in dirs.split(",") if d.strip()]
     if not paths:
-      raise ValueError(f"--runs {spec!r}: no run directory given")
+      raise errors.UserError(f"--runs {spec!r}: no run directory given")
     groups.append((label.strip(), paths))
   return groups
 
@@ -57,7 +54,7 @@ def load_row(label: str, paths: Sequence[str]) -> Row:
   for path in paths:
     results_path = os.path.join(path, "results.json")
     if not os.path.exists(results_path):
-      raise ValueError(f"{results_path}: not found (has the run in {path} finished?)")
+      raise errors.UserError(f"{results_path}: not found (has the run in {path} finished?)")
     with open(results_path, encoding="utf-8") as f:
       runs.append(json.load(f))
     analysis_path = os.path.join(path, "analysis", "analysis.json")
@@ -85,17 +82,17 @@ def _mean_std(values: Sequence[float], digits: int) -> str:
 def table(rows: Sequence[Row], reference: str | None = None) -> str:
   """The Markdown table; columns: per-task headline metric, Δm, trainable params, regime."""
   if not rows:
-    raise ValueError("no runs given")
+    raise errors.UserError("no runs given")
   labels = [r.label for r in rows]
   ref_label = reference or labels[0]
   if ref_label not in labels:
-    raise ValueError(f"--reference={ref_label!r} is not one of the row labels {labels}")
+    raise errors.UserError(f"--reference={ref_label!r} is not one of the row labels {labels}")
   ref_row = rows[labels.index(ref_label)]
   tasks = list(rows[0].runs[0]["final"])
   for row in rows:
     for run in row.runs:
       if list(run["final"]) != tasks:
-        raise ValueError(f"row {row.label!r}: tasks {list(run['final'])} differ from {tasks}")
+        raise errors.UserError(f"row {row.label!r}: tasks {list(run['final'])} differ from {tasks}")
   ref_key = {t: tasks_lib.get_task(t).headline_metric for t in tasks}
   reference_metrics = {t: {ref_key[t]: float(np.mean([headline(r, t) for r in ref_row.runs]))}
                        for t in tasks}
@@ -134,21 +131,27 @@ def table(rows: Sequence[Row], reference: str | None = None) -> str:
   return "\n".join(lines)
 
 
+def define_flags() -> None:
+  flags.DEFINE_multi_string(
+      "runs", None, "label=dir[,dir...] or dir; repeat the flag or list several after it.")
+  flags.DEFINE_string("reference", None, "Label of the Δm reference row (default: the first "
+                      "row).")
+
+
 def main(argv):
-  specs = list(_RUNS.value or []) + list(argv[1:])
+  specs = list(flags.FLAGS.runs or []) + list(argv[1:])
   if not specs:
-    print("table: give at least one run with --runs=label=dir[,dir...]", file=sys.stderr)
-    sys.exit(2)
+    raise errors.UserError("give at least one run with --runs=label=dir[,dir...]")
+  rows = [load_row(label, paths) for label, paths in parse_runs(specs)]
   try:
-    rows = [load_row(label, paths) for label, paths in parse_runs(specs)]
-    print(table(rows, _REFERENCE.value))
-  except (ValueError, KeyError) as e:
-    print(f"table: {e}", file=sys.stderr)
-    sys.exit(2)
+    print(table(rows, flags.FLAGS.reference))
+  except KeyError as e:
+    raise errors.UserError(f"a results.json lacks {e}; was it written by freesine_jax.main?"
+                           ) from None
 
 
 def run():
-  app.run(main)
+  cli.run("freesine_jax.tools.table", define_flags, main, positional_args=True)
 
 
 if __name__ == "__main__":

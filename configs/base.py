@@ -1,0 +1,196 @@
+"""Every config key, declared once, with its default and what it means.
+
+The defaults are the paper's setting: Free Sinewich r=64 on a frozen Swin-T, PASCAL-Context's four
+tasks at 448x448, MTLoRA's training recipe (docs/design.md §1-§3). The experiment configs
+(pascal_context.py, nyud.py, cityscapes.py, synthetic.py) start from `get_config()` and only change
+values: the returned config is locked, so adding a key there (or with --config.<key> on the command
+line) is an error, and the library reads `config.<key>` without defaults. docs/configuration.md is
+generated from this file (scripts/config_reference.py); each key's comment is its documentation.
+
+  python -m freesine_jax.main --config=configs/base.py --workdir=...   (= pascal_context.py:r64)
+"""
+import ml_collections
+
+from freesine_jax.data import registry
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The base config: every key the library reads (locked: experiment configs change values)."""
+  config = ml_collections.ConfigDict()
+
+  # PRNG seed of parameter init (and of the random backbone when model.backbone_weights is ''),
+  # dropout and drop-path; also of the data order and augmentation unless input.seed is set.
+  config.seed = 0
+  # Tasks trained and evaluated (freesine_jax/tasks.py: semseg, human_parts, sal, normals, edge,
+  # depth). On the command line: --config.tasks="('semseg', 'normals')".
+  config.tasks = ("semseg", "human_parts", "sal", "normals")
+
+  config.num_classes = ml_collections.ConfigDict()  # classes of each classification task
+  config.num_classes.semseg = 21  # semantic segmentation classes (PASCAL-Context: 21)
+  config.num_classes.human_parts = 7  # human part classes incl. background (PASCAL-Part: 7)
+
+  # Weight w_t of each task's loss in the total sum_t w_t L_t (MTLoRA's weights). Only the tasks
+  # of config.tasks are used; every one of them needs a weight.
+  config.loss_weights = ml_collections.ConfigDict()
+  config.loss_weights.semseg = 1.0  # softmax cross-entropy, 255 ignored
+  config.loss_weights.human_parts = 2.0  # softmax cross-entropy, 255 ignored
+  config.loss_weights.sal = 5.0  # class-balanced binary cross-entropy
+  config.loss_weights.normals = 10.0  # L1 of the L2-normalised normals over valid pixels
+  config.loss_weights.edge = 50.0  # binary cross-entropy, positive weight 0.95
+  config.loss_weights.depth = 1.0  # L1 over valid (> 0) pixels
+
+  config.dataset = ml_collections.ConfigDict()  # which prepared dataset, and how it is augmented
+  # Dataset name: synthetic (rendered on first use) | pascal_context | nyud | cityscapes (those
+  # three are prepared once from local files: docs/datasets.md).
+  config.dataset.name = "pascal_context"
+  config.dataset.builder_config = ""  # TFDS builder config ('' = the builder's default)
+  # Where prepared datasets live: $FREESINE_DATA_DIR, else ~/.cache/freesine_jax/tensorflow_datasets.
+  config.dataset.data_dir = registry.DEFAULT_DATA_DIR
+  config.dataset.train_split = "train"  # split trained on
+  config.dataset.eval_split = "val"  # split evaluated on
+  # (height, width) the network sees: train images are augmented, then resized to it; eval
+  # images are resized only.
+  config.dataset.image_size = (448, 448)
+
+  config.dataset.augment = ml_collections.ConfigDict()  # train-time augmentation
+  config.dataset.augment.flip = True  # horizontal flip with probability 0.5 (normals' x negated)
+  config.dataset.augment.rotate_degrees = 20.0  # rotation angle drawn from U(-a, a); 0 disables
+  # Zoom factor drawn from U(lo, hi) about the centre (with rotation: one warp, zero borders).
+  config.dataset.augment.scale_range = ml_collections.FieldReference(
+      (0.75, 1.25), field_type=tuple)
+  # Zoom factor drawn from this set instead (NYUDv2: (1.0, 1.2, 1.5)); None: use scale_range.
+  config.dataset.augment.scales = ml_collections.FieldReference(None, field_type=tuple)
+  config.dataset.augment.image_order = 1  # image interpolation: 1 bilinear | 3 bicubic
+  # What warped-in borders hold in the labels: zero (MTLoRA: background, no edge, invalid
+  # normals and depth) | ignore (255 for class maps, invalid for the others).
+  config.dataset.augment.label_fill = "zero"
+
+  config.input = ml_collections.ConfigDict()  # input pipeline (grain)
+  # GLOBAL train batch, split over processes (and over devices by sharding); the learning rates
+  # scale with it (optim.scale_lr_with_batch).
+  config.input.batch_size = 32
+  config.input.eval_batch_size = 32  # GLOBAL eval batch (the last batch is padded)
+  config.input.num_workers = 4  # grain worker processes per host (0: load in the main process)
+  # Seed of the data order and augmentation; None: config.seed.
+  config.input.seed = ml_collections.FieldReference(None, field_type=int)
+
+  config.mesh = ml_collections.ConfigDict()  # devices (data parallelism over one 'data' axis)
+  # Use the first N devices of jax.devices(); None: all of them.
+  config.mesh.num_devices = ml_collections.FieldReference(None, field_type=int)
+
+  config.model = ml_collections.ConfigDict()  # the network (docs/method.md explains each choice)
+  # 'pkg.module:function' returning a custom linen model for function(config), following the
+  # contract of freesine_jax.models.build_model (collections 'backbone'/'params'/'batch_stats',
+  # outputs {task: (B, H, W, C)}); '' builds Free Sinewich from the keys below.
+  config.model.factory = ""
+  config.model.name = "free_sinewich"  # method label (reports, count_params)
+  config.model.variant = "swin_t"  # Swin backbone: swin_t | swin_s | swin_b | swin_l | custom
+  config.model.embed_dim = 96  # stage-1 channels (variant=custom only)
+  config.model.depths = (2, 2, 6, 2)  # blocks per stage (variant=custom only)
+  config.model.num_heads = (3, 6, 12, 24)  # attention heads per stage (variant=custom only)
+  config.model.window_size = 7  # attention window (tokens per side)
+  config.model.patch_size = 4  # patch embedding stride (pixels per token side)
+  config.model.drop_path_rate = 0.2  # stochastic depth rate of the last block (linear ramp)
+  # Pretrained Swin weights: a converted directory or a source file (.pth, .safetensors, timm,
+  # Hugging Face; docs/pretrained.md); '' = random init from config.seed.
+  config.model.backbone_weights = ""
+  config.model.backbone_layout = ""  # layout of backbone_weights: '' detect | ms | timm | hf
+  # Which backbone weights train: none | norms_relpos_embed (TADFormer: LayerNorms, relative
+  # position tables, patch embedding) | mtlora (+ patch-merging reductions) | all.
+  config.model.trainable_backbone = "norms_relpos_embed"
+  config.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  config.model.prompts = True  # one learnable prompt token per task joins window attention
+  # Clock Net: omega_t = s (tanh(W_q ReLU(p_t) + phi_t) + c) from the task tokens. False: one
+  # free learnable frequency per task ("w/o LCN" ablation), started at the same values.
+  config.model.clock_net = True
+  config.model.clock_s_init = 1.0  # initial scale s of the Clock Net
+  config.model.clock_c_init = 1.0  # initial offset c of the Clock Net
+  # tanh(phi_t) evenly spaced in [-spread, spread] (fixed), so tasks start at distinct
+  # frequencies; 0 is the paper's formula as written.
+  config.model.clock_spread = 0.5
+
+  config.model.lora = ml_collections.ConfigDict()  # the shared (task-agnostic) LoRA of every block
+  config.model.lora.rank = 64  # rank r of A (C_in x r) and B (r x C_out); 0 disables LoRA
+  config.model.lora.scale = 4.0  # fixed output scale of the LoRA product (not alpha / r)
+  config.model.lora.dropout = 0.05  # dropout on the LoRA input while training
+  config.model.lora.modules = ("qkv", "proj", "fc1", "fc2")  # the linear layers carrying LoRA
+
+  # Sine-AWB, the task-specific path in each stage's last block: per task t the kernel
+  # K_t = lowpass((rho/omega_0) sin(omega_0 omega_t A.W.B / rho)), rho = RMS of each tap.
+  config.model.sine_awb = ml_collections.ConfigDict()
+  config.model.sine_awb.enabled = True  # False: no task-specific path (shared LoRA only)
+  config.model.sine_awb.modules = ("proj", "fc1", "fc2")  # linear layers with a task path
+  config.model.sine_awb.kernel_size = 3  # k of the k x k convolutional prior W (1: a matrix)
+  config.model.sine_awb.w_mode = "full"  # W: full (r x r x k x k) | depthwise (r x k x k)
+  config.model.sine_awb.w_init = "identity"  # W init: identity (centre tap = I) | kaiming
+  config.model.sine_awb.scale = 4.0  # output gain of the task path (as lora.scale)
+  # True: per-task A, W, B instead of one shared base ("independent bases" ablation).
+  config.model.sine_awb.independent_bases = False
+  # sine | linear (omega_t * A.W.B, the "w/o sine" ablation).
+  config.model.sine_awb.modulation = "sine"
+  # Base frequency omega_0 of the normalised sine: the argument has RMS omega_0 * omega_t per
+  # tap (docs/method.md, "Where the sine acts", for the measurements behind 3).
+  config.model.sine_awb.omega_0 = 3.0
+  # Normalisation rho of the fused kernel: tap_rms (per k x k tap) | rms (whole kernel) | none
+  # (the literal sin(omega_0 omega_t M), inert at trained weight scales).
+  config.model.sine_awb.base_norm = "tap_rms"
+  # Gaussian low-pass of each task kernel: matrix (over C_in x C_out per tap) | taps (over the
+  # k x k taps) | taps_full (full convolution of the taps) | none.
+  config.model.sine_awb.lowpass = "matrix"
+  config.model.sine_awb.lowpass_size = 7  # low-pass filter size K
+  config.model.sine_awb.lowpass_sigma = 1.0  # low-pass filter sigma
+
+  config.model.decoder = ml_collections.ConfigDict()  # per-task heads (HRNet-style)
+  # shared: one 270->1080 base modulated per task (Free Sinewich) | independent: a full head
+  # per task ("independent decoder" ablation).
+  config.model.decoder.kind = "shared"
+  config.model.decoder.proj_channels = (18, 36, 72, 144)  # 1x1 projections of the 4 scales
+  config.model.decoder.head_channels = 1080  # channels of the head's first convolution
+  config.model.decoder.modulation = "sine"  # as model.sine_awb.modulation, for the shared base
+  config.model.decoder.omega_0 = 3.0  # as model.sine_awb.omega_0, for the shared base
+  config.model.decoder.base_norm = "tap_rms"  # as model.sine_awb.base_norm, for the shared base
+  config.model.decoder.lowpass = "matrix"  # matrix | none, for the shared base
+  config.model.decoder.lowpass_size = 7  # low-pass filter size K of the shared base
+  config.model.decoder.lowpass_sigma = 1.0  # low-pass filter sigma of the shared base
+
+  config.optim = ml_collections.ConfigDict()  # AdamW + warmup/cosine (MTLoRA's recipe)
+  config.optim.lr_base = 5e-4  # peak learning rate for a global batch of lr_reference_batch
+  config.optim.warmup_lr_base = 5e-7  # learning rate at step 0 (same batch scaling)
+  config.optim.min_lr_base = 5e-6  # learning rate at the end of the cosine (same batch scaling)
+  config.optim.lr_reference_batch = 512  # lr = lr_base * input.batch_size / lr_reference_batch
+  config.optim.scale_lr_with_batch = True  # False: use the *_lr_base values as they are
+  config.optim.b1 = 0.9  # AdamW beta1
+  config.optim.b2 = 0.999  # AdamW beta2
+  config.optim.eps = 1e-8  # AdamW epsilon
+  config.optim.weight_decay = 0.05  # decoupled weight decay of 'params' leaves with ndim >= 2
+  config.optim.grad_clip = 5.0  # clip the gradient's global norm to this; <= 0 disables
+
+  config.train = ml_collections.ConfigDict()  # the loop: length, logging, checkpoints
+  config.train.num_epochs = 300  # the schedule's length in epochs
+  config.train.warmup_epochs = 20  # linear warmup epochs, then cosine decay
+  # Stop after this many steps (None: num_epochs); the schedule still spans num_epochs.
+  config.train.max_steps = ml_collections.FieldReference(None, field_type=int)
+  # Examples per epoch (None: the size of the train split).
+  config.train.num_train_examples = ml_collections.FieldReference(None, field_type=int)
+  # Progress line, metrics.jsonl and TensorBoard scalars every N steps.
+  config.train.log_every_steps = 50
+  # TensorBoard image of the eval.qualitative_examples every N steps (and at the end); 0: never.
+  config.train.image_every_steps = 1000
+  config.train.checkpoint_every_steps = 500  # Orbax checkpoint every N steps (and at the end)
+  config.train.max_checkpoints_to_keep = 3  # older checkpoints are deleted
+  config.train.async_checkpointing = True  # write checkpoints in the background
+  config.train.eval_every_steps = 0  # evaluate every N steps; 0: only at the end
+  # Evaluate the step-0 model too and report per task whether training beat it.
+  config.train.untrained_baseline = True
+
+  config.eval = ml_collections.ConfigDict()  # evaluation
+  # Single-task reference metrics {task: {headline metric: value}} for delta_m; None: no delta_m.
+  config.eval.reference = ml_collections.FieldReference(None, field_type=dict)
+  # Evaluate only the first N batches of eval_split (None: all of it).
+  config.eval.max_batches = ml_collections.FieldReference(None, field_type=int)
+  # How many examples (the first of eval_split) freesine_jax.evaluate draws as PNG grids and
+  # training draws in TensorBoard.
+  config.eval.qualitative_examples = 4
+
+  config.lock()
+  return config

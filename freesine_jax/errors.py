@@ -1,0 +1,25 @@
+"""The one exception type for mistakes a user can fix: a config key, a task name, a path.
+
+Command lines (freesine_jax/cli.py) print a `UserError` as one line and exit with code 2; any
+other exception is a bug and keeps its traceback. The message says what is wrong and what would
+work, on one line.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class UserError(ValueError):
+  """A mistake in the command line, the config or the files it names; the message is one line."""
+
+  def __init__(self, message: str):
+    if "\n" in message:
+      raise ValueError(f"UserError messages are one line, got {message!r}")
+    super().__init__(message)
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+  """' (did you mean 'x'?)' for the closest candidate, or '' when none is close."""
+  close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
+  return f" (did you mean {close[0]!r}?)" if close else ""

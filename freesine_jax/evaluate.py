@@ -1,0 +1,350 @@
+"""Evaluation: a jit-compiled forward pass, streaming meters, pictures, and the command line.
+
+  python -m freesine_jax.evaluate --config=configs/<file>.py[:<arg>] --workdir=<run> \
+      [--step=N] [--out=<dir>] [--weights=<export dir>]
+
+evaluates a training run's checkpoint (the latest, or --step) on config.dataset.eval_split and
+writes to --out (default <run>/eval/step_<N>):
+
+  metrics.json          per-task metrics, delta_m against config.eval.reference, what was evaluated
+  examples/<i>.png      image, ground truth and prediction per task for the first
+                        config.eval.qualitative_examples examples of the split (visualize.py)
+
+and prints the per-task table. The config must describe the run's model (tasks, classes,
+config.model); evaluation keys (eval split, batch size, eval.max_batches, ...) may differ.
+--weights will evaluate merged export weights once tools/export exists (issue 11); until then
+it is refused with one line. The library half (`evaluate`, `predict`, the untrained-baseline
+key and verdict) is what training calls.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from absl import flags
+from absl import logging
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from freesine_jax import checkpointing
+from freesine_jax import cli
+from freesine_jax import errors
+from freesine_jax import metrics as metrics_lib
+from freesine_jax import modeling
+from freesine_jax import sharding as sharding_lib
+from freesine_jax import tasks as tasks_lib
+from freesine_jax import visualize
+
+PyTree = Any
+PROG = "freesine_jax.evaluate"
+
+
+# ----------------------------------------------------------------------------- the library
+
+
+def make_eval_forward(model: nn.Module) -> Callable:
+  """Jitted `forward(variables, images) -> outputs` (inference mode). Build it once per model
+  and reuse it so evaluation compiles once (linen modules with dict fields are unhashable, so
+  the model cannot be a static jit argument)."""
+  return jax.jit(lambda variables, images: model.apply(variables, images, train=False))
+
+
+def model_variables(variables: Mapping[str, PyTree], mesh: jax.sharding.Mesh) -> dict:
+  """The collections the forward pass reads, replicated on the mesh."""
+  return sharding_lib.replicate({k: variables[k] for k in modeling.COLLECTIONS}, mesh)
+
+
+def predict(forward: Callable, variables: Mapping[str, PyTree], batch: Mapping[str, Any],
+            tasks: Sequence[str], mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
+  """{task: post-processed prediction} for this host's rows of `batch` (numpy)."""
+  images = sharding_lib.shard_batch(batch, mesh, ("image",))["image"]
+  outputs = sharding_lib.local_rows(forward(variables, images), mesh)
+  return {t: metrics_lib.postprocess(t, outputs[t]) for t in tasks}
+
+
+def make_meters(config: ml_collections.ConfigDict) -> dict[str, metrics_lib.Meter]:
+  """One streaming meter per task of config.tasks."""
+  return {t: metrics_lib.make_meter(t, config.num_classes[t] if t in config.num_classes
+                                    else None) for t in config.tasks}
+
+
+def delta_m(results: Mapping[str, Mapping[str, Any]],
+            config: ml_collections.ConfigDict) -> float | None:
+  """Δm (%) against config.eval.reference, or None without a reference for these tasks."""
+  reference = config.eval.reference
+  if not reference or not any(t in reference for t in results):
+    return None
+  return metrics_lib.delta_m(results, {t: dict(m) for t, m in dict(reference).items()})
+
+
+def evaluate(forward: Callable, variables: Mapping[str, PyTree], loader: Iterable,
+             config: ml_collections.ConfigDict,
+             mesh: jax.sharding.Mesh) -> tuple[dict[str, dict], float | None]:
+  """Jitted forward over `loader` (at most config.eval.max_batches batches) + streaming
+  meters; returns (results per task, Δm or None).
+
+  Padding rows (batch['valid'] False) are skipped. Meter states are summed over hosts, so
+  every host returns the metrics of the whole split.
+  """
+  tasks = tuple(config.tasks)
+  meters = make_meters(config)
+  variables = model_variables(variables, mesh)
+  for i, batch in enumerate(loader):
+    if config.eval.max_batches is not None and i >= config.eval.max_batches:
+      break
+    predictions = predict(forward, variables, batch, tasks, mesh)
+    for t in tasks:
+      meters[t].update(predictions[t], batch[t], valid=batch["valid"])
+  if jax.process_count() > 1:
+    for t in tasks:
+      gathered = multihost_utils.process_allgather(meters[t].state())
+      meters[t].reset()
+      meters[t].merge({k: np.sum(v, axis=0) for k, v in gathered.items()})
+  results = {t: meters[t].result() for t in tasks}
+  return results, delta_m(results, config)
+
+
+def qualitative_batches(loader: Iterable, count: int) -> list[dict]:
+  """The first eval batches, enough to hold `count` valid examples (drawn by `draw_examples`)."""
+  batches, valid = [], 0
+  for batch in loader:
+    if valid >= count:
+      break
+    batches.append(batch)
+    valid += int(np.sum(batch["valid"]))
+  return batches
+
+
+def draw_examples(forward: Callable, variables: Mapping[str, PyTree], batches: Sequence[dict],
+                  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                  title: str = "") -> list[np.ndarray]:
+  """RGB grids (visualize.example_grid) of the first config.eval.qualitative_examples valid
+  rows of `batches` (this host's rows), predicted with `forward`."""
+  from freesine_jax.data import registry  # pylint: disable=g-import-not-at-top
+  tasks = tuple(config.tasks)
+  names = registry.class_names(config.dataset.name)
+  variables = model_variables(variables, mesh)
+  grids, index = [], 0
+  for batch in batches:
+    predictions = predict(forward, variables, batch, tasks, mesh)
+    rows = [r for r in range(len(batch["valid"])) if batch["valid"][r]]
+    rows = rows[:config.eval.qualitative_examples - len(grids)]
+    titles = [f"{title}example {index + i}".strip() for i in range(len(rows))]
+    grids += visualize.batch_grids(batch, predictions, tasks, rows, names, titles)
+    index += len(rows)
+  return grids
+
+
+def untrained_baseline_key(config: ml_collections.ConfigDict, backbone_hash: str) -> str:
+  """sha256 of everything the step-0 model's metrics depend on: the frozen backbone, the seed,
+  the tasks and classes, the model and the dataset (a cached baseline with another key is
+  stale)."""
+  config_json = json.loads(config.to_json_best_effort())
+  identity = [backbone_hash] + [config_json[k] for k in
+                                ("seed", "tasks", "num_classes", "model", "dataset")]
+  return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def beats_untrained(final: Mapping[str, Mapping[str, Any]],
+                    untrained: Mapping[str, Mapping[str, Any]]) -> dict[str, bool]:
+  """Per task: is the headline metric strictly better than the untrained model's?"""
+  verdict = {}
+  for task, metrics in final.items():
+    spec = tasks_lib.get_task(task)
+    m = float(metrics[spec.headline_metric])
+    u = float(untrained.get(task, {}).get(spec.headline_metric, math.nan))
+    if math.isnan(m):
+      verdict[task] = False
+    elif math.isnan(u):
+      verdict[task] = True
+    else:
+      verdict[task] = m > u if spec.higher_is_better else m < u
+  return verdict
+
+
+def format_verdict(final: Mapping[str, Mapping[str, Any]],
+                   untrained: Mapping[str, Mapping[str, Any]],
+                   verdict: Mapping[str, bool]) -> str:
+  """One line per task (headline metric vs the untrained model's) and the overall YES/NO."""
+  lines = []
+  for task, beats in verdict.items():
+    spec = tasks_lib.get_task(task)
+    key = spec.headline_metric
+    lines.append(f"  {task:<12} {key} {final[task][key]:.4f} vs untrained "
+                 f"{untrained[task][key]:.4f} ({'higher' if spec.higher_is_better else 'lower'}"
+                 f" is better): {'beats' if beats else 'does NOT beat'} the untrained model")
+  lines.append(f"all tasks beat the untrained model: {'YES' if all(verdict.values()) else 'NO'}")
+  return "\n".join(lines)
+
+
+def format_report(results: Mapping[str, Mapping[str, Any]], delta: float | None) -> str:
+  """The per-task metrics table, then Δm (or why there is none)."""
+  table = metrics_lib.format_table(results)
+  if delta is None:
+    return table + "\nΔm: no config.eval.reference for these tasks"
+  return table + f"\nΔm vs config.eval.reference: {delta:+.2f}%"
+
+
+def jsonable(x: Any) -> Any:
+  """Numbers, arrays and nested containers as JSON values (non-finite floats -> None)."""
+  if isinstance(x, Mapping):
+    return {str(k): jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [jsonable(v) for v in x]
+  if isinstance(x, (np.generic, np.ndarray, jax.Array)):
+    return jsonable(np.asarray(x).tolist())
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  return x
+
+
+# ----------------------------------------------------------------------------- a saved run
+
+
+def load_weights(weights: str) -> dict[str, PyTree]:
+  """Merged export weights (tools/export) as model variables.
+
+  The export format is defined by tools/export (issue 11), which does not exist yet: this is
+  where it will be read. Until then it is a UserError.
+  """
+  raise errors.UserError(
+      f"--weights={weights}: evaluating merged export weights needs tools/export (issue 11), "
+      "which does not exist yet; evaluate the run's checkpoint instead (drop --weights)")
+
+
+def find_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                    step: int | None) -> tuple[int, dict]:
+  """(step, metadata) of a training run's checkpoint (the latest if step is None), checked
+  against `config` before any model is built. Every failure is a one-line UserError."""
+  if not os.path.isdir(workdir):
+    raise errors.UserError(f"--workdir={workdir} does not exist; pass the --workdir a training "
+                           "run wrote (python -m freesine_jax.main --workdir=...)")
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    raise errors.UserError(f"--workdir={workdir} holds no checkpoints/ directory; pass the "
+                           "--workdir of a training run that saved a checkpoint")
+  ckpt = checkpointing.Checkpointer(directory, async_save=False)
+  try:
+    steps = sorted(ckpt.all_steps())
+    if not steps:
+      raise errors.UserError(f"{directory} holds no complete checkpoint yet; train longer or "
+                             "wait for the first checkpoint")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise errors.UserError(f"--step={step}: {directory} has no checkpoint at that step; the "
+                             f"saved steps are {', '.join(map(str, steps))}")
+    metadata = ckpt.read_metadata(step)
+  finally:
+    ckpt.close()
+  checkpointing.check_compatible(metadata, config, workdir, step, "evaluate it")
+  return int(step), metadata
+
+
+def restore_checkpoint(workdir: str, step: int, metadata: dict,
+                       variables: Mapping[str, PyTree]) -> dict[str, PyTree]:
+  """`variables` (freshly initialised: their frozen backbone is kept, and checked against the
+  hash the checkpoint recorded) with the params and batch_stats saved at `step`."""
+  checkpointing.check_backbone(metadata, checkpointing.tree_hash(variables["backbone"]), step)
+  ckpt = checkpointing.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                    async_save=False)
+  try:
+    saved = ckpt.restore_saved_state(step)
+  finally:
+    ckpt.close()
+  for name in ("params", "batch_stats"):
+    if (jax.tree_util.tree_structure(dict(variables[name]))
+        != jax.tree_util.tree_structure(dict(saved[name]))):
+      raise errors.UserError(f"{workdir} step {step}: the checkpoint's {name} do not fit the "
+                             "model this config builds; use the config the run was trained with")
+  return {"backbone": variables["backbone"], "params": saved["params"],
+          "batch_stats": saved["batch_stats"]}
+
+
+def evaluate_run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None,
+                 weights: str | None = None, out: str | None = None,
+                 create_eval_loader: Callable | None = None) -> dict[str, Any]:
+  """Evaluates a training run's checkpoint (or export `weights`); writes metrics.json and the
+  example PNGs to `out` (default <workdir>/eval/step_<N>); returns the metrics.json content."""
+  for task in config.tasks:
+    tasks_lib.get_task(task)
+  if weights:
+    load_weights(weights)
+  step, metadata = find_checkpoint(config, workdir, step)
+  mesh = sharding_lib.make_mesh(config)
+  sharding_lib.check_batch_size(int(config.input.eval_batch_size), mesh,
+                                "config.input.eval_batch_size")
+  model = modeling.build_model(config)
+  variables = restore_checkpoint(workdir, step, metadata, modeling.init_variables(model, config))
+  if create_eval_loader is None:
+    from freesine_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    create_eval_loader = pipeline.create_eval_loader
+  loader = create_eval_loader(config)
+  forward = make_eval_forward(model)
+  results, delta = evaluate(forward, variables, loader, config, mesh)
+  out = out or os.path.join(workdir, "eval", f"step_{step}")
+  images = []
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(out, "examples"), exist_ok=True)
+    grids = draw_examples(forward, variables,
+                          qualitative_batches(loader, config.eval.qualitative_examples),
+                          config, mesh, f"step {step} · ")
+    for i, grid in enumerate(grids):
+      images.append(os.path.join("examples", f"{i}.png"))
+      visualize.to_png(grid, os.path.join(out, images[-1]))
+  report = jsonable({
+      "workdir": os.path.abspath(workdir),
+      "step": step,
+      "dataset": config.dataset.name,
+      "split": config.dataset.eval_split,
+      "max_batches": config.eval.max_batches,
+      "results": results,
+      "delta_m": delta,
+      "reference": None if config.eval.reference is None else dict(config.eval.reference),
+      "images": images,
+  })
+  if jax.process_index() == 0:
+    with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+  return report
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def define_flags() -> None:
+  cli.define_config_flag()
+  flags.DEFINE_string("workdir", None, "A training run's --workdir (its checkpoints/ are read).")
+  flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+  flags.DEFINE_string("out", None, "Output directory (default: <workdir>/eval/step_<N>).")
+  flags.DEFINE_string("weights", None, "Merged export weights to evaluate instead of the "
+                      "checkpoint (needs tools/export, issue 11; refused until then).")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  f = flags.FLAGS
+  report = evaluate_run(f.config, f.workdir, step=f.step, weights=f.weights, out=f.out)
+  if jax.process_index() == 0:
+    out = f.out or os.path.join(f.workdir, "eval", f"step_{report['step']}")
+    print(f"step {report['step']} of {f.workdir} on {report['dataset']}/{report['split']}:")
+    print(format_report(report["results"], report["delta_m"]))
+    print(f"wrote {os.path.join(out, 'metrics.json')} and {len(report['images'])} example "
+          f"picture(s) in {os.path.join(out, 'examples')}")
+
+
+def run() -> None:
+  """Console-script entry point (`freesine-evaluate`)."""
+  cli.run(PROG, define_flags, main)
+
+
+if __name__ == "__main__":
+  run()

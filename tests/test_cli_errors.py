@@ -1,0 +1,97 @@
+"""Every command-line mistake ends with ONE line on stderr saying what is wrong and what would
+work, and exit code 2 — never a traceback. The commands run concurrently (each is a fresh
+process) on conftest.tiny_run where they need a trained run."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TINY_FACTORY
+
+TRAIN = ["-m", "freesine_jax.main"]
+EVALUATE = ["-m", "freesine_jax.evaluate"]
+TINY = "--config=configs/synthetic.py:tiny"
+FACTORY = f"--config.model.factory={TINY_FACTORY}"
+
+
+def cases(run, tmp):
+  """name -> (argv, [fragments the one line must contain])."""
+  empty = os.path.join(tmp, "empty")
+  if tmp != "TMP":
+    os.makedirs(empty, exist_ok=True)
+  return {
+      "unknown config key": (
+          TRAIN + [TINY, f"--workdir={tmp}/a", "--config.model.fatory=x"],
+          ["--config.model.fatory: the config declares no key 'model.fatory'",
+           "did you mean '--config.model.factory'?", "docs/configuration.md"]),
+      "misspelled task": (
+          TRAIN + [TINY, f"--workdir={tmp}/b", "--config.tasks=('semseg', 'normal')"],
+          ["unknown task 'normal' (did you mean 'normals'?)", "the tasks are semseg,"]),
+      "tuple written without parentheses": (
+          TRAIN + [TINY, f"--workdir={tmp}/c", "--config.tasks=semseg,normals"],
+          ["unknown task 'semseg,normals'", "--config.tasks=\"('semseg', 'normals')\""]),
+      "misspelled config arg": (
+          TRAIN + ["--config=configs/synthetic.py:tiny,nosine", f"--workdir={tmp}/d"],
+          ["--config=configs/synthetic.py:tiny,nosine: unknown config arg 'nosine' (did you "
+           "mean 'no_sine'?)", "comma-separated list of tiny, no_lcn"]),
+      "missing config file": (
+          TRAIN + ["--config=configs/pascal.py", f"--workdir={tmp}/e"],
+          ["--config=configs/pascal.py: no such file", "configs/pascal_context.py"]),
+      "missing --workdir": (
+          TRAIN + [TINY], ["--workdir must have a value"]),
+      "misspelled flag": (
+          TRAIN + [TINY, f"--wrkdir={tmp}/f"], ["Unknown command line flag 'wrkdir'", "workdir"]),
+      "dataset not prepared": (
+          TRAIN + ["--config=configs/nyud.py:r32", f"--workdir={tmp}/g",
+                   f"--config.dataset.data_dir={empty}"],
+          [f"dataset 'nyud' is not prepared in config.dataset.data_dir={empty}",
+           f"python -m freesine_jax.data.prepare --dataset=nyud --manual_dir=<folder> "
+           f"--data_dir={empty}"]),
+      "missing workdir": (
+          EVALUATE + [TINY, f"--workdir={tmp}/none", FACTORY],
+          [f"--workdir={tmp}/none does not exist", "python -m freesine_jax.main --workdir="]),
+      "workdir without checkpoints": (
+          EVALUATE + [TINY, f"--workdir={empty}", FACTORY],
+          [f"--workdir={empty} holds no checkpoints/ directory"]),
+      "missing checkpoint step": (
+          EVALUATE + [TINY, f"--workdir={run}", "--step=4", FACTORY],
+          ["--step=4:", "has no checkpoint at that step; the saved steps are 3, 6"]),
+      "evaluating with another config": (
+          EVALUATE + [TINY, f"--workdir={run}"],
+          [f"{run} step 6 was trained with another config: model.factory is "
+           f"'{TINY_FACTORY}' there, '' here", f"use the run's config (e.g. {FACTORY})"]),
+      "export weights before tools/export": (
+          EVALUATE + [TINY, f"--workdir={run}", FACTORY, f"--weights={tmp}/export"],
+          ["needs tools/export (issue 11), which does not exist yet", "drop --weights"]),
+  }
+
+
+@pytest.fixture(scope="module")
+def outcomes(tiny_run, cli_env, tmp_path_factory):
+  """name -> (argv, fragments, exit code, stderr) of every case, run two at a time."""
+  tmp = str(tmp_path_factory.mktemp("cli_errors"))
+  todo = list(cases(tiny_run, tmp).items())
+  results = {}
+  while todo:
+    batch, todo = todo[:2], todo[2:]
+    procs = {name: subprocess.Popen([sys.executable, *argv], cwd=REPO, env=cli_env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (argv, _) in batch}
+    for name, proc in procs.items():
+      _, err = proc.communicate(timeout=300)
+      argv, fragments = dict(batch)[name]
+      results[name] = (argv, fragments, proc.returncode, err)
+  return results
+
+
+@pytest.mark.parametrize("name", list(cases("RUN", "TMP")))
+def test_mistake_is_one_line_with_exit_code_2(name, outcomes):
+  argv, fragments, code, stderr = outcomes[name]
+  lines = [line for line in stderr.splitlines() if line.strip()]
+  assert code == 2, stderr[-3000:]
+  assert "Traceback" not in stderr, stderr[-3000:]
+  assert len(lines) == 1, stderr
+  assert lines[0].startswith(f"{argv[1]}: "), lines[0]  # the command's module
+  for fragment in fragments:
+    assert fragment in lines[0], (fragment, lines[0])
