@@ -18,6 +18,7 @@ from PIL import Image
 from freesine_jax.models import adapters
 
 from conftest import FREE_SINEWICH_STEPS as STEPS
+from conftest import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -145,3 +146,10 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
   assert proc.returncode == 2
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and "no checkpoints" in lines[0], proc.stderr
+
+
+def test_cli_refuses_a_model_without_sine_awb_in_one_line(tiny_run, cli_env):
+  proc = run_cli(["-m", "freesine_jax.tools.analyze", f"--workdir={tiny_run}"], cli_env)
+  assert proc.returncode == 2
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and "config.model.factory" in lines[0], proc.stderr

@@ -310,6 +310,10 @@ def load_run(workdir: str, step: int | None = None):
       raise errors.UserError(f"{directory} step {step}: the checkpoint's metadata holds no "
                              "config")
     config = ml_collections.ConfigDict(json.loads(metadata["config"]))
+    if config.model.factory:
+      raise errors.UserError(
+          f"{workdir} trains config.model.factory={config.model.factory!r}, not a Free "
+          "Sinewich model: there are no Sine-AWB layers or task frequencies to analyse")
     params = ckpt.restore_saved_state(step)["params"]
   finally:
     ckpt.close()
