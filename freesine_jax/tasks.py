@@ -79,7 +79,11 @@ POSITIVE_VALUES = LabelLayout(None, "float32", "float32", 0.0, _positive)
 class TaskKind:
   """What every task of one kind shares. Function fields name 'module:attribute':
 
-  loss         (output (B,H,W,C), label (B,H,W[,k]), **loss_options) -> scalar loss
+  loss         (output (B,H,W,C), label (B,H,W[,k]), totals=None, **loss_options) -> scalar
+               loss: a sum over pixels divided by counts of the labels, `totals` (default: of
+               `label`; those of a whole batch when the rows are a micro-batch of it)
+  loss_totals  (label, **loss_options) -> {name: count}: the totals `loss` divides by, additive
+               over rows (losses.py)
   postprocess  output (B,H,W,C) numpy -> what the meter consumes (channels checked before)
   meter        a metrics.Meter class: meter(task, [num_classes=], **meter_options, **options)
   warp         (label, sampler, *, angle_degrees, scale, label_fill) -> the label resampled by an
@@ -92,6 +96,7 @@ class TaskKind:
   label: LabelLayout
   output_channels: int | None  # None: the task's number of classes
   loss: str
+  loss_totals: str
   postprocess: str
   meter: str
   warp: str
@@ -109,18 +114,21 @@ class TaskKind:
 KINDS = {kind.name: kind for kind in (
     TaskKind("classification", CLASS_IDS, None,
              loss="freesine_jax.losses:softmax_cross_entropy",
+             loss_totals="freesine_jax.losses:class_totals",
              postprocess="freesine_jax.metrics:argmax_class_ids",
              meter="freesine_jax.metrics:ConfusionMatrixMeter",
              warp="freesine_jax.data.augment:warp_class_ids",
              draw="freesine_jax.visualize:draw_class_ids"),
     TaskKind("saliency", CLASS_IDS, 1,
              loss="freesine_jax.losses:balanced_binary_cross_entropy",  # batch-balanced weight
+             loss_totals="freesine_jax.losses:balanced_totals",
              postprocess="freesine_jax.metrics:sigmoid_probabilities",
              meter="freesine_jax.metrics:SaliencyMeter",
              warp="freesine_jax.data.augment:warp_class_ids",
              draw="freesine_jax.visualize:draw_probabilities"),
     TaskKind("edge", CLASS_IDS, 1,
              loss="freesine_jax.losses:balanced_binary_cross_entropy",
+             loss_totals="freesine_jax.losses:balanced_totals",
              postprocess="freesine_jax.metrics:sigmoid_probabilities",
              meter="freesine_jax.metrics:EdgeMeter",
              warp="freesine_jax.data.augment:warp_class_ids",
@@ -129,6 +137,7 @@ KINDS = {kind.name: kind for kind in (
              meter_options={"pos_weight": EDGE_POS_WEIGHT}),
     TaskKind("normals", UNIT_VECTORS, 3,
              loss="freesine_jax.losses:normals_l1",
+             loss_totals="freesine_jax.losses:normals_totals",
              postprocess="freesine_jax.metrics:unit_vectors",
              meter="freesine_jax.metrics:NormalsMeter",
              warp="freesine_jax.data.augment:warp_normals",
@@ -136,6 +145,7 @@ KINDS = {kind.name: kind for kind in (
              draw="freesine_jax.visualize:draw_normals"),
     TaskKind("depth", POSITIVE_VALUES, 1,
              loss="freesine_jax.losses:depth_l1",
+             loss_totals="freesine_jax.losses:depth_totals",
              postprocess="freesine_jax.metrics:first_channel",
              meter="freesine_jax.metrics:DepthMeter",
              warp="freesine_jax.data.augment:warp_depth",

@@ -129,3 +129,50 @@ def test_multitask_loss_names_missing_weight():
   batch = {"depth": jnp.asarray([[[3.0]]])}
   with pytest.raises(KeyError, match="loss_weights"):
     losses.multitask_loss(outputs, batch, ("depth",), {})
+
+
+def test_parts_normalised_by_the_whole_batch_add_up_to_the_whole_batch():
+  """Gradient accumulation's premise: with label_totals of the whole batch, the losses (and so
+  the gradients) of its parts sum to the whole batch's loss. The parts are uneven on purpose:
+  different valid-pixel counts and, for sal, a different label balance in each."""
+  rng = np.random.default_rng(0)
+  b, h, w = 4, 3, 5
+  tasks = ("semseg", "sal", "edge", "normals", "depth")
+  outputs = {"semseg": rng.normal(size=(b, h, w, 3)), "sal": rng.normal(size=(b, h, w, 1)),
+             "edge": rng.normal(size=(b, h, w, 1)), "normals": rng.normal(size=(b, h, w, 3)),
+             "depth": rng.normal(size=(b, h, w, 1))}
+  semseg = rng.integers(0, 3, (b, h, w))
+  semseg[0] = 255  # an image without a valid pixel
+  semseg[1, :2] = 255
+  sal = (rng.uniform(size=(b, h, w)) < np.array([0.9, 0.5, 0.1, 0.3])[:, None, None])
+  sal = sal.astype(np.int32)
+  sal[2, 0] = 255
+  normals = rng.normal(size=(b, h, w, 3))
+  normals[3, :, :2] = 0.0  # invalid pixels
+  depth = rng.uniform(-1.0, 2.0, (b, h, w))
+  batch = {"semseg": semseg.astype(np.int32), "sal": sal,
+           "edge": (rng.uniform(size=(b, h, w)) < 0.2).astype(np.int32),
+           "normals": normals.astype(np.float32), "depth": depth.astype(np.float32)}
+  outputs = {k: jnp.asarray(v, jnp.float32) for k, v in outputs.items()}
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  weights = {"semseg": 1.0, "sal": 5.0, "edge": 50.0, "normals": 10.0, "depth": 1.0}
+
+  whole, whole_tasks = losses.multitask_loss(outputs, batch, tasks, weights)
+  totals = losses.label_totals(batch, tasks)
+  parts = [slice(0, 1), slice(1, 4)]
+  summed, summed_tasks = 0.0, {t: 0.0 for t in tasks}
+  for rows in parts:
+    part_total, part_tasks = losses.multitask_loss(
+        {k: v[rows] for k, v in outputs.items()}, {k: v[rows] for k, v in batch.items()},
+        tasks, weights, totals)
+    summed += part_total
+    summed_tasks = {t: summed_tasks[t] + part_tasks[t] for t in tasks}
+  # float32 sums over a few dozen pixels, regrouped: rounding of order 1e-7 relative.
+  np.testing.assert_allclose(summed, whole, rtol=1e-6)
+  for t in tasks:
+    np.testing.assert_allclose(summed_tasks[t], whole_tasks[t], rtol=1e-6, err_msg=t)
+  # Each part normalised by its own counts instead does not add up (the premise is not void).
+  own = sum(float(losses.multitask_loss({k: v[rows] for k, v in outputs.items()},
+                                        {k: v[rows] for k, v in batch.items()}, tasks,
+                                        weights)[0]) for rows in parts)
+  assert abs(own - float(whole)) > 1e-2 * abs(float(whole))

@@ -20,7 +20,7 @@ from freesine_jax.data import pipeline
 
 def test_every_kind_reference_resolves():
   for kind in tasks.KINDS.values():
-    refs = [kind.loss, kind.postprocess, kind.meter, kind.warp]
+    refs = [kind.loss, kind.loss_totals, kind.postprocess, kind.meter, kind.warp]
     refs += [kind.mirror] if kind.mirror is not None else []
     for ref in refs:
       assert callable(tasks.resolve(ref)), (kind.name, ref)
@@ -68,11 +68,16 @@ def test_missing_loss_weight_is_a_config_error(tmp_path):
 INVALID = -1.0
 
 
-def heatmap_mse(output, label):
+def heatmap_totals(label):
+  return {"valid": jnp.sum(label != INVALID)}
+
+
+def heatmap_mse(output, label, totals=None):
   """Mean squared error over pixels whose label is not INVALID."""
+  totals = heatmap_totals(label) if totals is None else totals
   valid = label != INVALID
   err = jnp.where(valid, jnp.square(output[..., 0] - label), 0.0)
-  return jnp.sum(err) / jnp.maximum(jnp.sum(valid), 1)
+  return jnp.sum(err) / jnp.maximum(totals["valid"], 1)
 
 
 def heatmap_values(output):
@@ -109,7 +114,8 @@ def heatmap_task(monkeypatch):
   here = __name__
   kind = tasks.TaskKind(
       "heatmap", tasks.LabelLayout(None, "float32", "float32", INVALID, _not_invalid), 1,
-      loss=f"{here}:heatmap_mse", postprocess=f"{here}:heatmap_values",
+      loss=f"{here}:heatmap_mse", loss_totals=f"{here}:heatmap_totals",
+      postprocess=f"{here}:heatmap_values",
       meter=f"{here}:HeatmapMeter", warp=f"{here}:warp_heatmap")
   monkeypatch.setitem(tasks.KINDS, "heatmap", kind)
   monkeypatch.setitem(tasks.TASKS, "keypoints", tasks.TaskSpec("keypoints", kind, False, "mae"))
