@@ -74,9 +74,25 @@ def get_config() -> ml_collections.ConfigDict:
   # Seed of the data order and augmentation; None: config.seed.
   config.input.seed = ml_collections.FieldReference(None, field_type=int)
 
-  config.mesh = ml_collections.ConfigDict()  # devices (data parallelism over one 'data' axis)
-  # Use the first N devices of jax.devices(); None: all of them.
+  # The device mesh (freesine_jax/sharding.py, docs/launch.md): two named axes, 'data' and 'fsdp'.
+  # Batches are split over both; parameters, optimizer state and the frozen backbone are
+  # replicated along 'data' and sharded along 'fsdp' (FSDP: stored sharded, gathered for the
+  # forward pass) by mesh.rules.
+  config.mesh = ml_collections.ConfigDict()
+  # Use the first N devices of jax.devices() (every host's); None: all of them.
   config.mesh.num_devices = ml_collections.FieldReference(None, field_type=int)
+  # Size of the 'data' axis (pure data parallelism); -1: the devices the other axes leave.
+  config.mesh.data = -1
+  # Size of the 'fsdp' axis (data parallelism whose devices also split the parameters); -1: the
+  # devices the other axes leave; 1: everything replicated.
+  config.mesh.fsdp = 1
+  # Which mesh axes split which logical dimension of a parameter, first rule first: (logical
+  # axis, mesh axis or tuple of them). Logical axes come from the shape: 'out' (last axis of a
+  # >= 2-D array), 'in' (the one before), 'leading' (the others: conv taps, stacked tasks),
+  # 'vector' (1-D). A dimension the mesh axes do not divide stays whole; () replicates all.
+  config.mesh.rules = (("out", "fsdp"), ("in", "fsdp"))
+  # Arrays with fewer elements stay replicated (gathering them costs more than it saves).
+  config.mesh.min_shard_size = 2 ** 14
 
   config.model = ml_collections.ConfigDict()  # the network (docs/method.md explains each choice)
   # 'pkg.module:function' returning a custom linen model for function(config), following the
@@ -98,7 +114,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Which backbone weights train: none | norms_relpos_embed (TADFormer: LayerNorms, relative
   # position tables, patch embedding) | mtlora (+ patch-merging reductions) | all.
   config.model.trainable_backbone = "norms_relpos_embed"
-  config.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  # Compute dtype: float32 | bfloat16 (activations, matmuls and convolutions in bfloat16;
+  # parameters, gradients, optimizer state and the losses stay float32). A config.model.factory
+  # model reads it itself.
+  config.model.dtype = "float32"
   config.model.prompts = True  # one learnable prompt token per task joins window attention
   # Clock Net: omega_t = s (tanh(W_q ReLU(p_t) + phi_t) + c) from the task tokens. False: one
   # free learnable frequency per task ("w/o LCN" ablation), started at the same values.
@@ -176,7 +195,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.log_every_steps = 50
   # TensorBoard image of the eval.qualitative_examples every N steps (and at the end); 0: never.
   config.train.image_every_steps = 1000
-  config.train.checkpoint_every_steps = 500  # Orbax checkpoint every N steps (and at the end)
+  # Split each global batch into N micro-batches run one after another, their gradients summed
+  # into one update (the losses are normalised over the whole batch, so without batch
+  # statistics the update equals the full batch's; BatchNorm sees micro-batches). Activation
+  # memory of batch_size / N.
+  config.train.grad_accum_steps = 1
+  # Orbax checkpoint every N steps, at the end, and when SIGTERM stops training (preemption).
+  config.train.checkpoint_every_steps = 500
   config.train.max_checkpoints_to_keep = 3  # older checkpoints are deleted
   config.train.async_checkpointing = True  # write checkpoints in the background
   config.train.eval_every_steps = 0  # evaluate every N steps; 0: only at the end

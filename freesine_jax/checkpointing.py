@@ -9,13 +9,17 @@ One checkpoint step holds three items:
                never checkpointed (it comes from its source file or the seed); its hash detects
                a run resumed against different backbone weights.
 Saves are asynchronous; a save killed halfway leaves a temporary directory that Orbax never
-reports as a step, so `latest_step()` always names a complete checkpoint.
+reports as a step, so `latest_step()` always names a complete checkpoint. With several
+processes every one of them calls `save` and `restore` at the same steps: each writes and reads
+the shards of the arrays its devices hold (the state may be FSDP-sharded across hosts), and
+Orbax's primary process writes the JSON items.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
 import json
+import os
 from typing import Any
 
 import flax
@@ -28,6 +32,13 @@ from jax.experimental import multihost_utils
 from freesine_jax import errors
 
 _STATE, _DATA, _META = "state", "data_iter", "metadata"
+
+
+def checkpoint_directory(workdir: str) -> str:
+  """<workdir>/checkpoints as Orbax wants it: absolute, or a URL (gs://...) as given."""
+  if "://" in workdir:
+    return workdir.rstrip("/") + "/checkpoints"
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
 def backbone_hash(flat: dict[str, np.ndarray]) -> str:

@@ -225,7 +225,7 @@ def find_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   if not os.path.isdir(workdir):
     raise errors.UserError(f"--workdir={workdir} does not exist; pass the --workdir a training "
                            "run wrote (python -m freesine_jax.main --workdir=...)")
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  directory = checkpointing.checkpoint_directory(workdir)
   if not os.path.isdir(directory):
     raise errors.UserError(f"--workdir={workdir} holds no checkpoints/ directory; pass the "
                            "--workdir of a training run that saved a checkpoint")
@@ -252,7 +252,7 @@ def restore_checkpoint(workdir: str, step: int, metadata: dict,
   """`variables` (freshly initialised: their frozen backbone is kept, and checked against the
   hash the checkpoint recorded) with the params and batch_stats saved at `step`."""
   checkpointing.check_backbone(metadata, checkpointing.tree_hash(variables["backbone"]), step)
-  ckpt = checkpointing.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
+  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_directory(workdir),
                                     async_save=False)
   try:
     saved = ckpt.restore_saved_state(step)

@@ -6,19 +6,23 @@ write results. The step is a pure function of its arguments:
 
   train_step(state, batch, backbone) -> (state, metrics)
 
-differentiates only 'params'; the frozen 'backbone' collection is a separate, replicated
-argument with no optimizer state; 'batch_stats' is threaded through the state. The optimizer
-and schedule are in optimizer.py, evaluation in evaluate.py, the model and its initial
-variables in modeling.py.
+differentiates only 'params'; the frozen 'backbone' collection is a separate argument with no
+optimizer state; 'batch_stats' is threaded through the state. State and backbone live on the
+device mesh where config.mesh's rules put them (sharding.py: replicated, or FSDP-sharded and
+gathered for the forward pass); batches are split over the mesh, and optionally into
+micro-batches whose gradients add up to the whole batch's (config.train.grad_accum_steps). On
+SIGTERM the loop saves and returns after the current step (`stop_requested`, distributed.py).
+The optimizer and schedule are in optimizer.py, evaluation in evaluate.py, the model and its
+initial variables in modeling.py.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
+from etils import epath
 import flax
 import flax.linen as nn
 import jax
@@ -59,6 +63,26 @@ def create_train_state(variables: Mapping[str, PyTree], tx: optax.GradientTransf
                     batch_stats=variables["batch_stats"], rng=rng)
 
 
+def init_train_state(variables: Mapping[str, PyTree], tx: optax.GradientTransformation,
+                     config: ml_collections.ConfigDict,
+                     mesh: jax.sharding.Mesh) -> tuple[TrainState, PyTree]:
+  """(train state, frozen backbone) on the mesh where config.mesh's rules put them.
+
+  The optimizer state is created on its shards (jit with out_shardings), so no device ever
+  holds a whole copy of it; `variables` are host arrays or arrays on one local device,
+  identical on every host (modeling.init_variables).
+  """
+  trained = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  create = lambda v: create_train_state(v, tx, config.seed)
+  state_sharding = sharding_lib.tree_shardings(jax.eval_shape(create, trained), mesh, config)
+  trained = sharding_lib.place(trained, {"params": state_sharding.params,
+                                         "batch_stats": state_sharding.batch_stats})
+  state = jax.jit(create, out_shardings=state_sharding)(trained)
+  backbone = sharding_lib.place(
+      variables["backbone"], sharding_lib.tree_shardings(variables["backbone"], mesh, config))
+  return state, backbone
+
+
 def loss_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
   """{task: weight} from config.loss_weights for every task of config.tasks."""
   missing = [t for t in config.tasks if t not in config.loss_weights]
@@ -78,39 +102,93 @@ def task_frequencies(model: nn.Module, params: PyTree) -> dict[str, jax.Array]:
   return {f"{FREQUENCY_PREFIX}{t}": omegas[i] for i, t in enumerate(model.tasks)}
 
 
+def split_microbatches(batch: Mapping[str, jax.Array], count: int,
+                       mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """(B, ...) -> (count, B / count, ...): micro-batch k holds rows k, k + count, k + 2 count...
+
+  Strided rather than contiguous, so each device's slice of the batch splits into its own
+  slices of every micro-batch: no data moves between devices.
+  """
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+      None, sharding_lib.BATCH_AXES))
+
+  def split(x):
+    x = x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x, sharding)
+
+  return {k: split(v) for k, v in batch.items()}
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, schedule: optax.Schedule,
-                    mesh: jax.sharding.Mesh) -> Callable:
-  """The jitted `train_step(state, batch, backbone) -> (state, metrics)`."""
+                    mesh: jax.sharding.Mesh, state_sharding: PyTree,
+                    backbone_sharding: PyTree) -> Callable:
+  """The jitted `train_step(state, batch, backbone) -> (state, metrics)`.
+
+  state_sharding, backbone_sharding: where the state and the backbone live
+  (sharding_lib.shardings_of the arrays init_train_state returns); the new state keeps them.
+  The forward pass sees the parameters and the backbone gathered (FSDP).
+
+  With config.train.grad_accum_steps = K > 1 the global batch is split into K micro-batches
+  (split_microbatches) run one after another; every loss is normalised by the counts of the
+  whole batch (losses.label_totals), so the summed gradient, the loss and the update equal the
+  whole batch's for a model without batch statistics. Dropout keys differ per micro-batch, and
+  BatchNorm normalises each micro-batch by its own statistics; its running averages take the
+  mean of the micro-batches' updates.
+  """
   tasks = tuple(config.tasks)
   weights = loss_weights(config)
+  microbatches = int(config.train.grad_accum_steps)
+
+  def gradients(params, batch_stats, backbone, batch, totals, k_dropout, k_path):
+    """(loss, per-task losses, updated batch_stats, grads) of one (micro-)batch."""
+
+    def loss_fn(params):
+      gathered = sharding_lib.gathered({"backbone": backbone, "params": params}, mesh)
+      outputs, mutated = model.apply(
+          {**gathered, "batch_stats": batch_stats}, batch["image"], train=True,
+          rngs={"dropout": k_dropout, "drop_path": k_path}, mutable=["batch_stats"])
+      total, per_task = losses.multitask_loss(outputs, batch, tasks, weights, totals)
+      return total, (per_task, mutated.get("batch_stats", batch_stats))
+
+    (total, (per_task, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return total, per_task, new_stats, grads
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array], backbone: PyTree):
     rng, k_dropout, k_path = jax.random.split(state.rng, 3)
+    totals = losses.label_totals(batch, tasks)  # of the whole global batch
+    if microbatches == 1:
+      total, per_task, batch_stats, grads = gradients(
+          state.params, state.batch_stats, backbone, batch, totals, k_dropout, k_path)
+    else:
+      def accumulate(sums, xs):
+        index, micro = xs
+        out = gradients(state.params, state.batch_stats, backbone, micro, totals,
+                        jax.random.fold_in(k_dropout, index), jax.random.fold_in(k_path, index))
+        return jax.tree_util.tree_map(jnp.add, sums, out), None
 
-    def loss_fn(params):
-      outputs, mutated = model.apply(
-          {"backbone": backbone, "params": params, "batch_stats": state.batch_stats},
-          batch["image"], train=True, rngs={"dropout": k_dropout, "drop_path": k_path},
-          mutable=["batch_stats"])
-      total, per_task = losses.multitask_loss(outputs, batch, tasks, weights)
-      return total, (per_task, mutated)
-
-    (total, (per_task, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+      micro = split_microbatches(batch, microbatches, mesh)
+      first = jax.tree_util.tree_map(lambda x: x[0], micro)
+      zeros = jax.tree_util.tree_map(
+          lambda x: jnp.zeros(x.shape, x.dtype),
+          jax.eval_shape(gradients, state.params, state.batch_stats, backbone, first, totals,
+                         k_dropout, k_path))
+      (total, per_task, stats_sum, grads), _ = jax.lax.scan(
+          accumulate, zeros, (jnp.arange(microbatches), micro))
+      batch_stats = jax.tree_util.tree_map(lambda x: x / microbatches, stats_sum)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              batch_stats=mutated.get("batch_stats", state.batch_stats),
-                              rng=rng)
+                              batch_stats=batch_stats, rng=rng)
     out = {"loss": total, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
     out.update({f"loss/{t}": v for t, v in per_task.items()})
     out.update(task_frequencies(model, params))
     return new_state, out
 
   repl = sharding_lib.replicated(mesh)
-  data = sharding_lib.data_sharded(mesh)
-  return jax.jit(train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl))
+  data = sharding_lib.batch_sharding(mesh)
+  return jax.jit(train_step, in_shardings=(state_sharding, data, backbone_sharding),
+                 out_shardings=(state_sharding, repl))
 
 
 # ------------------------------------------------------------------------------------------
@@ -136,8 +214,43 @@ def _fmt_duration(seconds: float) -> str:
   return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def is_url(path: str) -> bool:
+  """gs://... and other object-store URLs (no appending, no os.path)."""
+  return "://" in str(path)
+
+
+class JsonLines:
+  """A JSON-lines file that grows by lines: appended on a file system, rewritten whole on an
+  object store (gs://), whose objects cannot be appended to."""
+
+  def __init__(self, path: str, rewrite: bool):
+    self.path = epath.Path(path)
+    self.rewrite = rewrite
+    self._lines = []
+    if rewrite and self.path.exists():
+      self._lines = self.path.read_text().splitlines(keepends=True)
+    self._file = None if rewrite else self.path.open("a")
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    line = json.dumps(evaluate_lib.jsonable(record)) + "\n"
+    if self.rewrite:
+      self._lines.append(line)
+      self.path.write_text("".join(self._lines))
+    else:
+      self._file.write(line)
+      self._file.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+
+
 class Writer:
-  """metrics.jsonl + TensorBoard (tensorboardX: scalars and images) + stdout, on process 0."""
+  """metrics.jsonl + TensorBoard (tensorboardX: scalars and images) + stdout, on process 0.
+
+  The workdir may be a gs:// URL (TensorBoard then needs google-cloud-storage, the JSON files
+  gcsfs: docs/launch.md).
+  """
 
   def __init__(self, workdir: str):
     self.enabled = jax.process_index() == 0
@@ -145,15 +258,14 @@ class Writer:
     self._jsonl = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      self._jsonl = JsonLines(f"{workdir}/metrics.jsonl", rewrite=is_url(workdir))
+      self._tb = SummaryWriter(f"{workdir}/tb")
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps(evaluate_lib.jsonable({"step": int(step), **values})) + "\n")
-    self._jsonl.flush()
+    self._jsonl.write({"step": int(step), **values})
     for k, v in values.items():
       if isinstance(v, (int, float)) and math.isfinite(v):
         self._tb.add_scalar(k, v, int(step))
@@ -218,23 +330,57 @@ def _num_train_examples(config: ml_collections.ConfigDict, loader: Any) -> int:
   return len(pipeline.get_data_source(config, config.dataset.train_split))
 
 
+class Plan(NamedTuple):
+  """How long a run trains and its learning-rate schedule (MTLoRA's recipe, optimizer.py)."""
+  steps_per_epoch: int
+  schedule_steps: int  # the cosine's length (train.num_epochs)
+  total_steps: int  # where training stops (train.max_steps, if shorter)
+  warmup_steps: int
+  learning_rates: tuple[float, float, float]  # (peak, warmup start, final)
+  schedule: optax.Schedule
+
+
+def training_plan(config: ml_collections.ConfigDict, num_train_examples: int) -> Plan:
+  """The steps and learning rates config.train / config.optim give for this many examples."""
+  global_batch = int(config.input.batch_size)
+  steps_per_epoch = max(num_train_examples // global_batch, 1)
+  schedule_steps = int(config.train.num_epochs * steps_per_epoch)
+  total_steps = schedule_steps
+  if config.train.max_steps is not None:
+    total_steps = min(total_steps, int(config.train.max_steps))
+  warmup_steps = int(config.train.warmup_epochs * steps_per_epoch)
+  rates = optimizer_lib.scaled_learning_rates(config, global_batch)
+  schedule = optimizer_lib.make_schedule(*rates, warmup_steps, schedule_steps)
+  return Plan(steps_per_epoch, schedule_steps, total_steps, warmup_steps, rates, schedule)
+
+
 def _variables(state: TrainState, backbone: PyTree) -> dict[str, PyTree]:
   return {"backbone": backbone, "params": state.params, "batch_stats": state.batch_stats}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        create_train_loader: Callable | None = None,
-                       create_eval_loader: Callable | None = None) -> dict[str, Any]:
+                       create_eval_loader: Callable | None = None,
+                       stop_requested: Callable[[int], bool] | None = None) -> dict[str, Any]:
   """Trains, checkpoints, evaluates; writes workdir/{metrics.jsonl,tb,checkpoints,results.json}.
 
   The model is modeling.build_model(config) (config.model.factory for a custom one); the
   loaders default to freesine_jax.data.pipeline.create_{train,eval}_loader(config).
+  stop_requested(step), asked after every step on every host (distributed.preemption_watch),
+  True: save a checkpoint and return {'step', 'preempted': True} without evaluating.
   Returns the dict written to results.json.
   """
   tasks = tuple(config.tasks)
   for t in tasks:
     tasks_lib.get_task(t)
   loss_weights(config)  # fails on a missing weight before any data or model is built
+  # The mesh and the batch sizes, checked before any data or model is built.
+  mesh = sharding_lib.make_mesh(config)
+  global_batch = int(config.input.batch_size)
+  microbatches = int(config.train.grad_accum_steps)
+  sharding_lib.check_batch_size(global_batch, mesh, microbatches=microbatches)
+  sharding_lib.check_batch_size(int(config.input.eval_batch_size), mesh,
+                                "config.input.eval_batch_size")
   writer = Writer(workdir)
 
   # Data.
@@ -244,56 +390,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     create_eval_loader = create_eval_loader or pipeline.create_eval_loader
   train_loader = create_train_loader(config)
   eval_loader = create_eval_loader(config)
-  global_batch = int(config.input.batch_size)
-  steps_per_epoch = max(_num_train_examples(config, train_loader) // global_batch, 1)
-  schedule_steps = int(config.train.num_epochs * steps_per_epoch)
-  total_steps = schedule_steps
-  if config.train.max_steps is not None:
-    total_steps = min(total_steps, int(config.train.max_steps))
-  warmup_steps = int(config.train.warmup_epochs * steps_per_epoch)
+  plan = training_plan(config, _num_train_examples(config, train_loader))
+  steps_per_epoch, schedule_steps = plan.steps_per_epoch, plan.schedule_steps
+  total_steps, warmup_steps, schedule = plan.total_steps, plan.warmup_steps, plan.schedule
 
   # Model, optimizer, state.
-  mesh = sharding_lib.make_mesh(config)
-  sharding_lib.check_batch_size(global_batch, mesh)
   model = modeling.build_model(config)
   variables = modeling.init_variables(model, config)
   forward = evaluate_lib.make_eval_forward(model)
-  peak_lr, warmup_lr, min_lr = optimizer_lib.scaled_learning_rates(config, global_batch)
-  schedule = optimizer_lib.make_schedule(peak_lr, warmup_lr, min_lr, warmup_steps,
-                                         schedule_steps)
+  peak_lr, warmup_lr, min_lr = plan.learning_rates
   tx = optimizer_lib.make_optimizer(config, schedule)
-  state = sharding_lib.replicate(create_train_state(variables, tx, config.seed), mesh)
-  backbone = sharding_lib.replicate(variables["backbone"], mesh)
   backbone_hash = checkpointing.tree_hash(variables["backbone"])
+  state, backbone = init_train_state(variables, tx, config, mesh)
   num_trainable = modeling.count_parameters(variables["params"])
   writer.print(f"tasks {', '.join(tasks)} | {num_trainable:,} trainable / "
                f"{modeling.count_parameters(variables['backbone']):,} frozen parameters | "
-               f"{jax.device_count()} device(s), {jax.process_count()} process(es)")
+               f"{jax.device_count()} device(s), {jax.process_count()} process(es), mesh "
+               f"{' x '.join(f'{a}={n}' for a, n in mesh.shape.items())}, "
+               f"{config.model.dtype} compute")
+  accumulation = f" in {microbatches} micro-batches" if microbatches > 1 else ""
   writer.print(f"{steps_per_epoch} steps/epoch, {total_steps} steps (schedule spans "
-               f"{schedule_steps}, warmup {warmup_steps}), global batch {global_batch}, "
+               f"{schedule_steps}, warmup {warmup_steps}), global batch {global_batch}"
+               f"{accumulation}, "
                f"lr {peak_lr:.3g} (warmup from {warmup_lr:.3g}, min {min_lr:.3g})")
 
   # Untrained baseline (step-0 model), cached in the workdir so a resumed run reuses it.
   untrained = None
-  untrained_path = os.path.join(workdir, "untrained_eval.json")
+  untrained_path = epath.Path(workdir) / "untrained_eval.json"
   baseline_key = evaluate_lib.untrained_baseline_key(config, backbone_hash)
   if config.train.untrained_baseline:
-    if os.path.exists(untrained_path):
-      with open(untrained_path, encoding="utf-8") as f:
-        cached = json.load(f)
+    if untrained_path.exists():
+      cached = json.loads(untrained_path.read_text())
       if cached.get("key") == baseline_key:
         untrained = cached["results"]
     if untrained is None:
       writer.print("evaluating the untrained model (baseline)...")
       untrained, _ = evaluate_lib.evaluate(forward, variables, eval_loader, config, mesh)
       if writer.enabled:
-        with open(untrained_path, "w", encoding="utf-8") as f:
-          json.dump(evaluate_lib.jsonable({"key": baseline_key, "results": untrained}), f)
+        untrained_path.write_text(json.dumps(
+            evaluate_lib.jsonable({"key": baseline_key, "results": untrained})))
       writer.scalars(0, _flat_eval(untrained, "untrained"))
 
   # Resume.
   ckpt = checkpointing.Checkpointer(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      checkpointing.checkpoint_directory(workdir),
       save_interval_steps=config.train.checkpoint_every_steps,
       max_to_keep=config.train.max_checkpoints_to_keep,
       async_save=config.train.async_checkpointing)
@@ -310,7 +450,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer.print(f"resumed from {ckpt.directory} step {latest}")
 
   # Train.
-  train_step = make_train_step(model, tx, config, schedule, mesh)
+  train_step = make_train_step(model, tx, config, schedule, mesh,
+                               sharding_lib.shardings_of(state), sharding_lib.shardings_of(backbone))
   batch_keys = ("image",) + tasks
   step = int(jax.device_get(state.step))
   log_every = max(int(config.train.log_every_steps), 1)
@@ -327,8 +468,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       raise RuntimeError(
           f"the train loader ended at step {step}; create_train_loader must repeat "
           "indefinitely") from e
-    state, step_metrics = train_step(state, sharding_lib.shard_batch(batch, mesh, batch_keys),
-                                     backbone)
+    state, step_metrics = train_step(
+        state, sharding_lib.shard_batch(batch, mesh, batch_keys, global_batch), backbone)
     step += 1
     pending.append(step_metrics)
 
@@ -350,6 +491,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     if step % config.train.checkpoint_every_steps == 0 and step < total_steps:
       ckpt.save(step, state, data_iter_state=train_iter.get_state(), metadata=metadata)
+
+    if stop_requested is not None and stop_requested(step):
+      if ckpt.latest_step() != step:
+        ckpt.save(step, state, data_iter_state=train_iter.get_state(), metadata=metadata,
+                  force=True)
+      ckpt.close()
+      writer.print(f"stopped at step {step} (SIGTERM): checkpoint saved in {ckpt.directory}; "
+                   "rerun the same command to resume")
+      writer.close()
+      return {"step": step, "preempted": True}
 
     if config.train.eval_every_steps and step % config.train.eval_every_steps == 0 \
         and step < total_steps:
@@ -386,8 +537,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       "train_time_sec": time.perf_counter() - t_start,
   })
   if writer.enabled:
-    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2)
+    (epath.Path(workdir) / "results.json").write_text(json.dumps(results, indent=2))
   ckpt.close()
   writer.close()
   return results

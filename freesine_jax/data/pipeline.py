@@ -6,21 +6,24 @@ human_parts, sal, edge; float32 (B, H, W, 3) normals; float32 (B, H, W) depth). 
 'valid' bool (B,): False on padding rows (whose labels are all "ignore").
 
 Batch sizes in config.input are GLOBAL: each of the `shard_count` processes (default
-jax.process_count()) loads batch_size // shard_count examples per step from its own disjoint shard.
+jax.process_count()) loads batch_size // shard_count examples per step.
 
-Train: IndexSampler (global shuffle per epoch, num_epochs=None, seed) -> RandomMapTransform
-(per-record numpy Generator derived by grain from the seed and the record's position, so the
-augmentation is reproducible and restored with the iterator state) -> Batch(drop_remainder=True).
-`iter(loader)` is a grain iterator with get_state() / set_state() for checkpointing. Batches are
-reproducible for a fixed config.input.num_workers (grain gives each worker every k-th record and
-batches per worker, so changing the worker count reorders the stream; the state records it).
-Worker processes need absl flags parsed (run under absl.app, or call flags.FLAGS(argv) first).
+Train: one global stream of records, IndexSampler (global shuffle per epoch, num_epochs=None,
+seed) cut into global batches: global batch s is records [s*B, (s+1)*B) of the stream, and host
+p of P loads only its rows [p*b, (p+1)*b) of each (b = B / P, `HostRowsSampler`), i.e. the rows
+its devices hold (sharding.shard_batch). So the global batches, and their augmentation (a numpy
+Generator per record derived by grain from the seed and the record's position in the global
+stream, restored with the iterator state), do not depend on the number of hosts or of
+config.input.num_workers. -> RandomMapTransform -> Batch(drop_remainder=True). `iter(loader)` is
+a grain iterator with get_state() / set_state() for checkpointing. Worker processes need absl
+flags parsed (run under absl.app, or call flags.FLAGS(argv) first).
 """
 from __future__ import annotations
 
 import glob
 import math
 import os
+import sys
 from typing import Any, Iterator, Sequence
 
 import grain.python as grain
@@ -167,24 +170,61 @@ def _seed(config) -> int:
   return int(config.seed if config.input.seed is None else config.input.seed)
 
 
+class HostRowsSampler:
+  """This host's rows of every global batch of one global record stream (a grain Sampler).
+
+  Global batch s is positions [s*B, (s+1)*B) of `global_sampler`; host p of P loads positions
+  s*B + p*b + [0, b) (b = B / P). grain's DataLoader reads local index i through worker
+  i % W (W = max(workers, 1)) and batches each worker's records in turn, so local index i
+  belongs to local batch s = (i // W // b) * W + i % W, row (i // W) % b. The record keys and
+  per-record rngs come from the global position: the stream is the same for any P and W.
+  """
+
+  def __init__(self, global_sampler, shard_index: int, shard_count: int, local_batch: int,
+               worker_count: int):
+    self.global_sampler = global_sampler
+    self.shard_index, self.shard_count = shard_index, shard_count
+    self.local_batch = local_batch
+    self.workers = max(int(worker_count), 1)
+
+  def __len__(self) -> int:
+    return sys.maxsize  # endless (num_epochs=None)
+
+  def __repr__(self) -> str:
+    return (f"HostRowsSampler({self.global_sampler!r}, shard {self.shard_index} of "
+            f"{self.shard_count}, local batch {self.local_batch}, {self.workers} worker(s))")
+
+  def global_position(self, index: int) -> int:
+    per_worker, worker = divmod(index, self.workers)
+    batch_of_worker, row = divmod(per_worker, self.local_batch)
+    step = batch_of_worker * self.workers + worker
+    return (step * self.shard_count + self.shard_index) * self.local_batch + row
+
+  def __getitem__(self, index: int) -> grain.RecordMetadata:
+    record = self.global_sampler[self.global_position(index)]
+    return grain.RecordMetadata(index=index, record_key=record.record_key, rng=record.rng)
+
+
 def create_train_loader(config, *, shard_index: int | None = None,
                         shard_count: int | None = None, data_source=None) -> grain.DataLoader:
-  """Endless shuffled, augmented train batches of batch_size // shard_count examples."""
+  """Endless shuffled, augmented train batches: this shard's batch_size // shard_count rows of
+  each global batch (HostRowsSampler)."""
   shard_index, shard_count = _shard(shard_index, shard_count)
   if data_source is None:
     data_source = get_data_source(config, config.dataset.train_split)
-  batch = _local_batch(int(config.input.batch_size), shard_count, "batch_size")
-  shard_options = grain.ShardOptions(shard_index, shard_count, drop_remainder=True)
-  if len(data_source) // shard_count < batch:
-    raise ValueError(f"Shard has {len(data_source) // shard_count} examples, fewer than one "
-                     f"local batch ({batch})")
-  sampler = grain.IndexSampler(len(data_source), shard_options=shard_options, shuffle=True,
-                               num_epochs=None, seed=_seed(config))
+  global_batch = int(config.input.batch_size)
+  batch = _local_batch(global_batch, shard_count, "batch_size")
+  if len(data_source) < global_batch:
+    raise ValueError(f"the train split has {len(data_source)} examples, fewer than one global "
+                     f"batch ({global_batch})")
+  workers = int(config.input.num_workers)
+  global_sampler = grain.IndexSampler(len(data_source), shuffle=True, num_epochs=None,
+                                      seed=_seed(config))
+  sampler = HostRowsSampler(global_sampler, shard_index, shard_count, batch, workers)
   transform = TrainTransform(config.tasks, _image_size(config), augment_options(config))
   return grain.DataLoader(
-      data_source=data_source, sampler=sampler,
-      operations=[transform, grain.Batch(batch, drop_remainder=True)],
-      worker_count=int(config.input.num_workers))
+      data_source=data_source, sampler=sampler, shard_options=grain.NoSharding(),
+      operations=[transform, grain.Batch(batch, drop_remainder=True)], worker_count=workers)
 
 
 class _Subset:
