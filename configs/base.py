@@ -211,7 +211,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()  # evaluation
   # Single-task reference metrics {task: {headline metric: value}} for delta_m; None: no delta_m.
   config.eval.reference = ml_collections.FieldReference(None, field_type=dict)
-  # Evaluate only the first N batches of eval_split (None: all of it).
+  # Evaluate only the first N batches of eval_split (None: all of it). With P processes, each
+  # host's first N of its contiguous 1/P of the split: another subset than on one process.
   config.eval.max_batches = ml_collections.FieldReference(None, field_type=int)
   # How many examples (the first of eval_split) freesine_jax.evaluate draws as PNG grids and
   # training draws in TensorBoard.

@@ -159,9 +159,11 @@ class Checkpointer:
 
   def restore_saved_state(self, step: int) -> dict:
     """The saved TrainState of `step` as nested dicts of arrays, without a target structure
-    (for offline tools such as tools.analyze that need no optimizer)."""
+    (for offline tools such as tools.analyze that need no optimizer). Arrays saved by devices
+    this process does not have (a multi-host run) land on its first device."""
+    fallback = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     restored = self._manager.restore(int(step), args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardRestore()}))
+        _STATE: ocp.args.StandardRestore(fallback_sharding=fallback)}))
     return restored[_STATE]
 
   def read_metadata(self, step: int) -> dict:

@@ -451,7 +451,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # Train.
   train_step = make_train_step(model, tx, config, schedule, mesh,
-                               sharding_lib.shardings_of(state), sharding_lib.shardings_of(backbone))
+                               sharding_lib.shardings_of(state),
+                               sharding_lib.shardings_of(backbone))
   batch_keys = ("image",) + tasks
   step = int(jax.device_get(state.step))
   log_every = max(int(config.train.log_every_steps), 1)
