@@ -63,8 +63,8 @@ command_of() {
 if $dry_run; then
   for ((i = 0; i < num_processes; i++)); do
     command_of "$i"
-    printf '%q ' "${command[@]}"
-    printf '&\n'
+    line="$(printf '%q ' "${command[@]}")"
+    echo "$line&"
   done
   echo "wait"
   exit 0

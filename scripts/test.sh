@@ -2,7 +2,7 @@
 # The whole test suite, including the torch parity tests (installs the pinned deps + extras).
 # Extra arguments go to pytest. pytest's exit code 5 ("no tests collected") counts as a failure.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 scripts/setup.sh test,torch || exit 1
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 code=$?
