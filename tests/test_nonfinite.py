@@ -134,3 +134,35 @@ def test_describe_a_shared_gradient_and_an_unknown_mode():
   config = tiny_config(on_nonfinite="skipp")
   with pytest.raises(errors.UserError, match=r"on_nonfinite='skipp' \(did you mean 'skip'\?\)"):
     nonfinite.check_mode(config)
+
+
+def test_all_ignored_batch_gives_finite_losses_gradients_and_metrics():
+  """Every label at its kind's padding value (all invalid): each task's loss is exactly 0 with
+  a zero, finite gradient; a train step on such a batch reports nothing non-finite; the eval
+  meters then report what they report without the batch (tests/test_properties.py)."""
+  from freesine_jax import losses  # pylint: disable=g-import-not-at-top
+  from freesine_jax import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for task in tasks_lib.TASKS:
+    layout = tasks_lib.get_task(task).kind.label
+    label = np.full((2,) + layout.shape(5, 6), layout.padding_value, layout.batch_dtype)
+    output = jnp.asarray(rng.normal(size=(2, 5, 6, tasks_lib.output_channels(task))),
+                         jnp.float32)
+    loss, grad = jax.value_and_grad(lambda o, t=task, y=label: losses.task_loss(t, o, y))(output)
+    assert float(loss) == 0.0, task
+    assert np.all(np.asarray(grad) == 0.0), task
+
+  config = tiny_config()
+  _, variables, state, step_fn, _ = _setup(config)
+  batch = next(FakeTrainIterator(config.seed, config.input.batch_size,
+                                 config.dataset.image_size[0]))
+  for task in config.tasks:
+    layout = tasks_lib.get_task(task).kind.label
+    batch[task] = np.full_like(batch[task], layout.padding_value)
+  new_state, metrics = step_fn(state, batch, variables["backbone"])
+  assert all(float(metrics[f"loss/{t}"]) == 0.0 for t in config.tasks)
+  assert np.isfinite(float(metrics["grad_norm"]))
+  assert not any(bool(v) for k, v in metrics.items() if k.startswith(nonfinite.PREFIX))
+  assert all(np.isfinite(np.asarray(x)).all()
+             for x in jax.tree_util.tree_leaves((new_state.params, new_state.batch_stats)))
