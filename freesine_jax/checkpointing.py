@@ -175,6 +175,7 @@ class Checkpointer:
     or jax.ShapeDtypeStruct with `.sharding`; restored leaves take those shardings.
     """
     abstract = jax.tree_util.tree_map(_abstract_leaf, target_state)
+    self._check_layout(step, abstract)
     with self._damage_reported(step):
       restored = self._manager.restore(int(step), args=ocp.args.Composite(**{
           _STATE: ocp.args.StandardRestore(abstract),
@@ -208,6 +209,20 @@ class Checkpointer:
       if not isinstance(restored[_META], dict):
         raise ValueError(f"its {_META} item holds {type(restored[_META]).__name__}, not JSON")
     return dict(restored[_META])
+
+  def _check_layout(self, step: int, abstract: Any) -> None:
+    """UserError if the saved state's arrays (shapes, dtypes) are not the target's: another
+    model or code version wrote it, which is no damage (nothing is moved aside)."""
+    with self._damage_reported(step):
+      saved = _leaf_layout(ocp.StandardCheckpointHandler().metadata(
+          self._manager.directory / str(int(step)) / _STATE))
+    wanted = _leaf_layout(abstract)
+    if saved != wanted:
+      extra = sorted(set(saved) - set(wanted)) or sorted(set(wanted) - set(saved))
+      raise errors.UserError(
+          f"checkpoint step {step} in {self.directory} holds {len(saved)} arrays that do not fit "
+          f"this model's {len(wanted)} state arrays (e.g. shape/dtype {extra[:1]}); resume with "
+          "the code and config that wrote it, or use a fresh --workdir")
 
   def _damage_reported(self, step: int):
     """Turns any failure to read `step` (a missing or cut file, bad JSON, ...) into
@@ -286,6 +301,12 @@ class _DamageReported:
     text = str(exc).strip()
     raise CheckpointDamaged(self._directory, self._step, f"cannot be read back ({kind.__name__}: "
                             f"{text.splitlines()[0][:300] if text else 'no message'})") from exc
+
+
+def _leaf_layout(tree: Any) -> list[tuple[tuple[int, ...], str]]:
+  """Sorted (shape, dtype) of every leaf: a state's layout, whatever its container types."""
+  return sorted((tuple(int(d) for d in leaf.shape), str(np.dtype(leaf.dtype)))
+                for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def _abstract_leaf(x: Any) -> Any:

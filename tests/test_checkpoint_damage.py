@@ -154,3 +154,19 @@ def test_every_checkpoint_damaged_is_one_line_error(runs, tmp_path):
   assert "step 8: " in message and "step 4: " in message
   assert not [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
   assert len(os.listdir(os.path.join(workdir, checkpointing.DAMAGED_DIR))) == 3
+
+
+def test_a_state_of_another_layout_is_refused_not_moved_aside(runs, tmp_path):
+  """Checkpoints written for another model are no damage: one line, nothing moved."""
+  first, _ = runs
+  workdir = str(tmp_path / "run")
+  shutil.copytree(first, workdir)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  target = {"params": {"w": np.zeros((3, 3), np.float32)}}
+  with pytest.raises(errors.UserError, match="holds .* arrays that do not fit this model's 1 "
+                     "state arrays") as e:
+    ckpt.restore_latest_intact(target, lambda meta, step: None, print)
+  assert not isinstance(e.value, checkpointing.CheckpointDamaged)
+  assert ckpt.all_steps() == [4, 8, 12]
+  assert not os.path.exists(os.path.join(workdir, checkpointing.DAMAGED_DIR))
+  ckpt.close()
