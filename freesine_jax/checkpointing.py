@@ -9,7 +9,8 @@ One checkpoint step holds three items:
                never checkpointed (it comes from its source file or the seed); its hash detects
                a run resumed against different backbone weights.
 Saves are asynchronous; a save killed halfway leaves a temporary directory that Orbax never
-reports as a step, so `latest_step()` always names a complete checkpoint. A checkpoint damaged
+reports as a step, and old steps are renamed away before they are deleted, so `latest_step()`
+always names a complete checkpoint. A checkpoint damaged
 later (a file truncated or altered on disk) is caught on restore: the metadata holds a digest of
 the state's arrays (`state_digest`), compared after every restore; resuming then falls back to
 the newest intact step (`restore_latest_intact`), moving the damaged ones aside with a warning.
@@ -36,6 +37,7 @@ from freesine_jax import errors
 _STATE, _DATA, _META = "state", "data_iter", "metadata"
 STATE_DIGEST = "state_sha256"  # metadata key: `state_digest` of the saved state
 DAMAGED_DIR = "damaged_checkpoints"  # beside checkpoints/: where damaged steps are moved
+TRASH_DIR = "deleted"  # inside checkpoints/: old steps on their way out (not a step name)
 
 
 class CheckpointDamaged(errors.UserError):
@@ -136,9 +138,14 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
         create=True,
+        # Old steps are first renamed out of sight (atomic), then deleted by `_purge_trash`:
+        # Orbax's own deletion removes files one by one, and a run killed halfway through it
+        # left a step that still looked committed with an item missing.
+        todelete_subdir=TRASH_DIR,
     )
     self._manager = ocp.CheckpointManager(directory, options=options,
                                           item_names=(_STATE, _DATA, _META))
+    self._purge_trash()
 
   @property
   def directory(self):
@@ -157,6 +164,7 @@ class Checkpointer:
     The metadata gets the state's digest (`state_digest`), checked on restore."""
     if not (force or self._manager.should_save(int(step))):
       return False
+    self._purge_trash()
     metadata = dict(metadata or {})
     digest = state_digest(state)
     if digest is not None:
@@ -278,11 +286,22 @@ class Checkpointer:
     self._manager.reload()
     return target
 
+  def _purge_trash(self) -> None:
+    """Deletes the steps Orbax moved to TRASH_DIR, unless a save (whose last act may be such a
+    move) is still running; a purge killed halfway leaves nothing that looks like a step."""
+    trash = os.path.join(str(self.directory), TRASH_DIR)
+    if jax.process_index() != 0 or not os.path.isdir(trash) or \
+        self._manager.is_saving_in_progress():
+      return
+    for name in os.listdir(trash):
+      shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
+
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.wait_until_finished()
+    self._purge_trash()
     self._manager.close()
 
 

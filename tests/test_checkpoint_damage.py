@@ -170,3 +170,28 @@ def test_a_state_of_another_layout_is_refused_not_moved_aside(runs, tmp_path):
   assert ckpt.all_steps() == [4, 8, 12]
   assert not os.path.exists(os.path.join(workdir, checkpointing.DAMAGED_DIR))
   ckpt.close()
+
+
+def test_old_steps_are_renamed_away_before_they_are_deleted(tmp_path):
+  """Orbax deletes a step file by file; a kill in the middle left a step that still looked
+  committed with an item missing (seen in test_checkpoint_resume's random kills). Old steps now
+  leave checkpoints/ in one rename first, and a deletion cut short is invisible and finished by
+  the next start."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  directory = str(tmp_path / "checkpoints")
+  state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.zeros((), jnp.int32)}
+  ckpt = checkpointing.Checkpointer(directory, max_to_keep=2, async_save=False)
+  for step in (1, 2, 3):
+    ckpt.save(step, state, force=True)
+  ckpt.wait_until_finished()
+  trash = os.path.join(directory, checkpointing.TRASH_DIR)
+  assert ckpt.all_steps() == [2, 3]
+  assert sorted(n for n in os.listdir(directory) if n.isdigit()) == ["2", "3"]
+  assert os.listdir(trash) == ["1"]  # moved whole, not yet deleted
+  shutil.rmtree(os.path.join(trash, "1", "metadata"))  # a deletion killed halfway
+  ckpt = checkpointing.Checkpointer(directory, max_to_keep=2, async_save=False)  # a restart
+  assert ckpt.all_steps() == [2, 3] and os.listdir(trash) == []
+  ckpt.save(4, state, force=True)
+  ckpt.close()
+  assert os.listdir(trash) == []
+  assert sorted(n for n in os.listdir(directory) if n.isdigit()) == ["3", "4"]
