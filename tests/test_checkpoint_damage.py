@@ -102,8 +102,8 @@ def test_damaged_latest_is_skipped_with_a_warning_and_the_run_matches(runs, dama
   out = capsys.readouterr().out
   warnings = [line for line in out.splitlines() if line.startswith("WARNING: ")]
   assert len(warnings) == 1, out
-  assert warnings[0].startswith(f"WARNING: checkpoint step {FIRST} in {checkpoints} is damaged ("), \
-      warnings[0]
+  assert warnings[0].startswith(
+      f"WARNING: checkpoint step {FIRST} in {checkpoints} is damaged ("), warnings[0]
   assert warnings[0].endswith("; resuming from step 8 instead"), warnings[0]
   assert f"resumed from {checkpoints} step 8" in out
   moved = os.listdir(os.path.join(workdir, checkpointing.DAMAGED_DIR))

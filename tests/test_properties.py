@@ -19,7 +19,7 @@ from freesine_jax import metrics
 from freesine_jax import tasks as tasks_lib
 from freesine_jax.data import augment
 
-PROPERTY = settings(max_examples=25, derandomize=True, deadline=None)
+PROPERTY = settings(max_examples=25, derandomize=True, deadline=None, database=None)
 IGNORE = tasks_lib.IGNORE_INDEX
 K = 5  # classes of the classification meter
 
