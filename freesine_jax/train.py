@@ -32,6 +32,7 @@ from freesine_jax import errors
 from freesine_jax import evaluate as evaluate_lib
 from freesine_jax import losses
 from freesine_jax import modeling
+from freesine_jax import nonfinite
 from freesine_jax import optimizer as optimizer_lib
 from freesine_jax import sharding as sharding_lib
 from freesine_jax import tasks as tasks_lib
@@ -84,6 +85,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   """The jitted `train_step(state, batch, backbone) -> (state, metrics)`."""
   tasks = tuple(config.tasks)
   weights = loss_weights(config)
+  skip_nonfinite = nonfinite.check_mode(config) == "skip"
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array], backbone: PyTree):
     rng, k_dropout, k_path = jax.random.split(state.rng, 3)
@@ -94,17 +96,25 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
           batch["image"], train=True, rngs={"dropout": k_dropout, "drop_path": k_path},
           mutable=["batch_stats"])
       total, per_task = losses.multitask_loss(outputs, batch, tasks, weights)
-      return total, (per_task, mutated)
+      return total, (per_task, mutated, {t: outputs[t] for t in tasks})
 
-    (total, (per_task, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (total, (per_task, mutated, outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    batch_stats = mutated.get("batch_stats", state.batch_stats)
+    # Which task a NaN/Inf comes from: its loss, or the loss's gradient w.r.t. its output.
+    output_grads = jax.grad(lambda o: losses.multitask_loss(o, batch, tasks, weights)[0])(outputs)
+    flags = nonfinite.step_flags(per_task, output_grads, grads)
+    if skip_nonfinite:
+      params, opt_state, batch_stats = nonfinite.keep_if_finite(
+          nonfinite.step_is_finite(flags), (params, opt_state, batch_stats),
+          (state.params, state.opt_state, state.batch_stats))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              batch_stats=mutated.get("batch_stats", state.batch_stats),
-                              rng=rng)
+                              batch_stats=batch_stats, rng=rng)
     out = {"loss": total, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
     out.update({f"loss/{t}": v for t, v in per_task.items()})
+    out.update(flags)
     out.update(task_frequencies(model, params))
     return new_state, out
 
@@ -299,12 +309,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       async_save=config.train.async_checkpointing)
   train_iter = iter(train_loader)
   metadata = {"backbone_hash": backbone_hash, "config": config.to_json_best_effort()}
-  latest = ckpt.latest_step()
-  if latest is not None:
-    saved_meta = ckpt.read_metadata(latest)
-    checkpointing.check_compatible(saved_meta, config, workdir, latest, "resume")
-    checkpointing.check_backbone(saved_meta, backbone_hash, latest)
-    state, iter_state, _ = ckpt.restore(latest, state)
+  if ckpt.latest_step() is not None:
+    def check_saved(saved_meta, step):
+      checkpointing.check_compatible(saved_meta, config, workdir, step, "resume")
+      checkpointing.check_backbone(saved_meta, backbone_hash, step)
+    # The newest intact step: a damaged one is moved aside with a warning naming it.
+    latest, state, iter_state = ckpt.restore_latest_intact(state, check_saved, writer.print)
     if iter_state is not None:
       train_iter.set_state(iter_state)
     writer.print(f"resumed from {ckpt.directory} step {latest}")
@@ -317,6 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   image_every = int(config.train.image_every_steps)
   examples = (evaluate_lib.qualitative_batches(eval_loader, config.eval.qualitative_examples)
               if image_every > 0 else [])
+  monitor = nonfinite.Monitor(config, total_steps, writer.print)
   pending = []
   t_start, step_start = time.perf_counter(), step
   t_log = t_start
@@ -330,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state, step_metrics = train_step(state, sharding_lib.shard_batch(batch, mesh, batch_keys),
                                      backbone)
     step += 1
-    pending.append(step_metrics)
+    pending.append(monitor.after_step(step, step_metrics, ckpt))  # NaN/Inf: stop or skip
 
     if step % log_every == 0 or step == total_steps:
       pending = jax.device_get(pending)
