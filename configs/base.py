@@ -204,6 +204,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every_steps = 500
   config.train.max_checkpoints_to_keep = 3  # older checkpoints are deleted
   config.train.async_checkpointing = True  # write checkpoints in the background
+  # A non-finite loss or gradient: 'stop' ends the run naming the step and task(s), keeping the
+  # last good checkpoint; 'skip' leaves the parameters unchanged for that step (docs/training.md).
+  config.train.on_nonfinite = "stop"
   config.train.eval_every_steps = 0  # evaluate every N steps; 0: only at the end
   # Evaluate the step-0 model too and report per task whether training beat it.
   config.train.untrained_baseline = True

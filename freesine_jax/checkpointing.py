@@ -9,10 +9,14 @@ One checkpoint step holds three items:
                never checkpointed (it comes from its source file or the seed); its hash detects
                a run resumed against different backbone weights.
 Saves are asynchronous; a save killed halfway leaves a temporary directory that Orbax never
-reports as a step, so `latest_step()` always names a complete checkpoint. With several
-processes every one of them calls `save` and `restore` at the same steps: each writes and reads
-the shards of the arrays its devices hold (the state may be FSDP-sharded across hosts), and
-Orbax's primary process writes the JSON items.
+reports as a step, and old steps are renamed away before they are deleted, so `latest_step()`
+always names a complete checkpoint. A checkpoint damaged
+later (a file truncated or altered on disk) is caught on restore: the metadata holds a digest of
+the state's arrays (`state_digest`), compared after every restore; resuming then falls back to
+the newest intact step (`restore_latest_intact`), moving the damaged ones aside with a warning.
+With several processes every one of them calls `save` and `restore` at the same steps: each
+writes and reads the shards of the arrays its devices hold (the state may be FSDP-sharded across
+hosts), and Orbax's primary process writes the JSON items.
 """
 from __future__ import annotations
 
@@ -20,7 +24,9 @@ import base64
 import hashlib
 import json
 import os
-from typing import Any
+import shutil
+import time
+from typing import Any, Callable
 
 import flax
 from flax import traverse_util
@@ -32,6 +38,17 @@ from jax.experimental import multihost_utils
 from freesine_jax import errors
 
 _STATE, _DATA, _META = "state", "data_iter", "metadata"
+STATE_DIGEST = "state_sha256"  # metadata key: `state_digest` of the saved state
+DAMAGED_DIR = "damaged_checkpoints"  # beside checkpoints/: where damaged steps are moved
+TRASH_DIR = "deleted"  # inside checkpoints/: old steps on their way out (not a step name)
+
+
+class CheckpointDamaged(errors.UserError):
+  """A checkpoint step that cannot be read back, or reads back other arrays than were saved."""
+
+  def __init__(self, directory: Any, step: int, reason: str):
+    self.step, self.reason = int(step), " ".join(reason.split())
+    super().__init__(f"checkpoint step {step} in {directory} is damaged: {self.reason}")
 
 
 def checkpoint_directory(workdir: str) -> str:
@@ -61,6 +78,25 @@ def tree_hash(tree: Any) -> str:
   flat = traverse_util.flatten_dict(flax.core.unfreeze(jax.device_get(tree)), sep="/") \
       if tree else {}
   return backbone_hash({k: np.asarray(v) for k, v in flat.items()})
+
+
+def state_digest(tree: Any) -> str | None:
+  """sha256 over the multiset of the leaves' (dtype, shape, bytes) digests, or None when some
+  leaf is not held whole by this process (multi-host sharding: not verified).
+
+  Independent of the tree's container types and leaf order, so the TrainState saved and the same
+  arrays restored as plain dicts (tools.analyze) digest alike.
+  """
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not all(getattr(x, "is_fully_addressable", True) for x in leaves):
+    return None
+  digests = []
+  for leaf in jax.device_get(leaves):
+    v = np.ascontiguousarray(np.asarray(leaf))
+    h = hashlib.sha256(f"{v.dtype}|{v.shape}|".encode())
+    h.update(v.tobytes())
+    digests.append(h.hexdigest())
+  return hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()
 
 
 def _encode_iter_state(state: Any) -> dict:
@@ -112,9 +148,14 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
         create=True,
+        # Old steps are first renamed out of sight (atomic), then deleted by `_purge_trash`:
+        # Orbax's own deletion removes files one by one, and a run killed halfway through it
+        # left a step that still looked committed with an item missing.
+        todelete_subdir=TRASH_DIR,
     )
     self._manager = ocp.CheckpointManager(directory, options=options,
                                           item_names=(_STATE, _DATA, _META))
+    self._purge_trash()
 
   @property
   def directory(self):
@@ -128,11 +169,20 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, *, data_iter_state: Any = None,
            metadata: dict | None = None, force: bool = False) -> bool:
-    """Starts an (async) save if `step` is due (or `force`); returns whether it saved."""
+    """Starts an (async) save if `step` is due (or `force`); returns whether it saved.
+
+    The metadata gets the state's digest (`state_digest`), checked on restore."""
+    if not (force or self._manager.should_save(int(step))):
+      return False
+    self._purge_trash()
+    metadata = dict(metadata or {})
+    digest = state_digest(state)
+    if digest is not None:
+      metadata[STATE_DIGEST] = digest
     args = ocp.args.Composite(**{
         _STATE: ocp.args.StandardSave(state),
         _DATA: ocp.args.JsonSave(_gather_json(_encode_iter_state(data_iter_state))),
-        _META: ocp.args.JsonSave(dict(metadata or {})),
+        _META: ocp.args.JsonSave(metadata),
     })
     return self._manager.save(int(step), args=args, force=force)
 
@@ -143,11 +193,14 @@ class Checkpointer:
     or jax.ShapeDtypeStruct with `.sharding`; restored leaves take those shardings.
     """
     abstract = jax.tree_util.tree_map(_abstract_leaf, target_state)
-    restored = self._manager.restore(int(step), args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardRestore(abstract),
-        _DATA: ocp.args.JsonRestore(),
-        _META: ocp.args.JsonRestore(),
-    }))
+    self._check_layout(step, abstract)
+    with self._damage_reported(step):
+      restored = self._manager.restore(int(step), args=ocp.args.Composite(**{
+          _STATE: ocp.args.StandardRestore(abstract),
+          _DATA: ocp.args.JsonRestore(),
+          _META: ocp.args.JsonRestore(),
+      }))
+    self._verify(step, restored[_STATE], restored[_META])
     key = _process_key(jax.process_index(), jax.process_count())
     per_process = restored[_DATA] or {}
     if key not in per_process:
@@ -162,22 +215,130 @@ class Checkpointer:
     (for offline tools such as tools.analyze that need no optimizer). Arrays saved by devices
     this process does not have (a multi-host run) land on its first device."""
     fallback = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    restored = self._manager.restore(int(step), args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardRestore(fallback_sharding=fallback)}))
+    with self._damage_reported(step):
+      restored = self._manager.restore(int(step), args=ocp.args.Composite(**{
+          _STATE: ocp.args.StandardRestore(fallback_sharding=fallback),
+          _META: ocp.args.JsonRestore()}))
+    self._verify(step, restored[_STATE], restored[_META])
     return restored[_STATE]
 
   def read_metadata(self, step: int) -> dict:
     """The metadata saved with `step` (read alone, before any array is restored)."""
-    restored = self._manager.restore(int(step), args=ocp.args.Composite(**{
-        _META: ocp.args.JsonRestore()}))
-    return dict(restored[_META] or {})
+    with self._damage_reported(step):
+      restored = self._manager.restore(int(step), args=ocp.args.Composite(**{
+          _META: ocp.args.JsonRestore()}))
+      if not isinstance(restored[_META], dict):
+        raise ValueError(f"its {_META} item holds {type(restored[_META]).__name__}, not JSON")
+    return dict(restored[_META])
+
+  def _check_layout(self, step: int, abstract: Any) -> None:
+    """UserError if the saved state's arrays (shapes, dtypes) are not the target's: another
+    model or code version wrote it, which is no damage (nothing is moved aside)."""
+    with self._damage_reported(step):
+      saved = _leaf_layout(ocp.StandardCheckpointHandler().metadata(
+          self._manager.directory / str(int(step)) / _STATE))
+    wanted = _leaf_layout(abstract)
+    if saved != wanted:
+      extra = sorted(set(saved) - set(wanted)) or sorted(set(wanted) - set(saved))
+      raise errors.UserError(
+          f"checkpoint step {step} in {self.directory} holds {len(saved)} arrays that do not fit "
+          f"this model's {len(wanted)} state arrays (e.g. shape/dtype {extra[:1]}); resume with "
+          "the code and config that wrote it, or use a fresh --workdir")
+
+  def _damage_reported(self, step: int):
+    """Turns any failure to read `step` (a missing or cut file, bad JSON, ...) into
+    CheckpointDamaged; the project's own UserErrors pass through."""
+    return _DamageReported(self.directory, step)
+
+  def _verify(self, step: int, state: Any, metadata: Any) -> None:
+    saved = (metadata or {}).get(STATE_DIGEST)
+    if saved is None:
+      return  # written before digests existed, or sharded across hosts
+    got = state_digest(state)
+    if got is not None and got != saved:
+      raise CheckpointDamaged(self.directory, step, "its arrays read back differently than they "
+                              f"were saved (state digest {got[:12]}... != {saved[:12]}...)")
+
+  def restore_latest_intact(self, target_state: Any, check_metadata: Callable[[dict, int], None],
+                            warn: Callable[[str], None]) -> tuple[int, Any, Any]:
+    """(step, state, data_iter_state) of the newest step that reads back intact.
+
+    `check_metadata(metadata, step)` may refuse a step (a UserError, e.g. another config): that
+    ends the resume. A damaged step is moved to <workdir>/damaged_checkpoints/ (so training can
+    write that step again) and named in one `warn` line; if every step is damaged, UserError.
+    """
+    skipped = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        metadata = self.read_metadata(step)
+        check_metadata(metadata, step)
+        state, iter_state, _ = self.restore(step, target_state)
+      except CheckpointDamaged as e:
+        skipped.append((e.step, e.reason, self._move_aside(e.step)))
+        continue
+      if skipped:
+        warn("WARNING: " + "; ".join(
+            f"checkpoint step {s} in {self.directory} is damaged ({reason}), moved to {where}"
+            for s, reason, where in skipped) + f"; resuming from step {step} instead")
+      return step, state, iter_state
+    raise errors.UserError(
+        f"every checkpoint in {self.directory} is damaged (moved to {DAMAGED_DIR}/): " +
+        "; ".join(f"step {s}: {reason}" for s, reason, _ in skipped) +
+        "; rerun to start over in this workdir, or resume from a copy of the run")
+
+  def _move_aside(self, step: int) -> str:
+    """Moves step `step`'s directory to <workdir>/damaged_checkpoints/<step>-<time>/."""
+    source = os.path.join(str(self.directory), str(step))
+    target = os.path.join(os.path.dirname(str(self.directory).rstrip("/")), DAMAGED_DIR,
+                          f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(source, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"freesine_jax moved damaged checkpoint {step}")
+    self._manager.reload()
+    return target
+
+  def _purge_trash(self) -> None:
+    """Deletes the steps Orbax moved to TRASH_DIR, unless a save (whose last act may be such a
+    move) is still running; a purge killed halfway leaves nothing that looks like a step."""
+    trash = os.path.join(str(self.directory), TRASH_DIR)
+    if jax.process_index() != 0 or not os.path.isdir(trash) or \
+        self._manager.is_saving_in_progress():
+      return
+    for name in os.listdir(trash):
+      shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.wait_until_finished()
+    self._purge_trash()
     self._manager.close()
+
+
+class _DamageReported:
+  """Context: any exception but a UserError becomes CheckpointDamaged(directory, step, ...)."""
+
+  def __init__(self, directory: Any, step: int):
+    self._directory, self._step = directory, step
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, exc, tb):
+    if exc is None or isinstance(exc, errors.UserError) or not isinstance(exc, Exception):
+      return False
+    text = str(exc).strip()
+    raise CheckpointDamaged(self._directory, self._step, f"cannot be read back ({kind.__name__}: "
+                            f"{text.splitlines()[0][:300] if text else 'no message'})") from exc
+
+
+def _leaf_layout(tree: Any) -> list[tuple[tuple[int, ...], str]]:
+  """Sorted (shape, dtype) of every leaf: a state's layout, whatever its container types."""
+  return sorted((tuple(int(d) for d in leaf.shape), str(np.dtype(leaf.dtype)))
+                for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def _abstract_leaf(x: Any) -> Any:

@@ -36,6 +36,7 @@ from freesine_jax import errors
 from freesine_jax import evaluate as evaluate_lib
 from freesine_jax import losses
 from freesine_jax import modeling
+from freesine_jax import nonfinite
 from freesine_jax import optimizer as optimizer_lib
 from freesine_jax import sharding as sharding_lib
 from freesine_jax import tasks as tasks_lib
@@ -139,9 +140,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   tasks = tuple(config.tasks)
   weights = loss_weights(config)
   microbatches = int(config.train.grad_accum_steps)
+  skip_nonfinite = nonfinite.check_mode(config) == "skip"
 
   def gradients(params, batch_stats, backbone, batch, totals, k_dropout, k_path):
-    """(loss, per-task losses, updated batch_stats, grads) of one (micro-)batch."""
+    """(loss, per-task losses, updated batch_stats, grads, per-task non-finite output-gradient
+    counts) of one (micro-)batch."""
 
     def loss_fn(params):
       gathered = sharding_lib.gathered({"backbone": backbone, "params": params}, mesh)
@@ -149,16 +152,21 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
           {**gathered, "batch_stats": batch_stats}, batch["image"], train=True,
           rngs={"dropout": k_dropout, "drop_path": k_path}, mutable=["batch_stats"])
       total, per_task = losses.multitask_loss(outputs, batch, tasks, weights, totals)
-      return total, (per_task, mutated.get("batch_stats", batch_stats))
+      return total, (per_task, mutated.get("batch_stats", batch_stats),
+                     {t: outputs[t] for t in tasks})
 
-    (total, (per_task, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return total, per_task, new_stats, grads
+    (total, (per_task, new_stats, outputs)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(params)
+    # Which task a NaN/Inf comes from: its loss, or the loss's gradient w.r.t. its output.
+    bad_outputs = nonfinite.output_gradient_nonfinite(
+        lambda o: losses.multitask_loss(o, batch, tasks, weights, totals)[0], outputs)
+    return total, per_task, new_stats, grads, bad_outputs
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array], backbone: PyTree):
     rng, k_dropout, k_path = jax.random.split(state.rng, 3)
     totals = losses.label_totals(batch, tasks)  # of the whole global batch
     if microbatches == 1:
-      total, per_task, batch_stats, grads = gradients(
+      total, per_task, batch_stats, grads, bad_outputs = gradients(
           state.params, state.batch_stats, backbone, batch, totals, k_dropout, k_path)
     else:
       def accumulate(sums, xs):
@@ -173,15 +181,21 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
           lambda x: jnp.zeros(x.shape, x.dtype),
           jax.eval_shape(gradients, state.params, state.batch_stats, backbone, first, totals,
                          k_dropout, k_path))
-      (total, per_task, stats_sum, grads), _ = jax.lax.scan(
+      (total, per_task, stats_sum, grads, bad_outputs), _ = jax.lax.scan(
           accumulate, zeros, (jnp.arange(microbatches), micro))
       batch_stats = jax.tree_util.tree_map(lambda x: x / microbatches, stats_sum)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    flags = nonfinite.step_flags(per_task, bad_outputs, grads)
+    if skip_nonfinite:
+      params, opt_state, batch_stats = nonfinite.keep_if_finite(
+          nonfinite.step_is_finite(flags), (params, opt_state, batch_stats),
+          (state.params, state.opt_state, state.batch_stats))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               batch_stats=batch_stats, rng=rng)
     out = {"loss": total, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
     out.update({f"loss/{t}": v for t, v in per_task.items()})
+    out.update(flags)
     out.update(task_frequencies(model, params))
     return new_state, out
 
@@ -439,12 +453,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       async_save=config.train.async_checkpointing)
   train_iter = iter(train_loader)
   metadata = {"backbone_hash": backbone_hash, "config": config.to_json_best_effort()}
-  latest = ckpt.latest_step()
-  if latest is not None:
-    saved_meta = ckpt.read_metadata(latest)
-    checkpointing.check_compatible(saved_meta, config, workdir, latest, "resume")
-    checkpointing.check_backbone(saved_meta, backbone_hash, latest)
-    state, iter_state, _ = ckpt.restore(latest, state)
+  if ckpt.latest_step() is not None:
+    def check_saved(saved_meta, step):
+      checkpointing.check_compatible(saved_meta, config, workdir, step, "resume")
+      checkpointing.check_backbone(saved_meta, backbone_hash, step)
+    # The newest intact step: a damaged one is moved aside with a warning naming it.
+    latest, state, iter_state = ckpt.restore_latest_intact(state, check_saved, writer.print)
     if iter_state is not None:
       train_iter.set_state(iter_state)
     writer.print(f"resumed from {ckpt.directory} step {latest}")
@@ -459,6 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   image_every = int(config.train.image_every_steps)
   examples = (evaluate_lib.qualitative_batches(eval_loader, config.eval.qualitative_examples)
               if image_every > 0 else [])
+  monitor = nonfinite.Monitor(config, total_steps, writer.print)
   pending = []
   t_start, step_start = time.perf_counter(), step
   t_log = t_start
@@ -472,7 +487,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state, step_metrics = train_step(
         state, sharding_lib.shard_batch(batch, mesh, batch_keys, global_batch), backbone)
     step += 1
-    pending.append(step_metrics)
+    pending.append(monitor.after_step(step, step_metrics, ckpt))  # NaN/Inf: stop or skip
 
     if step % log_every == 0 or step == total_steps:
       pending = jax.device_get(pending)

@@ -1,4 +1,6 @@
-"""SIGKILL mid-run, restart: the final state equals an uninterrupted run's, bit for bit.
+"""SIGKILL mid-run (after a checkpoint, at random times, during an asynchronous save), restart:
+no checkpoint on disk restores to garbage and the final state equals an uninterrupted run's, bit
+for bit.
 
 Runs the real CLI (python -m freesine_jax.main) on the tiny synthetic dataset and the real grain
 pipeline (so the data-iterator state is restored too), with the small conv model of
@@ -16,6 +18,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+from freesine_jax import checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 45  # 24 train examples / batch 8 = 3 steps per epoch, 15 epochs
@@ -75,13 +79,35 @@ def _final_state(workdir):
   return step, restored["state"], restored["data_iter"]
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(env):
+@pytest.fixture(scope="module")
+def reference(env):
+  """The uninterrupted run's workdir (also builds the dataset and fills the compile cache)."""
   root, config_path, e = env
-  # 1) Uninterrupted reference run (also builds the dataset and fills the compile cache).
   ref_dir = str(root / "reference")
   subprocess.run(_cli(config_path, ref_dir), cwd=REPO, env=e, check=True,
                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
   assert os.path.exists(os.path.join(ref_dir, "results.json"))
+  return ref_dir
+
+
+def _assert_same_final_state(ref_dir, run_dir):
+  ref_step, ref_state, ref_iter = _final_state(ref_dir)
+  got_step, got_state, got_iter = _final_state(run_dir)
+  assert ref_step == got_step == TOTAL_STEPS
+  assert ref_iter == got_iter
+  ref_leaves = jax.tree_util.tree_leaves_with_path(ref_state)
+  got_leaves = jax.tree_util.tree_leaves_with_path(got_state)
+  assert [p for p, _ in ref_leaves] == [p for p, _ in got_leaves]
+  assert any("params" in jax.tree_util.keystr(p) for p, _ in ref_leaves)
+  for (path, a), (_, b) in zip(ref_leaves, got_leaves):
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(a),
+                                  err_msg=jax.tree_util.keystr(path))
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(env, reference):
+  root, config_path, e = env
+  # 1) The uninterrupted reference run: the `reference` fixture.
+  ref_dir = reference
 
   # 2) Same run, killed with SIGKILL as soon as its first checkpoint is complete.
   run_dir = str(root / "interrupted")
@@ -106,14 +132,97 @@ def test_sigkill_then_resume_matches_uninterrupted_run(env):
   print(f"killed with checkpoints {steps_at_kill}; restart said:",
         [l for l in out.stdout.splitlines() if "resumed" in l])
 
-  ref_step, ref_state, ref_iter = _final_state(ref_dir)
-  got_step, got_state, got_iter = _final_state(run_dir)
-  assert ref_step == got_step == TOTAL_STEPS
-  assert ref_iter == got_iter
-  ref_leaves = jax.tree_util.tree_leaves_with_path(ref_state)
-  got_leaves = jax.tree_util.tree_leaves_with_path(got_state)
-  assert [p for p, _ in ref_leaves] == [p for p, _ in got_leaves]
-  assert any("params" in jax.tree_util.keystr(p) for p, _ in ref_leaves)
-  for (path, a), (_, b) in zip(ref_leaves, got_leaves):
-    np.testing.assert_array_equal(np.asarray(b), np.asarray(a),
-                                  err_msg=jax.tree_util.keystr(path))
+  _assert_same_final_state(ref_dir, run_dir)
+
+
+def _tmp_saves(workdir):
+  """Orbax's in-progress save directories (<step>.orbax-checkpoint-tmp-<time>)."""
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(n for n in os.listdir(d) if ".orbax-checkpoint-tmp" in n) if os.path.isdir(d) \
+      else []
+
+
+def _metrics_lines(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path, encoding="utf-8") as f:
+    return sum(1 for _ in f)
+
+
+def _kill_when(proc, ready, deadline_s=600):
+  """SIGKILLs `proc` as soon as `ready()` holds (polled every millisecond); returns whether the
+  kill came before the process ended on its own."""
+  deadline = time.time() + deadline_s
+  try:
+    while proc.poll() is None and not ready() and time.time() < deadline:
+      time.sleep(0.001)
+  finally:
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  return proc.returncode == -signal.SIGKILL
+
+
+def _assert_every_checkpoint_intact(workdir):
+  """Each step on disk restores, its arrays match the digest saved with them, and its saved
+  step counter is the directory's step: no checkpoint restores to garbage."""
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  steps = ckpt.all_steps()
+  for step in steps:
+    state = ckpt.restore_saved_state(step)  # raises CheckpointDamaged on a digest mismatch
+    assert ckpt.read_metadata(step)[checkpointing.STATE_DIGEST] == \
+        checkpointing.state_digest(state)
+    assert int(np.asarray(state["step"])) == step
+  ckpt.close()
+  return steps
+
+
+def test_sigkill_at_random_points_and_during_async_saves_then_resume(env, reference):
+  """Three SIGKILLs of one run: during an asynchronous checkpoint save (the moment Orbax's
+  temporary save directory appears), and twice a random time (seeded) after training started.
+  After each, every checkpoint left on disk is intact; the final restart ends bit-identical to
+  the uninterrupted run."""
+  root, config_path, e = env
+  run_dir = str(root / "killed_at_random")
+  rng = np.random.default_rng(14)
+  events = []
+  # A kill lands after Orbax finished the save in a rare race: then the save is retried (twice).
+  for trigger in ("random", "during save", "during save", "during save", "random"):
+    if trigger == "during save" and any(t == trigger and left for t, _, left in events):
+      continue
+    lines_before = _metrics_lines(run_dir)
+    proc = subprocess.Popen(_cli(config_path, run_dir), cwd=REPO, env=e,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    delay = rng.uniform(0.0, 1.5) if trigger == "random" else None
+    started = []
+
+    def ready():
+      # Training has started once this process logged: it has removed the unfinished saves
+      # of earlier kills by then, so a temporary save directory is one of its own saves.
+      if not started and _metrics_lines(run_dir) > lines_before:
+        started.append(time.time())
+      if not started:
+        return False
+      if delay is None:
+        return bool(_tmp_saves(run_dir))
+      return time.time() - started[0] >= delay
+    killed = _kill_when(proc, ready)
+    assert killed, f"the run ended before the {trigger} kill"
+    in_flight = _tmp_saves(run_dir)
+    steps = _assert_every_checkpoint_intact(run_dir)
+    assert max(steps, default=0) < TOTAL_STEPS
+    events.append((trigger, steps, in_flight))
+  print("kills (trigger, intact steps on disk, unfinished saves left):", events)
+  assert any(t == "during save" and left for t, _, left in events), \
+      "no 'during save' kill left an unfinished save behind"
+
+  out = subprocess.run(_cli(config_path, run_dir), cwd=REPO, env=e, check=True,
+                       capture_output=True, text=True, timeout=600)
+  assert "resumed from" in out.stdout, out.stdout[-2000:]
+  assert not _tmp_saves(run_dir)  # Orbax cleaned up the killed saves
+  trash = os.path.join(run_dir, "checkpoints", checkpointing.TRASH_DIR)
+  assert not os.path.isdir(trash) or not os.listdir(trash)  # old steps deleted for good
+  assert _finished_steps(run_dir) == [TOTAL_STEPS - CKPT_EVERY, TOTAL_STEPS]  # max_to_keep 2
+  _assert_every_checkpoint_intact(run_dir)
+  _assert_same_final_state(reference, run_dir)

@@ -234,6 +234,23 @@ def test_truncated_image(tmp_path):
   _expect_error(nyud.NyudMT, root, "images/0002.jpg: cannot decode image")
 
 
+@pytest.mark.parametrize("label,damage,message", [
+    ("segmentation/0002.png", "truncate", "segmentation/0002.png: cannot decode image"),
+    ("segmentation/0002.png", "text", "segmentation/0002.png: cannot decode image"),
+    ("depth/0002.npy", "truncate", "depth/0002.npy: cannot read .npy file"),
+    ("normals/0003.npy", "text", "normals/0003.npy: cannot read .npy file")])
+def test_corrupt_label_file_is_named_when_building(tmp_path, label, damage, message):
+  """A label file cut short or replaced by text fails the build naming it (issue 14)."""
+  root = fake.make_nyud(str(tmp_path / "n"))
+  path = os.path.join(root, *label.split("/"))
+  data = open(path, "rb").read()
+  open(path, "wb").write(data[: len(data) // 2] if damage == "truncate" else b"<html>404</html>")
+  b = nyud.NyudMT(manual_dir=root, data_dir=str(tmp_path / "tfds"))
+  with pytest.raises(DatasetError) as info:
+    b.download_and_prepare()
+  assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
 def test_wrong_shaped_mat(tmp_path):
   root = fake.make_pascal(str(tmp_path / "p"))
   scipy.io.savemat(os.path.join(root, "pascal-context", "trainval", "2008_000003.mat"),

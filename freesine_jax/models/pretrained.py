@@ -23,11 +23,13 @@ See docs/pretrained.md.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import re
+import zipfile
 from typing import Any, Mapping
 
 from absl import logging
@@ -36,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from freesine_jax import errors
 from freesine_jax.models import relpos_resize
 from freesine_jax.models import swin
 
@@ -108,14 +111,11 @@ def _import_torch(path: str):
 def _read_torch(path: str) -> tuple[dict[str, Any], str | None]:
   """A .pth/.bin state dict as numpy arrays, and the wrapper entry it came from."""
   torch = _import_torch(path)
+  _check_torch_container(path)
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pickle.UnpicklingError, RuntimeError, ... (torch varies)
-    raise ValueError(
-        f"{path}: torch.load(weights_only=True) refused the file ({type(e).__name__}: "
-        f"{str(e).splitlines()[0] if str(e) else ''}). Only plain tensor state dicts are read, "
-        "never pickled objects; in a trusted environment save just the weights, e.g. "
-        "torch.save({'model': ckpt['model']}, 'weights.pth'), or export to .safetensors") from e
+    raise _torch_load_refusal(path, e) from None
   wrapper = None
   if isinstance(obj, Mapping):
     for entry in ("model", "state_dict", "module"):
@@ -123,12 +123,12 @@ def _read_torch(path: str) -> tuple[dict[str, Any], str | None]:
         obj, wrapper = obj[entry], entry
         break
   if not isinstance(obj, Mapping):
-    raise ValueError(f"{path}: expected a state dict (or a dict with a 'model' entry), got "
-                     f"{type(obj).__name__}")
+    raise errors.UserError(f"{path}: expected a state dict (or a dict with a 'model' entry), got "
+                           f"{type(obj).__name__}")
   out = {}
   for k, v in obj.items():
     if not isinstance(v, torch.Tensor):
-      raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+      raise errors.UserError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
     if v.is_floating_point():
       v = v.float()
     out[k] = v.detach().cpu().numpy()
@@ -138,32 +138,135 @@ def _read_torch(path: str) -> tuple[dict[str, Any], str | None]:
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   """All tensors of a .safetensors file as numpy (bfloat16 widened to float32 by hand)."""
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  header_len, header = _safetensors_header(path)
+  out = {}
+  try:
+    with safe_open(path, framework="numpy") as f:
+      for key in f.keys():
+        meta = header[key]
+        if meta["dtype"] == "BF16":  # numpy has no bfloat16: the top 16 bits of a float32
+          start, end = meta["data_offsets"]
+          raw = np.fromfile(path, dtype="<u2", count=(end - start) // 2,
+                            offset=8 + header_len + start)
+          out[key] = (raw.astype(np.uint32) << 16).view(np.float32).reshape(meta["shape"])
+        else:
+          out[key] = f.get_tensor(key)
+  except Exception as e:  # safetensors.SafetensorError and what numpy raises on a bad layout
+    raise errors.UserError(f"{path}: not a readable .safetensors file ({type(e).__name__}: "
+                           f"{_first_line(e)})") from None
+  return out
+
+
+def _first_line(exc: BaseException) -> str:
+  text = str(exc).strip()
+  return text.splitlines()[0] if text else "no message"
+
+
+def _safetensors_header(path: str) -> tuple[int, dict]:
+  """(header length, header) of a .safetensors file, checked against the file's size first.
+
+  The format starts with an 8-byte little-endian header length; any other file (text, HTML, a
+  .pth renamed) makes that length absurd, and reading it blindly asks for terabytes. A file cut
+  short is caught here too, by comparing the tensors' data offsets with the bytes present.
+  """
+  size = os.path.getsize(path)
+  if size < 8:
+    raise errors.UserError(f"{path}: {'empty file' if size == 0 else 'only'} ({size} bytes), not a "
+                           ".safetensors file (which starts with an 8-byte header length)")
   with open(path, "rb") as f:
     header_len = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(header_len))
-  out = {}
-  with safe_open(path, framework="numpy") as f:
-    for key in f.keys():
-      meta = header[key]
-      if meta["dtype"] == "BF16":  # numpy has no bfloat16: the top 16 bits of a float32
-        start, end = meta["data_offsets"]
-        raw = np.fromfile(path, dtype="<u2", count=(end - start) // 2,
-                          offset=8 + header_len + start)
-        out[key] = (raw.astype(np.uint32) << 16).view(np.float32).reshape(meta["shape"])
-      else:
-        out[key] = f.get_tensor(key)
-  return out
+    if header_len > size - 8:
+      raise errors.UserError(
+          f"{path}: not a .safetensors file: its first 8 bytes {_peek(path)!r} would announce a "
+          f"{header_len}-byte header, but the file has {size} bytes")
+    raw = f.read(header_len)
+  try:
+    header = json.loads(raw)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise errors.UserError(f"{path}: not a .safetensors file: its {header_len}-byte header is "
+                           f"not JSON ({_first_line(e)})") from None
+  if not isinstance(header, dict):
+    raise errors.UserError(f"{path}: not a .safetensors file: its header is a "
+                           f"{type(header).__name__}, not a JSON object")
+  data_bytes = size - 8 - header_len
+  ends = [meta["data_offsets"][1] for key, meta in header.items()
+          if key != "__metadata__" and isinstance(meta, dict)
+          and isinstance(meta.get("data_offsets"), list) and len(meta["data_offsets"]) == 2
+          and isinstance(meta["data_offsets"][1], int)]
+  needed = max(ends, default=0)
+  if needed > data_bytes:
+    raise errors.UserError(
+        f"{path}: truncated .safetensors file: its header places tensor data up to byte "
+        f"{needed} of the data section, but only {data_bytes} bytes follow the header (file "
+        f"{size} bytes, expected {8 + header_len + needed}); download or copy it again")
+  return header_len, header
+
+
+def _peek(path: str, count: int = 8) -> bytes:
+  with open(path, "rb") as f:
+    return f.read(count)
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default container (a zip archive)
+_PICKLE_OPCODE = b"\x80"  # torch.save's legacy container starts with a pickle (PROTO)
+
+
+def _check_torch_container(path: str) -> None:
+  """UserError naming the file unless it looks like something torch.save wrote.
+
+  torch.save writes a zip archive (or, legacy, a pickle); an empty, truncated or foreign file
+  is reported as such here instead of by torch.load's internal error.
+  """
+  size = os.path.getsize(path)
+  head = _peek(path)
+  if size == 0:
+    raise errors.UserError(f"{path}: empty file (0 bytes), not a PyTorch checkpoint")
+  if head.startswith(_ZIP_MAGIC):
+    try:
+      with zipfile.ZipFile(path) as archive:
+        archive.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+      raise errors.UserError(
+          f"{path}: truncated or damaged PyTorch checkpoint: a zip archive (torch.save's format) "
+          f"whose directory cannot be read ({_first_line(e)}; {size} bytes); download or copy it "
+          "again") from None
+  elif not head.startswith(_PICKLE_OPCODE):
+    raise errors.UserError(
+        f"{path}: not a PyTorch checkpoint: it starts with {head!r}, neither a zip archive "
+        "(torch.save) nor a legacy torch pickle; .safetensors files must end in .safetensors")
+
+
+def _torch_load_refusal(path: str, exc: Exception) -> errors.UserError:
+  """The one-line error for a file torch.load(weights_only=True) could not read."""
+  detail = f"{type(exc).__name__}: {_first_line(exc)}"
+  if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+    return errors.UserError(
+        f"{path}: torch.load(weights_only=True) refused the file ({detail[:300]}). Only plain "
+        "tensor state dicts are read, never pickled objects; in a trusted environment save just "
+        "the weights, e.g. torch.save({'model': ckpt['model']}, 'weights.pth'), or export to "
+        ".safetensors")
+  return errors.UserError(
+      f"{path}: torch.load could not read it ({detail[:300]}); the file is probably truncated or "
+      "damaged: download or copy it again")
 
 
 def _read_converted(path: str) -> tuple[Flat, dict]:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   meta_path = os.path.join(path, METADATA_FILE)
-  with open(meta_path) as f:
-    meta = json.load(f)
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise errors.UserError(f"{meta_path}: not valid JSON ({_first_line(e)}); convert the "
+                           "weights again") from None
   weights = os.path.join(os.path.abspath(path), WEIGHTS_DIR)
   if not os.path.isdir(weights):
-    raise FileNotFoundError(f"{path}: has {METADATA_FILE} but no {WEIGHTS_DIR}/ directory")
-  tree = ocp.StandardCheckpointer().restore(weights)
+    raise errors.UserError(f"{path}: has {METADATA_FILE} but no {WEIGHTS_DIR}/ directory")
+  try:
+    tree = ocp.StandardCheckpointer().restore(weights)
+  except Exception as e:  # Orbax/TensorStore errors of a damaged directory vary
+    raise errors.UserError(f"{weights}: cannot be restored ({type(e).__name__}: "
+                           f"{_first_line(e)[:300]}); convert the weights again") from None
   flat = {"/".join(k): np.asarray(v, np.float32)
           for k, v in traverse_util.flatten_dict(tree).items()}
   return flat, meta
@@ -181,7 +284,7 @@ def detect_layout(keys, wrapper: str | None = None) -> str:
     return "hf"
   if "patch_embed.proj.weight" in keys:
     return "ms" if wrapper == "model" else "timm"
-  raise ValueError(
+  raise errors.UserError(
       "cannot tell the checkpoint layout: found neither 'patch_embed.proj.weight' (ms/timm) nor "
       "'...embeddings.patch_embeddings.projection.weight' (hf); first keys: "
       f"{sorted(keys)[:_MAX_LISTED]}")
@@ -236,7 +339,8 @@ def _hf_to_canonical(state: dict[str, np.ndarray], path: str
     missing = [p for p in ("query", "key", "value") if p not in parts]
     if missing:
       some_key = next(iter(parts.values()))[0]
-      raise ValueError(f"{path}: {some_key} has no matching attention.self.{missing[0]}.{param}")
+      raise errors.UserError(
+          f"{path}: {some_key} has no matching attention.self.{missing[0]}.{param}")
     # PyTorch's qkv weight stacks q, k, v along the output dimension.
     canonical = f"{prefix}attn.qkv.{param}"
     tensors[canonical] = np.concatenate([parts[p][1] for p in ("query", "key", "value")], axis=0)
@@ -280,13 +384,14 @@ def _check_index_buffer(key: str, index: np.ndarray, table_len: int | None) -> N
   """A stored relative_position_index must be the standard one (else our tables would be misread)."""
   n = int(round(math.sqrt(index.shape[0]))) if index.ndim == 2 else 0
   if index.ndim != 2 or index.shape[0] != index.shape[1] or n * n != index.shape[0]:
-    raise ValueError(f"{key}: relative_position_index of shape {index.shape} is not (w^2, w^2)")
+    raise errors.UserError(
+        f"{key}: relative_position_index of shape {index.shape} is not (w^2, w^2)")
   if table_len is not None and table_len != (2 * n - 1) ** 2:
-    raise ValueError(f"{key}: relative_position_index for window {n} does not fit a bias table "
-                     f"of {table_len} rows")
+    raise errors.UserError(f"{key}: relative_position_index for window {n} does not fit a bias "
+                           f"table of {table_len} rows")
   if not np.array_equal(index, swin.relative_position_index(n)):
-    raise ValueError(f"{key}: relative_position_index differs from the Swin definition for "
-                     f"window {n}; this checkpoint uses a different position convention")
+    raise errors.UserError(f"{key}: relative_position_index differs from the Swin definition for "
+                           f"window {n}; this checkpoint uses a different position convention")
 
 
 def _merges_at_end_of_stage(tensors: dict[str, np.ndarray], source_of: Mapping[str, str]
@@ -307,21 +412,23 @@ def _merges_at_end_of_stage(tensors: dict[str, np.ndarray], source_of: Mapping[s
       sibling = next(k for k, m in merges.items() if int(m.group(1)) == stage)
       source = source_of.get(sibling, sibling)
       missing = source[:-len(merges[sibling].group(2))] + "norm.weight"
-      raise ValueError(f"{missing}: missing (the patch merging of that stage has other weights)")
+      raise errors.UserError(
+          f"{missing}: missing (the patch merging of that stage has other weights)")
     width = tensors[norm_key].shape[0]
     if widths.get(stage) is not None and width == 4 * widths[stage]:
       target, placement = stage, "end_of_stage"
     elif widths.get(stage - 1) is not None and width == 4 * widths[stage - 1]:
       target, placement = stage - 1, "start_of_next_stage"
     else:
-      raise ValueError(f"{source_of.get(norm_key, norm_key)}: width {width} fits no stage "
-                       f"(block widths per stage: {widths})")
+      raise errors.UserError(f"{source_of.get(norm_key, norm_key)}: width {width} fits no stage "
+                             f"(block widths per stage: {widths})")
     placements.add(placement)
     for key, m in merges.items():
       if int(m.group(1)) == stage:
         out[f"layers.{target}.downsample.{m.group(2)}"] = tensors[key]
   if len(placements) > 1:
-    raise ValueError(f"inconsistent patch-merging placement across stages: {sorted(placements)}")
+    raise errors.UserError(
+        f"inconsistent patch-merging placement across stages: {sorted(placements)}")
   return out, placements.pop() if placements else "none"
 
 
@@ -355,7 +462,7 @@ def _to_canonical(state: dict[str, np.ndarray], layout: str, path: str
 def _fail_unknown(path: str, unknown: list[str]) -> None:
   if unknown:
     unknown = sorted(unknown)
-    raise ValueError(
+    raise errors.UserError(
         f"{path}: {len(unknown)} key(s) are not part of a Swin backbone this project knows "
         f"(not a weight, buffer, final norm or classifier head), e.g. {unknown[:_MAX_LISTED]}. "
         "Refusing to guess what they do.")
@@ -369,7 +476,7 @@ def _fail_unknown(path: str, unknown: list[str]) -> None:
 def describe(flat: Flat) -> dict:
   """Architecture read from the shapes: embed dim, depths, heads, window, patch size, variant."""
   if "patch_embed_proj/kernel" not in flat:
-    raise ValueError("no patch_embed_proj/kernel among the weights: not a Swin backbone")
+    raise errors.UserError("no patch_embed_proj/kernel among the weights: not a Swin backbone")
   p, _, in_chans, embed_dim = flat["patch_embed_proj/kernel"].shape
   depths, heads, windows = [], [], []
   stage = 0
@@ -380,16 +487,20 @@ def describe(flat: Flat) -> dict:
       if table is not None:
         side = int(round(math.sqrt(table.shape[0])))
         if side * side != table.shape[0] or side % 2 == 0:
-          raise ValueError(f"layers_{stage}_blocks_{depth}/attn/relative_position_bias_table: "
-                           f"{table.shape[0]} rows is not (2w-1)^2")
+          raise errors.UserError(
+              f"layers_{stage}_blocks_{depth}/attn/relative_position_bias_table: "
+              f"{table.shape[0]} rows is not (2w-1)^2")
         windows.append((side + 1) // 2)
         if depth == 0:
           heads.append(int(table.shape[1]))
       depth += 1
     depths.append(depth)
     stage += 1
+  if not depths:
+    raise errors.UserError("no layers_0_blocks_0 weights among the patch embedding's: not a whole "
+                           "Swin backbone")
   if len(heads) != len(depths):
-    raise ValueError("a stage's first block has no relative_position_bias_table")
+    raise errors.UserError("a stage's first block has no relative_position_bias_table")
   fc1 = flat.get("layers_0_blocks_0/mlp/fc1/kernel")
   mlp_ratio = float(fc1.shape[1]) / embed_dim if fc1 is not None else None
   window = max(windows) if windows else None
@@ -402,29 +513,47 @@ def describe(flat: Flat) -> dict:
               in_chans=int(in_chans), mlp_ratio=mlp_ratio)
 
 
+@contextlib.contextmanager
+def _naming(path: str):
+  """Prefixes `path: ` to a UserError that does not name the file yet (one about a key or a
+  shape), so every refusal a user sees says which file it is about."""
+  try:
+    yield
+  except errors.UserError as e:
+    if path in str(e):
+      raise
+    raise errors.UserError(f"{path}: {e}") from None
+
+
 def read_checkpoint(path: str, layout: str | None = None) -> tuple[Flat, dict]:
   """Reads a Swin checkpoint into ({our_path: float32 array}, info).
 
   info: layout, source, the architecture (see `describe`), ignored_keys (final norm, classifier
   head: reported, never used), skipped_buffers (relative_position_index, attn_mask: recomputed),
-  downsample_placement.
+  downsample_placement. Every refusal is an errors.UserError naming the file.
   """
+  with _naming(path):
+    return _read_checkpoint(path, layout)
+
+
+def _read_checkpoint(path: str, layout: str | None) -> tuple[Flat, dict]:
   if layout is not None and layout not in LAYOUTS:
-    raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
+    raise errors.UserError(f"layout={layout!r} is not one of {LAYOUTS}")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"Swin checkpoint {path!r} does not exist")
+    raise errors.UserError(f"Swin checkpoint {path!r} does not exist")
   if os.path.isdir(path):
     if os.path.exists(os.path.join(path, METADATA_FILE)):
       if layout not in (None, "converted"):
-        raise ValueError(f"{path} is a converted directory, but layout={layout!r} was requested")
+        raise errors.UserError(
+            f"{path} is a converted directory, but layout={layout!r} was requested")
       flat, meta = _read_converted(path)
       info = dict(meta, layout="converted", source=path, converted_from=meta.get("layout"))
       info.update(describe(flat))
       return flat, info
     candidate = os.path.join(path, "model.safetensors")
     if not os.path.exists(candidate):
-      raise ValueError(f"{path} is a directory with neither {METADATA_FILE} (a converted "
-                       "checkpoint) nor model.safetensors (a Hugging Face model)")
+      raise errors.UserError(f"{path} is a directory with neither {METADATA_FILE} (a converted "
+                             "checkpoint) nor model.safetensors (a Hugging Face model)")
     path = candidate
   if path.endswith(".safetensors"):
     sd, wrapper = _read_safetensors(path), None
@@ -434,10 +563,10 @@ def read_checkpoint(path: str, layout: str | None = None) -> tuple[Flat, dict]:
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
   found = detect_layout(sd.keys(), wrapper)
   if layout == "converted":
-    raise ValueError(f"{path} is a file; layout='converted' expects a directory")
+    raise errors.UserError(f"{path} is a file; layout='converted' expects a directory")
   if layout is not None and {layout, found} != {"ms", "timm"} and layout != found:
-    raise ValueError(f"{path}: layout={layout!r} was requested but the keys are {found!r} "
-                     f"names, e.g. {sorted(sd)[:3]}")
+    raise errors.UserError(f"{path}: layout={layout!r} was requested but the keys are {found!r} "
+                           f"names, e.g. {sorted(sd)[:3]}")
   canonical, extra = _to_canonical(sd, found, path)
   flat = {}
   for name, value in canonical.items():
@@ -507,7 +636,7 @@ def check_variant(flat: Flat, info: dict, spec: swin.SwinSpec, where: str = "") 
            f"{info.get('mlp_ratio')})")
     cfg = (f"embed {spec.embed_dim}, depths {tuple(spec.depths)}, heads {tuple(spec.num_heads)}, "
            f"patch {spec.patch_size}, mlp_ratio {spec.mlp_ratio}")
-    raise ValueError(
+    raise errors.UserError(
         f"{where or info.get('source', 'checkpoint')}: weights are {got} but the model is "
         f"configured as {cfg}; {len(lines)} mismatch(es), first: "
         + "; ".join(lines[:_MAX_LISTED]))
@@ -524,8 +653,8 @@ def _find_prefix(flat_vars: Mapping[str, Mapping[tuple, Any]]) -> tuple[str, ...
     for path in coll:
       if path[-2:] == anchor:
         return path[:-2]
-  raise ValueError("the model variables contain no Swin backbone (no patch_embed_proj/kernel in "
-                   "'backbone' or 'params')")
+  raise errors.UserError("the model variables contain no Swin backbone (no patch_embed_proj/kernel "
+                         "in 'backbone' or 'params')")
 
 
 def load_into(variables: Mapping[str, Any], flat: Flat, *, strict: bool = True,
@@ -553,8 +682,8 @@ def load_into(variables: Mapping[str, Any], flat: Flat, *, strict: bool = True,
   unexpected = sorted(set(have) - set(want))
   bad_shapes = [line for line in _mismatch_lines(have, want) if line.startswith("shape")]
   if bad_shapes or (strict and (missing or unexpected)):
-    raise ValueError("cannot load the Swin weights: "
-                     + "; ".join((bad_shapes + [f"missing {k}" for k in missing] +
+    raise errors.UserError("cannot load the Swin weights: "
+                           + "; ".join((bad_shapes + [f"missing {k}" for k in missing] +
                                   [f"unexpected {k}" for k in unexpected])[:_MAX_LISTED]))
   for k in missing:
     logging.warning("pretrained Swin: %s not in the checkpoint; keeps its initial value", k)
@@ -592,7 +721,8 @@ def load_pretrained(path: str, variables: Mapping[str, Any], spec: swin.SwinSpec
   """
   flat, info = read_checkpoint(path, layout=layout)
   check_variant(flat, info, spec, where=path)
-  variables, report = load_into(variables, flat, strict=True, return_report=True)
+  with _naming(path):
+    variables, report = load_into(variables, flat, strict=True, return_report=True)
   logging.info("loaded %d pretrained Swin weights from %s (layout %s, variant %s, window %s); "
                "resized tables: %d; ignored source keys: %s", report["loaded"], path,
                info["layout"], info["variant"], info["window_size"],

@@ -8,6 +8,8 @@ Swin (.safetensors/.bin, or its directory) without executing pickled code, maps 
 module paths, and writes <out>/weights (Orbax) and <out>/metadata.json. Keys that are not part of
 the backbone features (final norm, classifier head) are listed in the output and the metadata.
 Point config.model.backbone_weights at <out> (or at the source file). See docs/pretrained.md.
+A file that cannot be converted (empty, truncated, not a checkpoint, not the requested variant)
+ends in one line naming it and exit code 2, and nothing is written.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from flax import traverse_util
 
 from freesine_jax import checkpointing
 from freesine_jax import cli
+from freesine_jax import errors
 from freesine_jax.models import pretrained
 from freesine_jax.models import relpos_resize
 from freesine_jax.models import swin
@@ -30,16 +33,18 @@ def convert(src: str, out: str, *, variant: str | None = None, layout: str | Non
   """Converts `src` into `out`; returns the metadata written."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   if os.path.exists(os.path.join(out, pretrained.WEIGHTS_DIR)):
-    raise FileExistsError(f"--out={out} already holds {pretrained.WEIGHTS_DIR}/; choose a new "
-                          "directory or delete it")
+    raise errors.UserError(f"--out={out} already holds {pretrained.WEIGHTS_DIR}/; choose a new "
+                           "directory or delete it")
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise errors.UserError(f"--out={out} is a file; name a directory to create")
+  if window is not None and window < 1:
+    raise errors.UserError(f"--window={window} must be >= 1")
   flat, info = pretrained.read_checkpoint(src, layout=layout)
   if variant is not None:
     spec = swin.SwinSpec.from_variant(variant, window_size=window or info["window_size"])
     pretrained.check_variant(flat, info, spec, where=src)
   source_window = info["window_size"]
   if window is not None:
-    if window < 1:
-      raise ValueError(f"--window={window} must be >= 1")
     flat = relpos_resize.resize_tables(flat, window)
   sha = pretrained.file_sha256(info["source"]) if os.path.isfile(info["source"]) else None
   metadata = dict(
