@@ -138,18 +138,22 @@ def free_port() -> int:
 
 
 def test_two_processes_on_127_0_0_1_match_one_process(tmp_path, cli_env):
-  """2 processes x 1 CPU device through the launcher: 2 steps, then a restart to step 4 that
-  restores the collective checkpoint; one process holding both devices runs 4 steps straight.
-  Same program on the same devices, so the same numbers."""
+  """2 processes x 1 CPU device through the launcher, parameters and Adam moments FSDP-sharded
+  across them: 2 steps, then a restart to step 4 that restores the collective checkpoint; one
+  process holding both devices runs 4 steps straight. Same program on the same mesh, so the
+  same numbers."""
   env = dict(cli_env, PYTHON=sys.executable)
+  # An fsdp axis across the two hosts: each process stores half of every kernel and saves it.
+  fsdp = ["--config.mesh.fsdp=2", "--config.mesh.min_shard_size=1"]
   job = str(tmp_path / "two_processes")
   for max_steps in (2, 4):
     proc = subprocess.run(
         [LAUNCHER, "--num_processes=2", f"--port={free_port()}", "--cpu_devices=1",
-         *train_args(job, f"--config.train.max_steps={max_steps}")],
+         *train_args(job, f"--config.train.max_steps={max_steps}", *fsdp)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "[0] tasks" in proc.stdout and "2 device(s), 2 process(es)" in proc.stdout
+    assert "[0] tasks" in proc.stdout
+    assert "2 device(s), 2 process(es), mesh data=1 x fsdp=2" in proc.stdout
     assert "[1] tasks" not in proc.stdout  # only process 0 prints and writes logs
     if max_steps == 4:
       assert f"[0] resumed from {os.path.join(job, 'checkpoints')} step 2" in proc.stdout
@@ -157,10 +161,10 @@ def test_two_processes_on_127_0_0_1_match_one_process(tmp_path, cli_env):
   single = str(tmp_path / "one_process")
   env_single = dict(cli_env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   proc = subprocess.run([sys.executable, "-m", "freesine_jax.main",
-                         *train_args(single, "--config.train.max_steps=4")],
+                         *train_args(single, "--config.train.max_steps=4", *fsdp)],
                         cwd=REPO, env=env_single, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "2 device(s), 1 process(es)" in proc.stdout
+  assert "2 device(s), 1 process(es), mesh data=1 x fsdp=2" in proc.stdout
 
   job_step, job_state = final_state(job)
   single_step, single_state = final_state(single)
