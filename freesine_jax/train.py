@@ -80,8 +80,14 @@ def task_frequencies(model: nn.Module, params: PyTree) -> dict[str, jax.Array]:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, schedule: optax.Schedule,
-                    mesh: jax.sharding.Mesh) -> Callable:
-  """The jitted `train_step(state, batch, backbone) -> (state, metrics)`."""
+                    mesh: jax.sharding.Mesh, *, donate_state: bool = False) -> Callable:
+  """The jitted `train_step(state, batch, backbone) -> (state, metrics)`.
+
+  donate_state: the input state's buffers are reused for the new state (params, optimizer
+  moments: no second copy in memory), and the state passed in is deleted; the training loop
+  donates. An asynchronous checkpoint save of that state is unaffected: Orbax copies the arrays
+  to host memory before `save` returns.
+  """
   tasks = tuple(config.tasks)
   weights = loss_weights(config)
 
@@ -110,7 +116,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
   repl = sharding_lib.replicated(mesh)
   data = sharding_lib.data_sharded(mesh)
-  return jax.jit(train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl))
+  return jax.jit(train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
+                 donate_argnums=(0,) if donate_state else ())
 
 
 # ------------------------------------------------------------------------------------------
@@ -257,7 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   sharding_lib.check_batch_size(global_batch, mesh)
   model = modeling.build_model(config)
   variables = modeling.init_variables(model, config)
-  forward = evaluate_lib.make_eval_forward(model)
+  forward, merge = evaluate_lib.make_eval_forward(model), evaluate_lib.make_inference_merge(model)
   peak_lr, warmup_lr, min_lr = optimizer_lib.scaled_learning_rates(config, global_batch)
   schedule = optimizer_lib.make_schedule(peak_lr, warmup_lr, min_lr, warmup_steps,
                                          schedule_steps)
@@ -285,7 +292,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         untrained = cached["results"]
     if untrained is None:
       writer.print("evaluating the untrained model (baseline)...")
-      untrained, _ = evaluate_lib.evaluate(forward, variables, eval_loader, config, mesh)
+      untrained, _ = evaluate_lib.evaluate(forward, variables, eval_loader, config, mesh,
+                                             merge)
       if writer.enabled:
         with open(untrained_path, "w", encoding="utf-8") as f:
           json.dump(evaluate_lib.jsonable({"key": baseline_key, "results": untrained}), f)
@@ -310,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer.print(f"resumed from {ckpt.directory} step {latest}")
 
   # Train.
-  train_step = make_train_step(model, tx, config, schedule, mesh)
+  train_step = make_train_step(model, tx, config, schedule, mesh, donate_state=True)
   batch_keys = ("image",) + tasks
   step = int(jax.device_get(state.step))
   log_every = max(int(config.train.log_every_steps), 1)
@@ -354,7 +362,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if config.train.eval_every_steps and step % config.train.eval_every_steps == 0 \
         and step < total_steps:
       results, delta = evaluate_lib.evaluate(forward, _variables(state, backbone), eval_loader,
-                                             config, mesh)
+                                             config, mesh, merge)
       extra = {} if delta is None else {"eval/delta_m": delta}
       writer.scalars(step, {**_flat_eval(results, "eval"), **extra})
     t_log += time.perf_counter() - t_aside
@@ -366,7 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # Final evaluation.
   final, delta = evaluate_lib.evaluate(forward, _variables(state, backbone), eval_loader,
-                                       config, mesh)
+                                       config, mesh, merge)
   writer.scalars(step, {**_flat_eval(final, "eval"),
                         **({} if delta is None else {"eval/delta_m": delta})})
   writer.print(f"\nfinal evaluation at step {step}:\n{evaluate_lib.format_report(final, delta)}")
