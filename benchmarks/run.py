@@ -43,7 +43,7 @@ class Case:
   arg: str
   overrides: tuple[tuple[str, Any], ...] = ()
   note: str = ""
-  kinds: tuple[str, ...] = ("train", "eval")
+  kinds: tuple[str, ...] = ("eval", "train")  # cheaper first
   sizes: tuple[int, ...] | None = None  # None: every --sizes
 
 
@@ -337,7 +337,11 @@ def spawn(kind: str, case: str, size: int, reps: int) -> dict[str, Any]:
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   if proc.returncode != 0 or not lines:
-    error = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    said = [l for l in proc.stderr.splitlines() if l.strip().strip("*")]
+    error = f"exit code {proc.returncode}" + (" (killed: out of memory?)"
+                                              if proc.returncode == -9 else "")
+    if said:
+      error += f": {said[-1].strip()[:200]}"
     print(f"  failed: {error}", flush=True)
     return {"error": error, "load": load}
   result = json.loads(lines[-1][len("RESULT "):])
