@@ -172,6 +172,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.decoder.lowpass_size = 7  # low-pass filter size K of the shared base
   config.model.decoder.lowpass_sigma = 1.0  # low-pass filter sigma of the shared base
 
+  # How the model is computed: speed and memory only, never the function (docs/method.md,
+  # "Computation"; measured in docs/benchmarks.md). A checkpoint resumes under other choices.
+  config.model.compute = ml_collections.ConfigDict()
+  # How the per-task k x k kernels are applied: gemm (CPU: one GEMM per task over taps x
+  # channels) | conv (TPU/GPU: a grouped convolution) | winograd (F(2x2, 3x3), 3x3 kernels only).
+  config.model.compute.task_conv = "gemm"
+  # Where the 'matrix' low-pass acts (exact either way): auto (the smaller array per layer) |
+  # kernel | activations.
+  config.model.compute.lowpass_site = "auto"
+  # True: the backward pass rebuilds each layer's task kernels instead of keeping them.
+  config.model.compute.task_path_remat = True
+  # none | blocks (recompute each Swin block's activations in the backward pass).
+  config.model.compute.block_remat = "none"
+
   config.optim = ml_collections.ConfigDict()  # AdamW + warmup/cosine (MTLoRA's recipe)
   config.optim.lr_base = 5e-4  # peak learning rate for a global batch of lr_reference_batch
   config.optim.warmup_lr_base = 5e-7  # learning rate at step 0 (same batch scaling)

@@ -364,14 +364,16 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
 
 def config_differences(saved_config_json: str, config) -> list[tuple[str, Any, Any]]:
   """(key, value in the checkpoint, value in `config`) for every key of COMPARED_SECTIONS that
-  differs (model.backbone_weights may move: its content is checked by the backbone hash)."""
+  differs. model.backbone_weights may move (its content is checked by the backbone hash), and
+  model.compute.* chooses how the same function is computed (e.g. resume a CPU run on TPU)."""
   saved = json.loads(saved_config_json)
   current = json.loads(config.to_json_best_effort())
   diffs = []
   for section in COMPARED_SECTIONS:
     a, b = _flatten(saved.get(section), section), _flatten(current.get(section), section)
     for key in sorted(set(a) | set(b)):
-      if key != "model.backbone_weights" and a.get(key) != b.get(key):
+      if (key != "model.backbone_weights" and not key.startswith("model.compute.")
+          and a.get(key) != b.get(key)):
         diffs.append((key, a.get(key), b.get(key)))
   return diffs
 

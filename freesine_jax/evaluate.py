@@ -18,6 +18,7 @@ key and verdict) is what training calls.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -37,9 +38,11 @@ from freesine_jax import cli
 from freesine_jax import errors
 from freesine_jax import metrics as metrics_lib
 from freesine_jax import modeling
+from freesine_jax import models
 from freesine_jax import sharding as sharding_lib
 from freesine_jax import tasks as tasks_lib
 from freesine_jax import visualize
+from freesine_jax.models import adapters
 
 PyTree = Any
 PROG = "freesine_jax.evaluate"
@@ -55,9 +58,21 @@ def make_eval_forward(model: nn.Module) -> Callable:
   return jax.jit(lambda variables, images: model.apply(variables, images, train=False))
 
 
+def make_inference_merge(model: nn.Module) -> Callable | None:
+  """Jitted `merge(variables, image_shape) -> variables` (models.merge_for_inference: the task
+  kernels and the merged shared LoRA evaluated once for a whole evaluation), or None for a model
+  without it (a config.model.factory model). Build it once, like the forward."""
+  if not isinstance(model, models.MultiTaskModel):
+    return None
+  return jax.jit(functools.partial(models.merge_for_inference, model),
+                 static_argnames="image_shape")
+
+
 def model_variables(variables: Mapping[str, PyTree], mesh: jax.sharding.Mesh) -> dict:
-  """The collections the forward pass reads, replicated on the mesh."""
-  return sharding_lib.replicate({k: variables[k] for k in modeling.COLLECTIONS}, mesh)
+  """The collections the forward pass reads (with the merged weights when present),
+  replicated on the mesh."""
+  names = modeling.COLLECTIONS + (adapters.MERGED,)
+  return sharding_lib.replicate({k: variables[k] for k in names if k in variables}, mesh)
 
 
 def predict(forward: Callable, variables: Mapping[str, PyTree], batch: Mapping[str, Any],
@@ -85,9 +100,13 @@ def delta_m(results: Mapping[str, Mapping[str, Any]],
 
 def evaluate(forward: Callable, variables: Mapping[str, PyTree], loader: Iterable,
              config: ml_collections.ConfigDict,
-             mesh: jax.sharding.Mesh) -> tuple[dict[str, dict], float | None]:
+             mesh: jax.sharding.Mesh,
+             merge: Callable | None = None) -> tuple[dict[str, dict], float | None]:
   """Jitted forward over `loader` (at most config.eval.max_batches batches) + streaming
   meters; returns (results per task, Δm or None).
+
+  With `merge` (make_inference_merge), the variables are merged for inference once, at the
+  first batch: the same outputs without rebuilding the task kernels for every batch.
 
   Padding rows (batch['valid'] False) are skipped. Meter states are summed over hosts, so
   every host returns the metrics of the whole split.
@@ -98,6 +117,9 @@ def evaluate(forward: Callable, variables: Mapping[str, PyTree], loader: Iterabl
   for i, batch in enumerate(loader):
     if config.eval.max_batches is not None and i >= config.eval.max_batches:
       break
+    if merge is not None:
+      variables = merge(variables, image_shape=(1, *np.shape(batch["image"])[1:]))
+      merge = None
     predictions = predict(forward, variables, batch, tasks, mesh)
     for t in tasks:
       meters[t].update(predictions[t], batch[t], valid=batch["valid"])
@@ -287,7 +309,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, *, step: int |
     create_eval_loader = pipeline.create_eval_loader
   loader = create_eval_loader(config)
   forward = make_eval_forward(model)
-  results, delta = evaluate(forward, variables, loader, config, mesh)
+  results, delta = evaluate(forward, variables, loader, config, mesh, make_inference_merge(model))
   out = out or os.path.join(workdir, "eval", f"step_{step}")
   images = []
   if jax.process_index() == 0:

@@ -123,7 +123,7 @@ def split_microbatches(batch: Mapping[str, jax.Array], count: int,
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, schedule: optax.Schedule,
                     mesh: jax.sharding.Mesh, state_sharding: PyTree,
-                    backbone_sharding: PyTree) -> Callable:
+                    backbone_sharding: PyTree, *, donate_state: bool = False) -> Callable:
   """The jitted `train_step(state, batch, backbone) -> (state, metrics)`.
 
   state_sharding, backbone_sharding: where the state and the backbone live
@@ -136,6 +136,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   whole batch's for a model without batch statistics. Dropout keys differ per micro-batch, and
   BatchNorm normalises each micro-batch by its own statistics; its running averages take the
   mean of the micro-batches' updates.
+
+  donate_state: the input state's buffers are reused for the new state (params, optimizer
+  moments: no second copy in memory), and the state passed in is deleted; the training loop
+  donates. An asynchronous checkpoint save of that state is unaffected: Orbax copies the arrays
+  to host memory before `save` returns.
   """
   tasks = tuple(config.tasks)
   weights = loss_weights(config)
@@ -202,7 +207,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   repl = sharding_lib.replicated(mesh)
   data = sharding_lib.batch_sharding(mesh)
   return jax.jit(train_step, in_shardings=(state_sharding, data, backbone_sharding),
-                 out_shardings=(state_sharding, repl))
+                 out_shardings=(state_sharding, repl),
+                 donate_argnums=(0,) if donate_state else ())
 
 
 # ------------------------------------------------------------------------------------------
@@ -411,7 +417,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Model, optimizer, state.
   model = modeling.build_model(config)
   variables = modeling.init_variables(model, config)
-  forward = evaluate_lib.make_eval_forward(model)
+  forward, merge = evaluate_lib.make_eval_forward(model), evaluate_lib.make_inference_merge(model)
   peak_lr, warmup_lr, min_lr = plan.learning_rates
   tx = optimizer_lib.make_optimizer(config, schedule)
   backbone_hash = checkpointing.tree_hash(variables["backbone"])
@@ -439,7 +445,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         untrained = cached["results"]
     if untrained is None:
       writer.print("evaluating the untrained model (baseline)...")
-      untrained, _ = evaluate_lib.evaluate(forward, variables, eval_loader, config, mesh)
+      untrained, _ = evaluate_lib.evaluate(forward, variables, eval_loader, config, mesh,
+                                             merge)
       if writer.enabled:
         untrained_path.write_text(json.dumps(
             evaluate_lib.jsonable({"key": baseline_key, "results": untrained})))
@@ -466,7 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Train.
   train_step = make_train_step(model, tx, config, schedule, mesh,
                                sharding_lib.shardings_of(state),
-                               sharding_lib.shardings_of(backbone))
+                               sharding_lib.shardings_of(backbone), donate_state=True)
   batch_keys = ("image",) + tasks
   step = int(jax.device_get(state.step))
   log_every = max(int(config.train.log_every_steps), 1)
@@ -521,7 +528,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if config.train.eval_every_steps and step % config.train.eval_every_steps == 0 \
         and step < total_steps:
       results, delta = evaluate_lib.evaluate(forward, _variables(state, backbone), eval_loader,
-                                             config, mesh)
+                                             config, mesh, merge)
       extra = {} if delta is None else {"eval/delta_m": delta}
       writer.scalars(step, {**_flat_eval(results, "eval"), **extra})
     t_log += time.perf_counter() - t_aside
@@ -533,7 +540,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # Final evaluation.
   final, delta = evaluate_lib.evaluate(forward, _variables(state, backbone), eval_loader,
-                                       config, mesh)
+                                       config, mesh, merge)
   writer.scalars(step, {**_flat_eval(final, "eval"),
                         **({} if delta is None else {"eval/delta_m": delta})})
   writer.print(f"\nfinal evaluation at step {step}:\n{evaluate_lib.format_report(final, delta)}")

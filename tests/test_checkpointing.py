@@ -23,6 +23,7 @@ def test_check_compatible_names_the_differing_fields():
   moved = _config(8)
   moved.model.backbone_weights = "/b"  # weights moved: their content is checked by the hash
   moved.train.num_epochs = 10          # training length is not part of the model
+  moved.model.compute.task_conv = "conv"  # how the same function is computed
   checkpointing.check_compatible(saved, moved, "/w", 5, "resume")
   with pytest.raises(ValueError) as error:
     checkpointing.check_compatible(saved, _config(16), "/w", 5, "resume")

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 from freesine_jax import tasks as tasks_lib
 from freesine_jax.models import adapters, decoders, swin
-from freesine_jax.models.multitask import MultiTaskModel
+from freesine_jax.models.multitask import MultiTaskModel, merge_for_inference
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -32,7 +32,22 @@ def adapter_spec(mc, num_tasks: int) -> swin.AdapterSpec:
         independent_bases=sa.independent_bases, sine=sine_spec(sa, "model.sine_awb"))
   return swin.AdapterSpec(lora=lora, lora_modules=tuple(mc.lora.modules), sine_awb=sine_awb,
                           sine_awb_modules=tuple(sa.modules), prompts=bool(mc.prompts),
-                          num_tasks=num_tasks)
+                          num_tasks=num_tasks, lowering=lowering(mc))
+
+
+def lowering(mc) -> adapters.Lowering:
+  """model.compute's task-path fields (the rest, block_remat, goes to the backbone)."""
+  c = mc.compute
+  result = adapters.Lowering(task_conv=c.task_conv, lowpass_site=c.lowpass_site,
+                             task_path_remat=bool(c.task_path_remat))
+  if result.task_conv == "winograd" and mc.sine_awb.enabled:
+    k = mc.sine_awb.kernel_size + (mc.sine_awb.lowpass_size - 1
+                                   if mc.sine_awb.lowpass == "taps_full" else 0)
+    if k not in (1, 3):
+      raise ValueError(f"model.compute.task_conv='winograd' is F(2x2, 3x3): it needs 3x3 task "
+                       f"kernels, but model.sine_awb gives {k}x{k} (kernel_size "
+                       f"{mc.sine_awb.kernel_size}, lowpass {mc.sine_awb.lowpass!r})")
+  return result
 
 
 def sine_spec(section, name: str) -> adapters.SineSpec:
@@ -66,7 +81,8 @@ def build_model(config) -> MultiTaskModel:
       adapter=adapter_spec(mc, len(config.tasks)), decoder=decoder_spec(mc),
       policy=mc.trainable_backbone, clock_net=mc.clock_net, clock_s_init=mc.clock_s_init,
       clock_c_init=mc.clock_c_init, clock_spread=mc.clock_spread,
-      use_task_tokens=mc.prompts or mc.clock_net, dtype=DTYPES[mc.dtype])
+      use_task_tokens=mc.prompts or mc.clock_net, dtype=DTYPES[mc.dtype],
+      remat=mc.compute.block_remat)
 
 
-__all__ = ["build_model", "MultiTaskModel", "num_outputs"]
+__all__ = ["build_model", "merge_for_inference", "MultiTaskModel", "num_outputs"]

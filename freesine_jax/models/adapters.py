@@ -10,10 +10,14 @@ Shapes follow Flax conventions: a linear kernel is (C_in, C_out), a conv kernel 
 
 The sine's argument has RMS omega_0 omega_t whatever the weights' scale (docs/method.md). With B
 zero-initialised, M_AWB = 0, M_t = 0 and every update is exactly zero at step 0.
+
+How the task path is computed (`Lowering`, config model.compute) is a choice of speed and memory
+only: every lowering is an exact rewrite of the direct form above (docs/method.md, "Computation").
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -22,12 +26,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from freesine_jax.models.layers import backbone_weight
+from freesine_jax.models.layers import backbone_weight, recompute_in_backward
 
 
 MODULATIONS = ("sine", "linear")
 BASE_NORMS = ("tap_rms", "rms", "none")
 LOWPASS_MODES = ("matrix", "taps", "taps_full", "none")
+TASK_CONVS = ("gemm", "conv", "winograd")
+LOWPASS_SITES = ("auto", "kernel", "activations")
+# Variable collection of weights that depend on the parameters only (the merged shared LoRA, the
+# finished task kernels). Filled once by MultiTaskModel.merge_for_inference; when present, the
+# layers read it instead of rebuilding the weights for every batch.
+MERGED = "merged"
 
 
 def _check_choice(section, field, value, allowed):
@@ -97,6 +107,41 @@ class SineAwbSpec:
     if self.kernel_size < 1 or self.kernel_size % 2 == 0:
       raise ValueError(
           f"model.sine_awb.kernel_size must be odd and >= 1, got {self.kernel_size}")
+
+  @property
+  def applied_kernel_size(self) -> int:
+    """Taps of the applied kernels: 'taps_full' grows k by lowpass_size - 1."""
+    if self.sine.lowpass == "taps_full":
+      return self.kernel_size + self.sine.lowpass_size - 1
+    return self.kernel_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+  """How the task path is computed: exact rewrites of one function (config model.compute).
+
+  task_conv: how the per-task k x k kernels are applied. 'gemm' (CPU default): one GEMM per task
+    whose contraction runs over the k*k taps stacked with the channels (im2col on the input
+    when C_in <= C_out, else the taps stacked on the output and shift-added). 'conv': one
+    lax.conv_general_dilated with the tasks as feature groups (the TPU/GPU recommendation:
+    native convolution units, no k*k-times copy of the activations). 'winograd': F(2x2, 3x3),
+    2.25x fewer multiplies, 3x3 kernels only; float32 error measured in docs/benchmarks.md.
+  lowpass_site: where the 'matrix' low-pass acts. It is linear along the channel axes, so
+    conv(x, G K G) = G-blur(conv(G-blur(x), K)) exactly: 'kernel' smooths the T k^2 C_in C_out
+    kernels, 'activations' the T B H W (C_in + C_out) activations; 'auto' picks the smaller
+    per layer (at 448 x 448, batch 2: the kernels at stages 1-2, the activations at 3-4). The
+    frozen linear folds into the kernel's centre tap only when the kernel is smoothed.
+  task_path_remat: the backward pass recomputes each layer's task kernels (and im2col copies)
+    instead of keeping them (and the sine's cosines) from the forward: per layer only the input,
+    the factors and the frequencies are kept (layers.recompute_in_backward).
+  """
+  task_conv: str = "gemm"
+  lowpass_site: str = "auto"
+  task_path_remat: bool = True
+
+  def __post_init__(self):
+    _check_choice("model.compute", "task_conv", self.task_conv, TASK_CONVS)
+    _check_choice("model.compute", "lowpass_site", self.lowpass_site, LOWPASS_SITES)
 
 
 def lora_a_init(key, shape, dtype=jnp.float32):
@@ -201,6 +246,22 @@ def modulate(m: jax.Array, omega: jax.Array, modulation: str, omega_0: float = 1
   raise ValueError(f"modulation={modulation!r} is not one of {MODULATIONS}")
 
 
+def modulated_kernels(a: jax.Array, w: jax.Array, b: jax.Array, omegas: jax.Array,
+                      spec: SineAwbSpec, modulation: str | None = None) -> jax.Array:
+  """(rho/omega_0) sin(omega_0 omega_t M / rho) for every task, before the low-pass.
+
+  (T, k, k, C_in, C_out) from one shared base (a (C_in, r), w (k,k,r,r)|(k,k,r), b (r, C_out))
+  or, with spec.independent_bases, from per-task factors (the same with a leading task axis).
+  """
+  sine = spec.sine
+  mod = modulation or sine.modulation
+  if spec.independent_bases:
+    return jax.vmap(lambda a_t, w_t, b_t, om: modulate(
+        fuse_awb(a_t, w_t, b_t), om, mod, sine.omega_0, sine.base_norm))(a, w, b, omegas)
+  m = fuse_awb(a, w, b)
+  return jax.vmap(lambda om: modulate(m, om, mod, sine.omega_0, sine.base_norm))(omegas)
+
+
 def sine_awb_kernels(a: jax.Array, w: jax.Array, b: jax.Array, omegas: jax.Array,
                      spec: SineAwbSpec, modulation: str | None = None) -> jax.Array:
   """M~_t for every task: (T, k', k', C_in, C_out), from one base or per-task bases.
@@ -209,41 +270,264 @@ def sine_awb_kernels(a: jax.Array, w: jax.Array, b: jax.Array, omegas: jax.Array
   (spec.independent_bases): the same with a leading task axis. `modulation='linear'` gives the
   linear counterparts L_t (what the analysis compares the kernels with).
   """
-  if spec.independent_bases:
-    return jax.vmap(lambda a_t, w_t, b_t, om: spec.sine.kernel(fuse_awb(a_t, w_t, b_t), om,
-                                                               modulation))(a, w, b, omegas)
-  m = fuse_awb(a, w, b)
-  return jax.vmap(lambda om: spec.sine.kernel(m, om, modulation))(omegas)
+  sine = spec.sine
+  return gaussian_lowpass(modulated_kernels(a, w, b, omegas, spec, modulation), sine.lowpass,
+                          sine.lowpass_size, sine.lowpass_sigma)
 
 
-def apply_kernel(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Applies a (k, k, C_in, C_out) kernel to (..., H, W, C_in) tokens ('same' zero padding).
+# ----------------------------------------------------------------------------- lowerings
+#
+# Per-task kernels (T, k, k, C_in, C_out) applied to stacked task streams (T, B, H, W, C_in),
+# 'same' zero padding. `prepare_task_kernels` puts the kernels in the layout a lowering consumes
+# (done once per step, or once for inference), `apply_prepared_kernels` applies them.
 
-  Written as k*k shifted matmuls rather than a convolution: with a leading task axis (vmap over
-  per-task kernels) XLA turns a convolution into a grouped one that is very slow on CPU, while
-  batched matmuls stay fast on every backend.
-  """
-  kernel = kernel.astype(x.dtype)
-  k = kernel.shape[0]
-  h, w = x.shape[-3:-1]
-  if k == 1:
-    return jnp.dot(x, kernel[0, 0])
-  half = k // 2
-  pad = [(0, 0)] * (x.ndim - 3) + [(half, half), (half, half), (0, 0)]
-  xp = jnp.pad(x, pad)
-  out = 0.0
-  for u in range(k):
-    for v in range(k):
-      out = out + jnp.dot(xp[..., u:u + h, v:v + w, :], kernel[u, v])
+
+def _im2col_on_input(c_in: int, c_out: int) -> bool:
+  """'gemm' stacks the k*k taps on the smaller channel side: the input (im2col) or the output."""
+  return c_in <= c_out
+
+
+# F(2x2, 3x3) (Lavin & Gray 2016): Y = A^T [(G K G^T) . (B^T d B)] A on 4x4 input tiles.
+_WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
+_WINOGRAD_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
+_WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
+
+
+def _combine(matrix: np.ndarray, terms: list) -> list:
+  """[sum_j matrix[i, j] * terms[j] for each row i], skipping zero coefficients (exact +-1)."""
+  out = []
+  for row in matrix:
+    acc = None
+    for coeff, term in zip(row, terms):
+      if coeff == 0:
+        continue
+      part = term if coeff == 1 else (-term if coeff == -1 else float(coeff) * term)
+      acc = part if acc is None else acc + part
+    out.append(acc)
   return out
 
 
-def apply_task_kernels(x: jax.Array, kernels: jax.Array) -> jax.Array:
+def _winograd_kernels(kernels: jax.Array) -> jax.Array:
+  """U = G K G^T per (task, C_in, C_out): (T, 3, 3, Ci, Co) -> (16, T, Ci, Co), (a, b) major."""
+  taps = [[kernels[:, u, v] for v in range(3)] for u in range(3)]
+  rows = [_combine(_WINOGRAD_G, [taps[u][v] for u in range(3)]) for v in range(3)]  # [v][a]
+  u_ab = [_combine(_WINOGRAD_G, [rows[v][a] for v in range(3)]) for a in range(4)]  # [a][b]
+  return jnp.stack([u_ab[a][b] for a in range(4) for b in range(4)])
+
+
+def _winograd_apply(x: jax.Array, u: jax.Array) -> jax.Array:
+  """F(2x2, 3x3) of (T, B, H, W, Ci) with transformed kernels u (16, T, Ci, Co)."""
+  t, bsz, h, w, ci = x.shape
+  nh, nw = -(-h // 2), -(-w // 2)
+  xp = jnp.pad(x, ((0, 0), (0, 0), (1, 2 * nh - h + 1), (1, 2 * nw - w + 1), (0, 0)))
+  tile = lambda p, q: jax.lax.slice(xp, (0, 0, p, q, 0), (t, bsz, p + 2 * nh - 1, q + 2 * nw - 1,
+                                                          ci), (1, 1, 2, 2, 1))
+  d = [[tile(p, q) for q in range(4)] for p in range(4)]
+  rows = [_combine(_WINOGRAD_BT, [d[p][q] for p in range(4)]) for q in range(4)]  # [q][a]
+  v = [_combine(_WINOGRAD_BT, [rows[q][a] for q in range(4)]) for a in range(4)]  # [a][b]
+  v = jnp.stack([v[a][b] for a in range(4) for b in range(4)]).reshape(16, t, -1, ci)
+  m = jnp.einsum("stnc,stco->stno", v, u.astype(x.dtype))
+  m = m.reshape(4, 4, t, bsz, nh, nw, -1)
+  cols = [_combine(_WINOGRAD_AT, [m[a, b] for a in range(4)]) for b in range(4)]  # [b][i]
+  y = [_combine(_WINOGRAD_AT, [cols[b][i] for b in range(4)]) for i in range(2)]  # [i][j]
+  y = jnp.stack([jnp.stack(y_i, axis=-2) for y_i in y], axis=-4)  # (T, B, nh, 2, nw, 2, Co)
+  return y.reshape(t, bsz, 2 * nh, 2 * nw, -1)[:, :, :h, :w]
+
+
+def prepare_task_kernels(kernels: jax.Array, task_conv: str) -> jax.Array:
+  """Task kernels (T, k, k, Ci, Co) in the layout `apply_prepared_kernels` consumes."""
+  t, k, _, ci, co = kernels.shape
+  if k == 1:
+    return kernels[:, 0, 0]                                          # (T, Ci, Co)
+  if task_conv == "gemm":
+    if _im2col_on_input(ci, co):
+      return kernels.reshape(t, k * k * ci, co)                      # taps major, then Ci
+    return kernels.transpose(0, 3, 1, 2, 4).reshape(t, ci, k * k * co)
+  if task_conv == "conv":
+    return kernels.transpose(1, 2, 3, 0, 4).reshape(k, k, ci, t * co)  # HWIO, tasks = groups
+  if task_conv == "winograd":
+    if k != 3:
+      raise ValueError(f"model.compute.task_conv='winograd' is F(2x2, 3x3): needs 3x3 kernels, "
+                       f"got {k}x{k}")
+    return _winograd_kernels(kernels)
+  raise ValueError(f"model.compute.task_conv={task_conv!r} is not one of {TASK_CONVS}")
+
+
+def _tap_offsets(k: int, flip: bool) -> list[tuple[int, int]]:
+  """(u, v) of the k*k taps, row-major; flipped: (k-1-u, k-1-v), the transposed offsets."""
+  taps = [(u, v) for u in range(k) for v in range(k)]
+  return [(k - 1 - u, k - 1 - v) for u, v in taps] if flip else taps
+
+
+def _shift(x: jax.Array, du: int, dv: int, grid_axis: int) -> jax.Array:
+  """y[..., h, w, :] = x[..., h + du, w + dv, :], zero outside: one lax.pad (negative widths
+  crop), which XLA fuses into its consumer instead of materialising a padded copy."""
+  config = [(0, 0, 0)] * x.ndim
+  config[grid_axis] = (-du, du, 0)
+  config[grid_axis + 1] = (-dv, dv, 0)
+  return jax.lax.pad(x, jnp.zeros((), x.dtype), config)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def gather_taps(x: jax.Array, k: int, flip: bool = False) -> jax.Array:
+  """im2col: (..., H, W, C) -> (..., H, W, k*k, C), tap i = x shifted by its offset (zero
+  padding). Its transpose is `sum_taps` with flipped offsets (custom VJP: the autodiff of
+  slices would materialise k*k zero-padded copies of the cotangent)."""
+  half = k // 2
+  return jnp.stack([_shift(x, u - half, v - half, x.ndim - 3) for u, v in _tap_offsets(k, flip)],
+                   axis=-2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def sum_taps(z: jax.Array, k: int, flip: bool = False) -> jax.Array:
+  """(..., H, W, k*k, C) -> (..., H, W, C): the sum over taps of tap i shifted by its offset;
+  the transpose of `gather_taps` with flipped offsets, and vice versa."""
+  half = k // 2
+  out = None
+  for i, (u, v) in enumerate(_tap_offsets(k, flip)):
+    term = _shift(z[..., i, :], u - half, v - half, z.ndim - 4)
+    out = term if out is None else out + term
+  return out
+
+
+gather_taps.defvjp(lambda x, k, flip: (gather_taps(x, k, flip), None),
+                   lambda k, flip, _, g: (sum_taps(g, k, not flip),))
+sum_taps.defvjp(lambda z, k, flip: (sum_taps(z, k, flip), None),
+                lambda k, flip, _, g: (gather_taps(g, k, not flip),))
+
+
+def _gemm_apply(x: jax.Array, prepared: jax.Array, k: int) -> jax.Array:
+  t, bsz, h, w, ci = x.shape
+  if prepared.shape[1] == k * k * ci:  # im2col layout (prepare_task_kernels)
+    patches = gather_taps(x, k).reshape(t, bsz, h, w, k * k * ci)
+    return jnp.einsum("tbhwc,tco->tbhwo", patches, prepared)
+  z = jnp.einsum("tbhwc,tcn->tbhwn", x, prepared)
+  return sum_taps(z.reshape(t, bsz, h, w, k * k, -1), k)
+
+
+def apply_prepared_kernels(x: jax.Array, prepared: jax.Array, task_conv: str,
+                           kernel_size: int) -> jax.Array:
+  """Stacked task streams (T, B, H, W, Ci) through prepared task kernels -> (T, B, H, W, Co)."""
+  prepared = prepared.astype(x.dtype)
+  if kernel_size == 1:
+    return jnp.einsum("tbhwc,tco->tbhwo", x, prepared)
+  if task_conv == "gemm":
+    return _gemm_apply(x, prepared, kernel_size)
+  if task_conv == "conv":
+    t, bsz, h, w, ci = x.shape
+    grouped = jnp.moveaxis(x, 0, -2).reshape(bsz, h, w, t * ci)
+    y = jax.lax.conv_general_dilated(grouped, prepared, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     feature_group_count=t)
+    return jnp.moveaxis(y.reshape(bsz, h, w, t, -1), -2, 0)
+  if task_conv == "winograd":
+    return _winograd_apply(x, prepared)
+  raise ValueError(f"model.compute.task_conv={task_conv!r} is not one of {TASK_CONVS}")
+
+
+def apply_task_kernels(x: jax.Array, kernels: jax.Array, task_conv: str = "gemm") -> jax.Array:
   """Per-task kernels (T, k, k, C_in, C_out) on stacked task streams (T, B, H, W, C_in)."""
-  return jax.vmap(apply_kernel)(x, kernels)
+  return apply_prepared_kernels(x, prepare_task_kernels(kernels, task_conv), task_conv,
+                                kernels.shape[1])
+
+
+def apply_kernel(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Applies one (k, k, C_in, C_out) kernel to (..., H, W, C_in) tokens ('same' zero padding)."""
+  kernel = kernel.astype(x.dtype)
+  if kernel.shape[0] == 1:
+    return jnp.dot(x, kernel[0, 0])
+  lead = x.shape[:-3]
+  flat = x.reshape(1, -1, *x.shape[-3:])
+  return apply_task_kernels(flat, kernel[None])[0].reshape(*lead, *x.shape[-3:-1], -1)
+
+
+def channel_blur(x: jax.Array, size: int, sigma: float) -> jax.Array:
+  """The 'matrix' low-pass moved onto activations: a 'same' Gaussian along the channel axis.
+
+  lowpass(K)[i, o] = sum_{a, b} g_a g_b K[i + a - h, o + b - h] (zero outside), so for every tap
+  x . lowpass(K) = blur(blur(x) . K), blur the same zero-padded correlation with g (symmetric)
+  along the last axis. Exact; cheaper wherever the activations are smaller than the kernels.
+  """
+  return _blur_axis(x, gaussian_1d(size, sigma), x.ndim - 1)
+
+
+def lowpass_on_activations(spec: SineAwbSpec, lowering: Lowering, kernels_shape,
+                           inputs_shape) -> bool:
+  """Whether the 'matrix' low-pass runs on the activations (see Lowering.lowpass_site)."""
+  if spec.sine.lowpass != "matrix" or lowering.lowpass_site == "kernel":
+    return False
+  if lowering.lowpass_site == "activations":
+    return True
+  _, k, _, c_in, c_out = kernels_shape
+  tokens = int(np.prod(inputs_shape[1:-1]))  # B * H * W per task
+  return tokens * (c_in + c_out) < k * k * c_in * c_out
+
+
+def finished_kernels(modulated: jax.Array, spec: SineAwbSpec,
+                     frozen_kernel: jax.Array | None = None) -> jax.Array:
+  """scale * lowpass(kernels), plus the frozen linear in the centre tap when given.
+
+  Folding is exact: Phi(x) + scale (K~ * x) = (scale K~ + W_0 at the centre tap) * x + b_0.
+  """
+  sine = spec.sine
+  kernels = spec.scale * gaussian_lowpass(modulated, sine.lowpass, sine.lowpass_size,
+                                          sine.lowpass_sigma)
+  if frozen_kernel is None:
+    return kernels
+  c = kernels.shape[1] // 2
+  return kernels.at[:, c, c].add(frozen_kernel.astype(kernels.dtype))
+
+
+def task_path(path_in: jax.Array, factors, omegas: jax.Array, spec: SineAwbSpec,
+              lowering: Lowering, frozen: tuple[jax.Array, Any] | None = None) -> jax.Array:
+  """The Sine-AWB task outputs from the factors: scale * (K~_t * x_t) [+ Phi(x_t)].
+
+  path_in (T, B, H, W, Ci); factors (A, W, B) of the base(s); frozen: (W_0, b_0) when the
+  frozen layer's input is path_in too (its output is then included, folded into the kernels'
+  centre tap when they are smoothed there). Same function for every `lowering`.
+  """
+  def run(path_in, factors, omegas, frozen):
+    modulated = modulated_kernels(*factors, omegas, spec)
+    conv = lambda x, kernels: apply_prepared_kernels(
+        x, prepare_task_kernels(kernels, lowering.task_conv), lowering.task_conv,
+        kernels.shape[1])
+    if lowpass_on_activations(spec, lowering, modulated.shape, path_in.shape):
+      blur = lambda z: channel_blur(z, spec.sine.lowpass_size, spec.sine.lowpass_sigma)
+      y = spec.scale * blur(conv(blur(path_in), modulated))
+      if frozen is not None:
+        y = y + (jnp.dot(path_in, frozen[0].astype(path_in.dtype)) + frozen[1])
+      return y
+    if frozen is None:
+      return conv(path_in, finished_kernels(modulated, spec))
+    return conv(path_in, finished_kernels(modulated, spec, frozen[0])) + frozen[1]
+
+  if lowering.task_path_remat:
+    # The input's gradient waits for the factors' and frequencies' (see recompute_in_backward).
+    run = recompute_in_backward(run, finish_with=(1, 2))
+  return run(path_in, factors, omegas, frozen)
 
 
 # ----------------------------------------------------------------------------- modules
+
+
+def inference_cache(module: nn.Module, name: str) -> bool:
+  """Whether the weight MERGED/<name> of `module` (one that depends on the parameters only) is
+  read from the MERGED collection instead of being rebuilt.
+
+  True when it is there (inference after `merge_for_inference`) or while the merge fills the
+  collection (the model run with MERGED mutable; never at init).
+  """
+  return module.has_variable(MERGED, name) or (not module.is_initializing()
+                                               and module.is_mutable_collection(MERGED))
+
+
+def cached_weight(module: nn.Module, name: str, compute) -> jax.Array:
+  """MERGED/<name> of `module`, computed and stored by the first call of the merge."""
+  if module.has_variable(MERGED, name):
+    return module.get_variable(MERGED, name)
+  value = compute()
+  module.put_variable(MERGED, name, value)
+  return value
 
 
 class SineAWB(nn.Module):
@@ -258,6 +542,7 @@ class SineAWB(nn.Module):
   num_tasks: int
   features: int
   dtype: Any = jnp.float32
+  lowering: Lowering = Lowering()
 
   def _w(self, rank, stack=()):
     spec = self.spec
@@ -287,15 +572,27 @@ class SineAWB(nn.Module):
     return task_a, self._w(rank, stack=(t,)), task_b
 
   @nn.compact
-  def __call__(self, path_in: jax.Array, a: jax.Array, b: jax.Array, omegas: jax.Array):
+  def __call__(self, path_in: jax.Array, a: jax.Array, b: jax.Array, omegas: jax.Array,
+               frozen: tuple[jax.Array, Any] | None = None):
     """path_in (T, B, H, W, C_in), shared LoRA a (C_in, r), b (r, C_out), omegas (T,).
 
-    Returns the task updates alpha * (M~_t * path_in_t), (T, B, H, W, C_out).
+    Returns the task updates alpha * (M~_t * path_in_t), (T, B, H, W, C_out); with
+    frozen = (W_0, b_0), the frozen layer applied to path_in is included (folded into the
+    kernels' centre tap where they are smoothed).
     """
     if path_in.shape[0] != self.num_tasks:
       raise ValueError(f"expected {self.num_tasks} task streams, got {path_in.shape[0]}")
-    kernels = sine_awb_kernels(*self.factors(a, b), omegas, self.spec)
-    return self.spec.scale * apply_task_kernels(path_in.astype(self.dtype), kernels)
+    factors = self.factors(a, b)
+    path_in = path_in.astype(self.dtype)
+    if not inference_cache(self, "task_kernels"):
+      return task_path(path_in, factors, omegas, self.spec, self.lowering, frozen)
+    # Inference: the finished kernels (frozen linear folded in) are evaluated once.
+    conv = self.lowering.task_conv
+    prepared = cached_weight(self, "task_kernels", lambda: prepare_task_kernels(
+        finished_kernels(modulated_kernels(*factors, omegas, self.spec), self.spec,
+                         None if frozen is None else frozen[0]), conv))
+    y = apply_prepared_kernels(path_in, prepared, conv, self.spec.applied_kernel_size)
+    return y if frozen is None else y + frozen[1]
 
 
 class AdaptedDense(nn.Module):
@@ -307,7 +604,10 @@ class AdaptedDense(nn.Module):
   f^t_{i+1} = Phi(f^t_i) + SineAWB_t(f'^t_i): the frozen layer plus the task's Sine-AWB update
   on the (possibly prompt-conditioned) path input. The shared LoRA adapts the shared stream; its
   factors A, B are the base of the Sine-AWB kernels.
-  Returns (y_shared, y_tasks (T, B, H, W, C_out) or None).
+  Returns (y_shared, y_tasks (T, B, H, W, C_out) or None); y_shared is None when
+  `shared_output=False` (a shared stream nobody reads is not computed).
+  At inference (MERGED collection present) the LoRA is merged into the frozen kernel,
+  W_0 + scale A B, and the task kernels are read, not rebuilt.
   """
   features: int
   lora: LoraSpec | None
@@ -316,37 +616,58 @@ class AdaptedDense(nn.Module):
   use_bias: bool = True
   policy: str = "none"
   dtype: Any = jnp.float32
+  lowering: Lowering = Lowering()
 
   @nn.compact
-  def __call__(self, x, task_inputs=None, omegas=None, *, deterministic: bool = True):
-    c_in = x.shape[-1]
+  def __call__(self, x, task_inputs=None, omegas=None, *, deterministic: bool = True,
+               shared_output: bool = True):
+    if x is None and (shared_output or task_inputs is None):
+      raise ValueError("AdaptedDense: the shared stream x is needed for a shared output")
+    c_in = (x if x is not None else task_inputs[1]).shape[-1]
     kernel_0 = backbone_weight(self, "kernel", nn.initializers.truncated_normal(0.02),
                                (c_in, self.features), "linear", self.policy).astype(self.dtype)
     bias_0 = (backbone_weight(self, "bias", nn.initializers.zeros, (self.features,), "linear",
                               self.policy).astype(self.dtype) if self.use_bias else 0.0)
     frozen = lambda z: jnp.dot(z.astype(self.dtype), kernel_0) + bias_0
-
-    y_frozen = frozen(x)
-    y_shared = y_frozen
+    a = b = None
     if self.lora is not None:
       rank = self.lora.rank
       a = self.param("lora_a", lora_a_init, (c_in, rank))
       b = self.param("lora_b", nn.initializers.zeros, (rank, self.features))
-      xd = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
-      y_shared = y_shared + self.lora.scale * jnp.dot(jnp.dot(xd, a.astype(self.dtype)),
-                                                      b.astype(self.dtype))
+
+    merged = a is not None and inference_cache(self, "kernel")
+    frozen_in = None if task_inputs is None else task_inputs[0]
+    y_frozen = None  # Phi(x), computed once for the shared stream and the task streams
+    if (shared_output and not merged) or frozen_in is x:
+      y_frozen = frozen(x)
+    frozen_of = lambda z: y_frozen if z is x else frozen(z)
+
+    y_shared = None
+    if shared_output:
+      if a is None:
+        y_shared = y_frozen
+      elif merged:
+        w_merged = cached_weight(self, "kernel", lambda: kernel_0 + self.lora.scale * jnp.dot(
+            a.astype(self.dtype), b.astype(self.dtype)))
+        y_shared = jnp.dot(x.astype(self.dtype), w_merged) + bias_0
+      else:
+        xd = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
+        y_shared = y_frozen + self.lora.scale * jnp.dot(jnp.dot(xd, a.astype(self.dtype)),
+                                                        b.astype(self.dtype))
     if task_inputs is None:
       return y_shared, None
 
-    frozen_in, path_in = task_inputs
-    y_tasks = y_frozen if frozen_in is x else frozen(frozen_in)
+    path_in = task_inputs[1]
     if self.sine_awb is None:  # this layer carries no TS path: the task streams see the frozen layer
-      return y_shared, jnp.broadcast_to(y_tasks, (*path_in.shape[:-1], self.features))
-    if self.lora is None:
+      return y_shared, jnp.broadcast_to(frozen_of(frozen_in),
+                                        (*path_in.shape[:-1], self.features))
+    if a is None:
       raise ValueError("the Sine-AWB base is sized by the LoRA rank: set model.lora.rank > 0")
-    updates = SineAWB(self.sine_awb, self.num_tasks, self.features, self.dtype,
-                      name="sine_awb")(path_in, a, b, omegas)
-    return y_shared, y_tasks + updates
+    sine_awb = SineAWB(self.sine_awb, self.num_tasks, self.features, self.dtype, self.lowering,
+                       name="sine_awb")
+    if frozen_in is path_in:  # e.g. fc1, fc2: the frozen layer can join the task kernels
+      return y_shared, sine_awb(path_in, a, b, omegas, frozen=(kernel_0, bias_0))
+    return y_shared, frozen_of(frozen_in) + sine_awb(path_in, a, b, omegas)
 
 
 def clock_offsets(num_tasks: int, spread: float) -> np.ndarray:

@@ -93,8 +93,11 @@ class MultiTaskDecoder(nn.Module):
       base = self.param("base_kernel", nn.initializers.lecun_normal(),
                         (1, 1, concat_channels, spec.head_channels))
       base_bias = self.param("base_bias", nn.initializers.zeros, (spec.head_channels,))
-      # All tasks' kernels from the one base (T, 1, 1, 270, head_channels).
-      kernels = spec.sine.kernels(base, omegas)
+      # All tasks' kernels from the one base (T, 1, 1, 270, head_channels); evaluated once for
+      # inference (adapters.MERGED).
+      build = lambda: spec.sine.kernels(base, omegas)
+      kernels = (adapters.cached_weight(self, "task_kernels", build)
+                 if adapters.inference_cache(self, "task_kernels") else build())
     outputs = {}
     for t, task in enumerate(self.tasks):
       x = ScaleProjections(spec.proj_channels, self.dtype, name=f"{task}_projections")(

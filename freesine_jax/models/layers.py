@@ -107,3 +107,46 @@ class DropPath(nn.Module):
     mask_shape = x.shape[:self.batch_dims] + (1,) * (x.ndim - self.batch_dims)
     mask = jax.random.bernoulli(self.make_rng("drop_path"), keep, mask_shape)
     return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+def _zero_tie(tree) -> jax.Array:
+  """0 * sum(tree): a float32 zero that XLA can compute only after every leaf of tree (x * 0 is
+  not folded to 0 for IEEE floats, so the dependency survives every optimisation)."""
+  return 0.0 * sum(jnp.sum(leaf).astype(jnp.float32) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def _tie(tree, zero: jax.Array):
+  return jax.tree_util.tree_map(lambda a: a + zero.astype(jnp.result_type(a)), tree)
+
+
+def recompute_in_backward(fn: Callable, finish_with: Sequence[int] = ()) -> Callable:
+  """fn(*args), whose backward pass recomputes fn's intermediates from args instead of keeping
+  them from the forward pass (what jax.checkpoint means), on every backend.
+
+  jax.checkpoint marks the recomputation with an optimization barrier, but XLA:CPU erases the
+  barriers before its last CSE, which then merges the recomputation back into the forward
+  computation: the intermediates are kept after all (measured: every im2col copy and task
+  kernel of the step stayed alive until its backward). Here the recomputation runs on the
+  args tied to the cotangent (_zero_tie), so it can neither run before the cotangent exists nor
+  be merged with the forward. Only the args are saved. Reverse-mode differentiable only.
+
+  finish_with: indices of args whose cotangents (weight gradients, typically) the cotangent of
+  args[0] waits for. Weight gradients only feed the optimizer at the end of the step, so XLA's
+  scheduler would otherwise postpone them and keep their large inputs alive meanwhile.
+  """
+  @jax.custom_vjp
+  def wrapped(*args):
+    return fn(*args)
+
+  def forward(*args):
+    return fn(*args), args
+
+  def backward(args, cotangent):
+    grads = jax.vjp(fn, *_tie(args, _zero_tie(cotangent)))[1](cotangent)
+    if not finish_with:
+      return grads
+    done = _zero_tie([grads[i] for i in finish_with])
+    return (_tie(grads[0], done),) + tuple(grads[1:])
+
+  wrapped.defvjp(forward, backward)
+  return wrapped

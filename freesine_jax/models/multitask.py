@@ -27,9 +27,11 @@ class MultiTaskModel(nn.Module):
   clock_spread: float = 0.0         # initial frequencies s (c + spread * linspace(-1, 1, T))
   use_task_tokens: bool = True
   dtype: Any = jnp.float32
+  remat: str = "none"               # model.compute.block_remat (swin.SwinBackbone)
 
   def setup(self):
-    self.backbone = swin.SwinBackbone(self.swin_spec, self.adapter, self.policy, self.dtype)
+    self.backbone = swin.SwinBackbone(self.swin_spec, self.adapter, self.policy, self.dtype,
+                                      self.remat)
     self.head = decoders.MultiTaskDecoder(tuple(self.tasks), dict(self.num_outputs), self.decoder,
                                           self.dtype)
     num_tasks = len(self.tasks)
@@ -49,18 +51,18 @@ class MultiTaskModel(nn.Module):
       return self.clock(self.task_tokens)
     return self.fixed_omegas
 
-  def backbone_stages(self, images, *, train: bool = False):
+  def backbone_stages(self, images, *, train: bool = False, last_shared: bool = True):
     """Per stage (shared stream, stacked task streams or None), see swin.SwinBackbone."""
     omegas = self.frequencies()
     prompts = None
     if self.use_task_tokens and self.adapter.prompts:
       prompts = jnp.broadcast_to(self.task_tokens[None], (images.shape[0],
                                                           *self.task_tokens.shape))
-    return self.backbone(images, prompts, omegas, train=train), omegas
+    return self.backbone(images, prompts, omegas, train=train, last_shared=last_shared), omegas
 
   def encode(self, images, *, train: bool = False):
     """Per task, the list of stage features (one stream per task; shared when no TS path)."""
-    stages, omegas = self.backbone_stages(images, train=train)
+    stages, omegas = self.backbone_stages(images, train=train, last_shared=False)
     features = {task: [] for task in self.tasks}
     for shared, per_task in stages:
       for t, task in enumerate(self.tasks):
@@ -70,3 +72,20 @@ class MultiTaskModel(nn.Module):
   def __call__(self, images, *, train: bool = False):
     features, omegas = self.encode(images, train=train)
     return self.head(features, omegas, images.shape[1:3], train=train)
+
+
+def merge_for_inference(model: MultiTaskModel, variables: Mapping[str, Any],
+                        image_shape: Sequence[int]) -> dict[str, Any]:
+  """`variables` plus the adapters.MERGED collection: every weight that depends on the
+  parameters only, evaluated once (the shared LoRA merged into the frozen kernels, the finished
+  task kernels with the frozen linear folded into their centre tap, the decoder's task kernels).
+
+  The model applied to the result computes the same outputs (to float32 rounding) without
+  rebuilding those weights for every batch. image_shape: the (B, H, W, 3) shape inference will
+  see (it fixes the window sizes); only the weights are computed, no image is processed. Merge
+  again after the parameters change; never pass merged variables to a training step.
+  """
+  variables = {k: v for k, v in variables.items() if k != adapters.MERGED}
+  images = jnp.zeros(tuple(image_shape), jnp.float32)
+  merged = model.apply(variables, images, train=False, mutable=[adapters.MERGED])[1]
+  return {**variables, **merged}

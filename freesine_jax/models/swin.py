@@ -61,6 +61,7 @@ class AdapterSpec:
   sine_awb_modules: tuple[str, ...] = ("proj", "fc1", "fc2")
   prompts: bool = False
   num_tasks: int = 0
+  lowering: adapters.Lowering = adapters.Lowering()  # how the task path is computed
 
 
 def stage_windows(grid: int, window: int) -> tuple[int, bool]:
@@ -68,6 +69,9 @@ def stage_windows(grid: int, window: int) -> tuple[int, bool]:
   if grid <= window:
     return grid, False
   return window, True
+
+
+REMAT_MODES = ("none", "blocks")
 
 
 # ----------------------------------------------------------------------------- window helpers
@@ -119,7 +123,8 @@ class WindowAttention(nn.Module):
   In a task block (last of a stage) each task gets its own proj input. With prompts, it is the
   prompt-conditioned x'_t = LN(x + a_t * x), a_t = GELU(raw q_t . k) of task t's prompt to each
   patch (per head), as in TADFormer; s_t = a_t * x is returned for the stage gate.
-  Returns (y_shared, y_tasks, skips, prompt_out).
+  Returns (y_shared, y_tasks, skips, prompt_out); y_shared is None without shared_output and
+  prompt_out None without prompt_output (outputs nobody reads are not computed).
   """
   dim: int
   num_heads: int
@@ -129,6 +134,8 @@ class WindowAttention(nn.Module):
   task_block: bool
   policy: str
   dtype: Any
+  shared_output: bool = True
+  prompt_output: bool = True
 
   @nn.compact
   def __call__(self, x, prompts, omegas, *, deterministic):
@@ -138,7 +145,7 @@ class WindowAttention(nn.Module):
     layer = lambda name, features: adapters.AdaptedDense(
         features, adapter.lora if name in adapter.lora_modules else None,
         adapter.sine_awb if name in adapter.sine_awb_modules else None, adapter.num_tasks,
-        policy=self.policy, dtype=self.dtype, name=name)
+        policy=self.policy, dtype=self.dtype, lowering=adapter.lowering, name=name)
     qkv_layer, proj_layer = layer("qkv", 3 * c), layer("proj", c)
     table = backbone_weight(self, "relative_position_bias_table",
                             nn.initializers.truncated_normal(0.02),
@@ -195,10 +202,13 @@ class WindowAttention(nn.Module):
         task_inputs = (grid, norm(grid[None] + skips))
       else:
         task_inputs = (grid, jnp.broadcast_to(grid[None], (t_count, *grid.shape)))
-    y, y_tasks = proj_layer(grid, task_inputs, omegas, deterministic=deterministic)
-    if prompt_out is not None:
+    y, y_tasks = proj_layer(grid, task_inputs, omegas, deterministic=deterministic,
+                            shared_output=self.shared_output)
+    if prompt_out is not None and self.prompt_output:
       prompt_out, _ = proj_layer(prompt_out, deterministic=deterministic)
       prompt_out = prompt_out.reshape(b, n_win, num_prompts, c).mean(axis=1)
+    else:
+      prompt_out = None
     return y, y_tasks, skips, prompt_out
 
 
@@ -210,23 +220,29 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x, x_tasks, omegas, *, deterministic):
-    """Shared stream x and optional stacked task streams (T, B, H, W, C); returns (y, y_tasks)."""
+    """Shared stream x (None: task streams only) and optional stacked task streams
+    (T, B, H, W, C); returns (y or None, y_tasks or None)."""
     adapter = self.adapter
     layer = lambda name, features: adapters.AdaptedDense(
         features, adapter.lora if name in adapter.lora_modules else None,
         adapter.sine_awb if name in adapter.sine_awb_modules else None, adapter.num_tasks,
-        policy=self.policy, dtype=self.dtype, name=name)
-    fc1, fc2 = layer("fc1", self.hidden), layer("fc2", x.shape[-1])
-    gelu = lambda z: nn.gelu(z, approximate=False)
+        policy=self.policy, dtype=self.dtype, lowering=adapter.lowering, name=name)
+    dim = (x if x is not None else x_tasks).shape[-1]
+    fc1, fc2 = layer("fc1", self.hidden), layer("fc2", dim)
+    gelu = lambda z: None if z is None else nn.gelu(z, approximate=False)
     pair = lambda z: None if z is None else (z, z)
-    h, h_tasks = fc1(x, pair(x_tasks), omegas, deterministic=deterministic)
-    h = gelu(h)
-    h_tasks = None if h_tasks is None else gelu(h_tasks)
-    return fc2(h, pair(h_tasks), omegas, deterministic=deterministic)
+    shared = x is not None
+    h, h_tasks = fc1(x, pair(x_tasks), omegas, deterministic=deterministic, shared_output=shared)
+    return fc2(gelu(h), pair(gelu(h_tasks)), omegas, deterministic=deterministic,
+               shared_output=shared)
 
 
 class SwinBlock(nn.Module):
-  """A Swin block. A task block (last of a stage) also returns one stream per task."""
+  """A Swin block. A task block (last of a stage) also returns one stream per task.
+
+  Without shared_output (the network's last task block, whose shared stream nobody reads) only
+  the task streams are computed and the returned shared stream is None.
+  """
   dim: int
   num_heads: int
   window_size: int
@@ -238,26 +254,35 @@ class SwinBlock(nn.Module):
   update_prompts: bool  # False in the network's last block, whose prompts are never used
   policy: str
   dtype: Any
+  shared_output: bool = True
 
   @nn.compact
-  def __call__(self, x, prompts, omegas, *, deterministic):
-    drop = lambda z: DropPath(self.drop_path)(z, deterministic=deterministic)
-    drop_tasks = lambda z: DropPath(self.drop_path, batch_dims=2)(z, deterministic=deterministic)
+  def __call__(self, x, prompts, omegas, deterministic):
+    def drop(z, batch_dims=1):
+      # Constructed even when z is None (a skipped output), so every DropPath keeps its name
+      # and hence its random stream whichever outputs are computed.
+      layer = DropPath(self.drop_path, batch_dims=batch_dims)
+      return None if z is None else layer(z, deterministic=deterministic)
+
     norm1 = FrozenLayerNorm(policy=self.policy, dtype=self.dtype, name="norm1")
     norm2 = FrozenLayerNorm(policy=self.policy, dtype=self.dtype, name="norm2")
     attn = WindowAttention(self.dim, self.num_heads, self.window_size, self.shift, self.adapter,
-                           self.task_block, self.policy, self.dtype, name="attn")
+                           self.task_block, self.policy, self.dtype, self.shared_output,
+                           self.update_prompts, name="attn")
     mlp = Mlp(int(self.dim * self.mlp_ratio), self.adapter, self.policy, self.dtype, name="mlp")
 
     normed_prompts = None if prompts is None else norm1(prompts)
     a, a_tasks, skips, p_attn = attn(norm1(x), normed_prompts, omegas,
                                      deterministic=deterministic)
-    x1 = x + drop(a)
-    x1_tasks = None if a_tasks is None else x[None] + drop_tasks(a_tasks)
-    m, m_tasks = mlp(norm2(x1), None if x1_tasks is None else norm2(x1_tasks), omegas,
+    a = drop(a)
+    x1 = None if a is None else x + a
+    x1_tasks = None if a_tasks is None else x[None] + drop(a_tasks, 2)
+    m, m_tasks = mlp(None if x1 is None else norm2(x1),
+                     None if x1_tasks is None else norm2(x1_tasks), omegas,
                      deterministic=deterministic)
-    out = x1 + drop(m)
-    out_tasks = None if m_tasks is None else x1_tasks + drop_tasks(m_tasks)
+    m = drop(m)
+    out = None if m is None else x1 + m
+    out_tasks = None if m_tasks is None else x1_tasks + drop(m_tasks, 2)
     if prompts is not None and self.update_prompts:
       # TADFormer: no residual around attention for prompts; MLP residual on the block input.
       p_mlp, _ = mlp(norm2(p_attn), None, omegas, deterministic=deterministic)
@@ -307,14 +332,20 @@ class SwinBackbone(nn.Module):
   stage's patch
   merging as MTLoRA/TADFormer do (Swin-T: 192, 384, 768, 768 channels at strides 8, 16, 32, 32).
   Prompts (B, T, C) enter at stage 1 and are projected C -> 2C at each patch merge.
+  With last_shared=False and task streams, the last stage's shared stream (which no decoder
+  reads) is not computed and returned as None.
+  remat (model.compute.block_remat): 'blocks' recomputes each Swin block's activations in the backward
+  pass from the block's inputs instead of keeping them.
   """
   spec: SwinSpec
   adapter: AdapterSpec
   policy: str = "none"
   dtype: Any = jnp.float32
+  remat: str = "none"
 
   @nn.compact
-  def __call__(self, images, prompts=None, omegas=None, *, train: bool = False):
+  def __call__(self, images, prompts=None, omegas=None, *, train: bool = False,
+               last_shared: bool = True):
     spec = self.spec
     deterministic = not train
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -330,6 +361,10 @@ class SwinBackbone(nn.Module):
     total_blocks = sum(spec.depths)
     rates = np.linspace(0.0, spec.drop_path_rate, total_blocks)
     task_streams = self.adapter.sine_awb is not None or self.adapter.prompts
+    if self.remat not in REMAT_MODES:
+      raise ValueError(f"model.compute.remat={self.remat!r} is not one of {REMAT_MODES}")
+    # deterministic (argument 4, counting self) is static: it selects Python branches.
+    block_cls = nn.remat(SwinBlock, static_argnums=(4,)) if self.remat == "blocks" else SwinBlock
     block_id = 0
     outputs = []
     num_stages = len(spec.depths)
@@ -344,12 +379,15 @@ class SwinBackbone(nn.Module):
       tasks_out = skips = None
       for j in range(depth):
         last_of_stage = j == depth - 1
-        block = SwinBlock(dim, heads, ws, (ws // 2) if (j % 2 and can_shift) else 0,
+        last_block = block_id == total_blocks - 1
+        block = block_cls(dim, heads, ws, (ws // 2) if (j % 2 and can_shift) else 0,
                           spec.mlp_ratio, float(rates[block_id]), self.adapter,
                           task_block=last_of_stage and task_streams,
-                          update_prompts=block_id < total_blocks - 1, policy=self.policy,
-                          dtype=self.dtype, name=f"layers_{i}_blocks_{j}")
-        x, tasks_out, skips, prompts = block(x, prompts, omegas, deterministic=deterministic)
+                          update_prompts=not last_block, policy=self.policy,
+                          dtype=self.dtype,
+                          shared_output=last_shared or not (last_block and task_streams),
+                          name=f"layers_{i}_blocks_{j}")
+        x, tasks_out, skips, prompts = block(x, prompts, omegas, deterministic)
         block_id += 1
       if skips is not None:
         # Stage gate (zero-init, sigmoid): mixes each task's prompt-modulated attention skip in.

@@ -1,0 +1,614 @@
+"""Speed, FLOPs and memory of the training and evaluation steps, as ratios measured in one run.
+
+  python -m benchmarks.run            # every case at 448 and 224, writes docs/benchmarks.md
+  python -m benchmarks.run --quick    # 2 timed repetitions instead of 5 (a smoke run)
+  python -m benchmarks.run --sizes=224,448=free_sinewich+swin --out=/tmp/bench.md
+
+Each measurement runs in its own Python process (so its peak resident memory, VmHWM, is its
+own, and no compiled program or buffer of another case is kept around): the PASCAL-Context
+model (4 tasks, Swin-T, random weights, float32, batch 2) for every row of CASES, at each size:
+  - the train step (train.make_train_step, state donated as in training): lower + compile time,
+    XLA's cost-analysis FLOPs and memory analysis, median step time over the repetitions after
+    one warm-up step, achieved FLOP/s and its ratio to the dense GEMM roof;
+  - the eval forward on weights merged for inference (evaluate.make_inference_merge), the same.
+Then Swin-T alone (forward, and forward + backward of the sum of the stage outputs) against the
+project's PyTorch reference Swin (tests/torch_swin_reference.py, optional torch extra), and
+the input pipeline's examples/s against what the train step consumes.
+
+The dense-GEMM roof (a 2048^3 float32 matmul) is measured at the start and at the end; the load
+average is recorded before every case. The machine is shared: compare ratios, not seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIB = 2.0 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One model configuration: a PASCAL-Context config arg plus config overrides."""
+  name: str
+  arg: str
+  overrides: tuple[tuple[str, Any], ...] = ()
+  note: str = ""
+  kinds: tuple[str, ...] = ("eval", "train")  # cheaper first
+  sizes: tuple[int, ...] | None = None  # None: every --sizes
+
+
+FULL_FINE_TUNING = (("model.trainable_backbone", "all"), ("model.lora.rank", 0),
+                    ("model.sine_awb.enabled", False), ("model.prompts", False),
+                    ("model.clock_net", False), ("model.decoder.kind", "independent"))
+
+# One line per case. A case whose config arg the config file does not (yet) accept is skipped
+# with the reason recorded (e.g. the MTLoRA baseline config).
+CASES = (
+    Case("free_sinewich", "r64", note="Free Sinewich r64, full W (r x r x 3 x 3)"),
+    Case("depthwise", "r64,depthwise", note="Free Sinewich r64, depthwise W (r x 3 x 3)"),
+    Case("k1", "r64", (("model.sine_awb.kernel_size", 1),), note="Free Sinewich r64, k = 1"),
+    Case("mtlora", "mtlora,r64", note="MTLoRA r64 baseline config"),
+    Case("full_ft", "r64", FULL_FINE_TUNING,
+         note="full fine-tuning: all of Swin-T trained, per-task decoders, no adapters"),
+    # Compute choices (model.compute), each against free_sinewich above.
+    Case("winograd", "r64", (("model.compute.task_conv", "winograd"),), kinds=("eval",),
+         note="free_sinewich, task kernels applied by Winograd F(2x2, 3x3)"),
+    Case("conv", "r64", (("model.compute.task_conv", "conv"),), sizes=(224,),
+         note="free_sinewich, task kernels as one grouped convolution (TPU/GPU choice)"),
+    Case("no_task_remat", "r64", (("model.compute.task_path_remat", False),), kinds=("train",),
+         sizes=(224,), note="free_sinewich, task kernels kept for the backward pass"),
+    Case("block_remat", "r64", (("model.compute.block_remat", "blocks"),), kinds=("train",),
+         sizes=(224,), note="free_sinewich, every Swin block recomputed in the backward pass"),
+)
+BATCH = 2
+GEMM_N = 2048
+
+
+# ----------------------------------------------------------------------------- measurements
+# (run in the child processes)
+
+
+def peak_resident_gib() -> float:
+  """VmHWM: this process's peak resident set so far."""
+  with open("/proc/self/status", encoding="utf-8") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) * 1024 / GIB
+  return float("nan")
+
+
+def resident_gib() -> float:
+  with open("/proc/self/status", encoding="utf-8") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) * 1024 / GIB
+  return float("nan")
+
+
+def reset_peak_resident() -> None:
+  """Restarts VmHWM at the current resident set (Linux clear_refs 5), so the peak read next is
+  that of what runs from now on (the steps), not of the compilation before."""
+  with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+    f.write("5")
+
+
+def timed(fn: Callable[[], Any], reps: int) -> list[float]:
+  """Wall seconds of `reps` calls of fn (each waited for), after one warm-up call."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def compiled_stats(compiled) -> dict[str, float]:
+  """XLA's cost analysis (FLOPs) and memory analysis of a compiled program."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  memory = compiled.memory_analysis()
+  stats = {"flops": float(cost.get("flops", float("nan")))}
+  for field in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+                "alias_size_in_bytes", "generated_code_size_in_bytes"):
+    stats[field.replace("_size_in_bytes", "_gib")] = getattr(memory, field, 0) / GIB
+  return stats
+
+
+def measure_gemm(reps: int) -> dict[str, float]:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  a = jax.random.normal(jax.random.key(0), (GEMM_N, GEMM_N), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (GEMM_N, GEMM_N), jnp.float32)
+  matmul = jax.jit(jnp.dot)
+  times = timed(lambda: matmul(a, b), max(reps, 5) * 4)
+  seconds = statistics.median(times)
+  return {"seconds": seconds, "flops_per_s": 2.0 * GEMM_N ** 3 / seconds}
+
+
+def case_config(case: Case, size: int):
+  """The case's PASCAL-Context config at size x size, batch BATCH, random weights."""
+  sys.path.insert(0, ROOT)
+  from configs import pascal_context  # pylint: disable=g-import-not-at-top
+  config = pascal_context.get_config(case.arg)
+  for key, value in case.overrides:
+    section = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      section = section[parent]
+    section[leaf] = value
+  config.dataset.image_size = (size, size)
+  config.input.batch_size = config.input.eval_batch_size = BATCH
+  config.model.backbone_weights = ""
+  return config
+
+
+def random_batch(config, with_labels: bool):
+  """A batch of BATCH random images (and labels of every task) at the config's size."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from freesine_jax import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  h, w = config.dataset.image_size
+  batch = {"image": jnp.asarray(rng.standard_normal((BATCH, h, w, 3)), jnp.float32)}
+  if with_labels:
+    for task in config.tasks:
+      spec = tasks_lib.get_task(task)
+      classes = config.num_classes[task] if task in config.num_classes else None
+      channels = tasks_lib.output_channels(task, classes)
+      dtype = np.dtype(spec.kind.label.batch_dtype)
+      if np.issubdtype(dtype, np.integer):
+        label = rng.integers(0, max(classes or 2, 2), (BATCH, h, w))
+      else:
+        label = rng.standard_normal((BATCH, h, w, channels))
+        if task == "normals":
+          label = label / np.linalg.norm(label, axis=-1, keepdims=True)
+        elif task == "sal":
+          label = (label[..., :1] > 0).astype(np.float32)[..., 0]
+      batch[task] = jnp.asarray(label.astype(dtype))
+  return batch
+
+
+def run_train(case: Case, size: int, reps: int) -> dict[str, Any]:
+  import jax  # pylint: disable=g-import-not-at-top
+  from freesine_jax import modeling  # pylint: disable=g-import-not-at-top
+  from freesine_jax import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from freesine_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from freesine_jax import train  # pylint: disable=g-import-not-at-top
+  config = case_config(case, size)
+  model = modeling.build_model(config)
+  variables = modeling.init_variables(model, config)
+  mesh = sharding_lib.make_mesh(config)
+  schedule = optimizer_lib.make_schedule(1e-4, 1e-6, 1e-6, 10, 100)
+  tx = optimizer_lib.make_optimizer(config, schedule)
+  state = sharding_lib.replicate(train.create_train_state(variables, tx, config.seed), mesh)
+  backbone = sharding_lib.replicate(variables["backbone"], mesh)
+  del variables
+  batch = sharding_lib.shard_batch(random_batch(config, True), mesh,
+                                   ("image",) + tuple(config.tasks))
+  step = train.make_train_step(model, tx, config, schedule, mesh, donate_state=True)
+  resident_before = resident_gib()
+  start = time.perf_counter()
+  compiled = step.lower(state, batch, backbone).compile()
+  compile_s = time.perf_counter() - start
+  stats = compiled_stats(compiled)
+  compile_peak = peak_resident_gib()
+  holder = {"state": state}
+
+  def one_step():
+    holder["state"], metrics = compiled(holder["state"], batch, backbone)
+    return metrics["loss"]
+  reset_peak_resident()
+  times = timed(one_step, reps)
+  return {"compile_s": compile_s, "times": times, "resident_before_gib": resident_before,
+          "peak_resident_gib": peak_resident_gib(), "compile_peak_gib": compile_peak, **stats,
+          "trainable": modeling.count_parameters(holder["state"].params)}
+
+
+def run_eval(case: Case, size: int, reps: int) -> dict[str, Any]:
+  import jax  # pylint: disable=g-import-not-at-top
+  from freesine_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from freesine_jax import modeling  # pylint: disable=g-import-not-at-top
+  config = case_config(case, size)
+  model = modeling.build_model(config)
+  variables = modeling.init_variables(model, config)
+  images = random_batch(config, False)["image"]
+  forward = evaluate.make_eval_forward(model)
+  merge = evaluate.make_inference_merge(model)
+  unmerged = forward.lower(variables, images).cost_analysis()  # HLO cost analysis, no compile
+  unmerged = unmerged[0] if isinstance(unmerged, (list, tuple)) else unmerged
+  if merge is not None:
+    variables = jax.block_until_ready(merge(variables, image_shape=(1, size, size, 3)))
+  resident_before = resident_gib()
+  start = time.perf_counter()
+  compiled = forward.lower(variables, images).compile()
+  compile_s = time.perf_counter() - start
+  stats = compiled_stats(compiled)
+  compile_peak = peak_resident_gib()
+  reset_peak_resident()
+  times = timed(lambda: compiled(variables, images), reps)
+  return {"compile_s": compile_s, "times": times, "resident_before_gib": resident_before,
+          "peak_resident_gib": peak_resident_gib(), "compile_peak_gib": compile_peak, **stats,
+          "unmerged_flops": float(unmerged["flops"])}
+
+
+def run_swin(size: int, reps: int) -> dict[str, Any]:
+  """Our Swin-T (no adapters) against the PyTorch reference Swin-T: forward and backward."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from freesine_jax.models import swin  # pylint: disable=g-import-not-at-top
+  spec = swin.SwinSpec.from_variant("swin_t", window_size=7, patch_size=4, drop_path_rate=0.0)
+  backbone = swin.SwinBackbone(spec, swin.AdapterSpec(), policy="all")
+  images = jax.random.normal(jax.random.key(0), (BATCH, size, size, 3))
+  params = jax.jit(backbone.init)(jax.random.key(1), images)
+  features = lambda p, x: sum(jnp.sum(shared) for shared, _ in backbone.apply(p, x))
+  forward = jax.jit(lambda p, x: backbone.apply(p, x)).lower(params, images).compile()
+  backward = jax.jit(jax.grad(features)).lower(params, images).compile()
+  out = {"jax_forward": {"times": timed(lambda: forward(params, images), reps),
+                         **compiled_stats(forward)},
+         "jax_backward": {"times": timed(lambda: backward(params, images), reps),
+                          **compiled_stats(backward)}}
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    out["torch"] = "torch is not installed (pip install '.[torch]')"
+    return out
+  sys.path.insert(0, os.path.join(ROOT, "tests"))
+  import torch_swin_reference as ref  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count() or 1)
+  model = ref.randomize(ref.SwinReference(img_size=size))
+  x = torch.randn(BATCH, 3, size, size)
+
+  def torch_forward():
+    with torch.no_grad():
+      return model.stages(x)
+
+  def torch_backward():
+    model.zero_grad(set_to_none=True)
+    sum(s.sum() for s in model.stages(x)).backward()
+
+  counts = {}
+  for name, fn in (("forward", torch_forward), ("backward", torch_backward)):
+    with FlopCounterMode(display=False) as counter:
+      fn()
+    counts[name] = float(counter.get_total_flops())
+  out["torch_forward"] = {"times": timed(torch_forward, reps), "flops": counts["forward"]}
+  out["torch_backward"] = {"times": timed(torch_backward, reps), "flops": counts["backward"]}
+  out["torch_version"] = torch.__version__
+  return out
+
+
+def run_pipeline(size: int, reps: int) -> dict[str, Any]:
+  """Examples/s of the train input pipeline (augmentation + batching, PASCAL-Context tasks) on
+  decoded 375 x 500 synthetic scenes held in memory (decoding from disk excluded)."""
+  from freesine_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from freesine_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  config = case_config(CASES[0], size)
+  config.input.num_workers = 0
+  source = [synthetic.generate_example(0, "train", i, 375, 500) for i in range(16)]
+  loader = iter(pipeline.create_train_loader(config, data_source=source))
+  next(loader)
+  batches = 5 * reps
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(loader)
+  seconds = time.perf_counter() - start
+  return {"examples_per_s": batches * BATCH / seconds, "workers": 0}
+
+
+def child(kind: str, case_name: str, size: int, reps: int) -> dict[str, Any]:
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_enable_compilation_cache", False)
+  if kind == "gemm":
+    return measure_gemm(reps)
+  if kind == "swin":
+    return run_swin(size, reps)
+  if kind == "pipeline":
+    return run_pipeline(size, reps)
+  case = {c.name: c for c in CASES}[case_name]
+  return (run_train if kind == "train" else run_eval)(case, size, reps)
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+
+def load_average() -> float:
+  return os.getloadavg()[0]
+
+
+def spawn(kind: str, case: str, size: int, reps: int) -> dict[str, Any]:
+  """Runs one measurement in a fresh process; its result (or its error) plus the load."""
+  load = load_average()
+  cmd = [sys.executable, "-m", "benchmarks.run", "--child", kind, case, str(size), str(reps)]
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  print(f"[{time.strftime('%H:%M:%S')}] {kind} {case} {size} (load {load:.2f})", flush=True)
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  if proc.returncode != 0 or not lines:
+    said = [l for l in proc.stderr.splitlines() if l.strip().strip("*")]
+    error = f"exit code {proc.returncode}" + (" (killed: out of memory?)"
+                                              if proc.returncode == -9 else "")
+    if said:
+      error += f": {said[-1].strip()[:200]}"
+    print(f"  failed: {error}", flush=True)
+    return {"error": error, "load": load}
+  result = json.loads(lines[-1][len("RESULT "):])
+  result["load"] = load
+  return result
+
+
+def config_available(case: Case) -> str | None:
+  """None if the case's config builds, else why not (the case is then skipped)."""
+  try:
+    case_config(case, 224)
+  except Exception as e:  # pylint: disable=broad-except
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+  return None
+
+
+def machine() -> dict[str, str]:
+  model = platform.processor() or "unknown"
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+    model = names[0] if names else model
+  except OSError:
+    pass
+  with open("/proc/meminfo", encoding="utf-8") as f:
+    total = int(f.readline().split()[1]) * 1024 / GIB
+  import jax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  return {"cpu": model, "cores": str(os.cpu_count()), "ram": f"{total:.1f} GiB",
+          "platform": platform.platform(), "python": platform.python_version(),
+          "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "device": str(jax.devices()[0].platform)}
+
+
+def median(result: dict[str, Any]) -> float:
+  return statistics.median(result["times"])
+
+
+def fmt(value: float, digits: int = 2) -> str:
+  return "—" if value != value else f"{value:.{digits}f}"
+
+
+def render(meta: dict[str, Any], results: dict[str, Any]) -> str:
+  """docs/benchmarks.md's measured part (tables + the machine)."""
+  gemms = [results[k]["flops_per_s"] for k in ("gemm_start", "gemm_end")
+           if "flops_per_s" in results.get(k, {})]
+  roof = statistics.mean(gemms) if gemms else float("nan")
+  gemm_end = results.get("gemm_end", {}).get("flops_per_s", float("nan"))
+  lines = ["<!-- Generated by `python -m benchmarks.run`; do not edit by hand. -->", "",
+           "# Benchmarks", "",
+           f"Measured {meta['date']} by `{meta['command']}` in one run: "
+           f"{meta['reps']} timed repetitions after one warm-up, median reported; every "
+           f"measurement in a fresh process. PASCAL-Context model (4 tasks), Swin-T, random "
+           f"weights, float32, batch {BATCH}.", "",
+           "Machine: " + ", ".join(f"{k} {v}" for k, v in meta["machine"].items()) + ".", "",
+           f"Dense float32 GEMM roof ({GEMM_N}^3 matmul, same run): "
+           f"{results['gemm_start']['flops_per_s'] / 1e9:.1f} GFLOP/s at the start, "
+           + (f"{gemm_end / 1e9:.1f} GFLOP/s at the end " if gemm_end == gemm_end
+              else "not measured at the end (run interrupted) ") +
+           f"(mean {roof / 1e9:.1f} GFLOP/s is the roof below). Load average (1 min) before each "
+           "measurement in the last column: the machine is shared, so the ratios are the "
+           "figures to compare.", ""]
+  for kind, title in (("train", "Train step (forward + backward + AdamW)"),
+                      ("eval", "Eval forward (weights merged for inference)")):
+    lines += [f"## {title}", "",
+              "| case | size | step s | compile s | GFLOP/step | GFLOP/image | GFLOP/s | "
+              "% of roof | peak RSS GiB, steps | peak RSS GiB, compile | XLA temp GiB | "
+              "XLA args+out GiB | load |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, r in results[kind].items():
+      name, size = key.rsplit("@", 1)
+      if "error" in r:
+        lines.append(f"| {name} | {size} | {r['error']} ||||||||||| {fmt(r['load'])} |")
+        continue
+      seconds = median(r)
+      rate = r["flops"] / seconds
+      lines.append(
+          f"| {name} | {size} | {fmt(seconds)} | {fmt(r['compile_s'], 1)} | "
+          f"{fmt(r['flops'] / 1e9, 1)} | {fmt(r['flops'] / 1e9 / BATCH, 1)} | "
+          f"{fmt(rate / 1e9, 1)} | {fmt(100 * rate / roof, 0)} | "
+          f"{fmt(r['peak_resident_gib'])} | {fmt(r['compile_peak_gib'])} | "
+          f"{fmt(r['temp_gib'])} | "
+          f"{fmt(r['argument_gib'] + r['output_gib'] - r['alias_gib'])} | {fmt(r['load'])} |")
+    if kind == "eval":
+      merged = [f"{key}: {r['unmerged_flops'] / 1e9 / BATCH:.1f} -> "
+                f"{r['flops'] / 1e9 / BATCH:.1f}" for key, r in results[kind].items()
+                if "error" not in r]
+      lines += ["", "GFLOP per image without -> with the inference merge: " + "; ".join(merged)
+                + "."]
+    lines.append("")
+  if results["skipped"]:
+    lines += ["Skipped cases: " + "; ".join(f"{n} ({why})" for n, why in
+                                            results["skipped"].items()) + ".", ""]
+  lines += targets(results, roof)
+  lines += ["## Swin-T alone: ours (JAX) vs the PyTorch reference Swin-T", "",
+            "Forward: the four stage outputs; backward: the gradient of their sum with respect "
+            "to every weight. PyTorch FLOPs by torch.utils.flop_counter, ours by XLA's cost "
+            "analysis.", "",
+            "| size | pass | ours s | PyTorch s | ours / PyTorch | ours GFLOP | PyTorch GFLOP | "
+            "ours % of roof | load |", "|---|---|---|---|---|---|---|---|---|"]
+  for key, r in results["swin"].items():
+    if "error" in r:
+      lines.append(f"| {key} | {r['error']} ||||||| {fmt(r['load'])} |")
+      continue
+    for pass_ in ("forward", "backward"):
+      ours = r[f"jax_{pass_}"]
+      theirs = r.get(f"torch_{pass_}")
+      ours_s = median(ours)
+      theirs_s = median(theirs) if isinstance(theirs, dict) else float("nan")
+      lines.append(
+          f"| {key} | {pass_} | {fmt(ours_s, 3)} | {fmt(theirs_s, 3)} | "
+          f"{fmt(ours_s / theirs_s)} | {fmt(ours['flops'] / 1e9, 1)} | "
+          f"{fmt(theirs['flops'] / 1e9 if isinstance(theirs, dict) else float('nan'), 1)} | "
+          f"{fmt(100 * ours['flops'] / ours_s / roof, 0)} | {fmt(r['load'])} |")
+  lines += ["", "## Input pipeline", "",
+            "| size | examples/s (1 process, no workers) | train step consumes examples/s | "
+            "ratio | load |", "|---|---|---|---|---|"]
+  for key, r in results["pipeline"].items():
+    train = results["train"].get(f"free_sinewich@{key}", {})
+    consumed = BATCH / median(train) if "times" in train else float("nan")
+    produced = r.get("examples_per_s", float("nan"))
+    lines.append(f"| {key} | {fmt(produced, 1)} | {fmt(consumed, 2)} | "
+                 f"{fmt(produced / consumed, 0)} | {fmt(r['load'])} |")
+  lines.append("")
+  return "\n".join(lines)
+
+
+def verdict(judged: bool, met: bool) -> str:
+  if not judged:
+    return "no verdict: the GEMM roof was not steady over the run (start and end differ by " \
+           "> 20 %, or the end was not measured)"
+  return "met" if met else "NOT met"
+
+
+def targets(results: dict[str, Any], roof: float) -> list[str]:
+  """Issue 14's targets against this run's figures (the 448 figure; else 224, said so)."""
+  def pick(kind, name):
+    for size in ("448", "224"):
+      r = results[kind].get(f"{name}@{size}") if kind in ("train", "eval") else \
+          results[kind].get(size)
+      if r and "error" not in r:
+        return size, r
+    return None, None
+
+  rows = []
+
+  def row(what, target, kind, name, value_of, limit, at_most, only_448=False):
+    size, r = pick(kind, name)
+    if r is None or (only_448 and size != "448"):
+      rows.append(f"| {what} | {target} | not measured{' at 448' if only_448 else ''} in this "
+                  "run | — |")
+      return
+    value = value_of(r)
+    met = value <= limit if at_most else value >= limit
+    where = "" if size == "448" else " (at 224: 448 not measured in this run)"
+    judged = steady or "roof" not in what
+    rows.append(f"| {what} | {target} | {value:.2f}{where} | {verdict(judged, met)} |")
+
+  gemms = [results.get(k, {}).get("flops_per_s", float("nan"))
+           for k in ("gemm_start", "gemm_end")]
+  steady = abs(gemms[0] - gemms[1]) <= 0.2 * max(gemms)  # False when either is missing
+
+  def rate(r):
+    return 100 * r["flops"] / median(r) / roof
+
+  row("train step peak resident memory, 448, batch 2 (GiB)", "<= 6", "train", "free_sinewich",
+      lambda r: r["peak_resident_gib"], 6.0, True)
+  row("train step, % of the GEMM roof", ">= 60", "train", "free_sinewich", rate, 60, False)
+  row("eval forward, % of the GEMM roof", ">= 80", "eval", "free_sinewich", rate, 80, False)
+  size, r = pick("swin", "")
+  if r is not None:
+    ours = r["jax_forward"]
+    value = rate({**ours, "load": r["load"]})
+    where = "" if size == "448" else " (at 224)"
+    rows.append(f"| Swin-T forward, % of the GEMM roof | >= 80 | {value:.2f}{where} | "
+                f"{verdict(steady, value >= 80)} |")
+  row("train step compile (s)", "<= 20", "train", "free_sinewich", lambda r: r["compile_s"],
+      20, True)
+  row("inference GFLOP per image (merged)", "<= 350 at 448", "eval", "free_sinewich",
+      lambda r: r["flops"] / 1e9 / BATCH, 350, True, only_448=True)
+  row("inference GFLOP per image, Winograd", "<= 200 at 448", "eval", "winograd",
+      lambda r: r["flops"] / 1e9 / BATCH, 200, True, only_448=True)
+  return ["## Targets (issue 14)", "",
+          "FLOP targets are for 448 x 448; GFLOP per image scales with the pixel count, so a "
+          "224 figure is about a quarter of the 448 one. A % of the roof is judged only when the "
+          "roof measured at the start and at the end of the run agree within 20 %.", "",
+          "| target | wanted | measured | verdict |", "|---|---|---|---|", *rows, ""]
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="2 timed repetitions instead of 5")
+  parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 5)")
+  parser.add_argument("--sizes", default="448,224",
+                      help="sizes in order; 448=a+b measures only cases a, b at 448")
+  parser.add_argument("--cases", default=",".join(c.name for c in CASES))
+  parser.add_argument("--kinds", default="train,eval,swin,pipeline")
+  parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
+  parser.add_argument("--json", default=None, help="also write the raw results here")
+  parser.add_argument("--from-json", default=None,
+                      help="only re-render --out from the raw results a run wrote with --json")
+  parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.from_json:
+    with open(args.from_json, encoding="utf-8") as f:
+      saved = json.load(f)
+    with open(args.out, "w", encoding="utf-8") as f:
+      f.write(render(saved["meta"], saved["results"]))
+    print(f"wrote {args.out} from {args.from_json}")
+    return
+  if args.child:
+    kind, case, size, reps = args.child
+    print("RESULT " + json.dumps(child(kind, case, int(size), int(reps))), flush=True)
+    return
+  reps = args.reps or (2 if args.quick else 5)
+  sizes = parse_sizes(args.sizes)
+  kinds = set(args.kinds.split(","))
+  by_name = {c.name: c for c in CASES}
+  unknown = [n for n in args.cases.split(",") if n not in by_name]
+  if unknown:
+    parser.error(f"--cases: unknown {unknown}; the cases are {sorted(by_name)}")
+  chosen = [by_name[n] for n in args.cases.split(",")]  # measured in this order
+  meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+          "command": "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None
+                                                           else argv),
+          "reps": reps, "machine": machine()}
+  results = {"train": {}, "eval": {}, "swin": {}, "pipeline": {}, "skipped": {}}
+
+  def record(key, value, *path):
+    (results[path[0]] if path else results)[key] = value
+    # Written after every measurement: an interrupted run still leaves what it measured.
+    with open(args.out, "w", encoding="utf-8") as f:
+      f.write(render(meta, results))
+    if args.json:
+      with open(args.json, "w", encoding="utf-8") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+
+  record("gemm_start", spawn("gemm", "-", 0, reps))
+  for case in chosen:
+    why = config_available(case)
+    if why:
+      record(case.name, why, "skipped")
+  for size, only in sizes:
+    for kind in ("swin", "pipeline"):
+      if kind in kinds and (not only or kind in only) and str(size) not in results[kind]:
+        record(str(size), spawn(kind, "-", size, reps), kind)
+    for case in chosen:
+      if case.name in results["skipped"] or (only and case.name not in only):
+        continue
+      if case.sizes is not None and size not in case.sizes:
+        continue
+      for kind in case.kinds:
+        if kind in kinds and f"{case.name}@{size}" not in results[kind]:
+          record(f"{case.name}@{size}", spawn(kind, case.name, size, reps), kind)
+  record("gemm_end", spawn("gemm", "-", 0, reps))
+  print(f"wrote {args.out}")
+
+
+def parse_sizes(text: str) -> list[tuple[int, tuple[str, ...]]]:
+  """'224,448=free_sinewich+swin' -> [(224, ()), (448, ('free_sinewich', 'swin'))]: each size,
+  in order, with the cases (and 'swin', 'pipeline') measured at it (() = all)."""
+  out = []
+  for token in filter(None, text.split(",")):
+    size, _, only = token.partition("=")
+    out.append((int(size), tuple(filter(None, only.split("+")))))
+  return out
+
+
+if __name__ == "__main__":
+  main()

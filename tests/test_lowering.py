@@ -1,0 +1,385 @@
+"""Every way of computing the task path is the same function: pinned against the direct form.
+
+The direct form is the Sine-AWB maths as first written (docs/method.md): per task
+K~_t = lowpass((rho/omega_0) sin(omega_0 omega_t A.W.B / rho)) smoothed over each tap's
+C_in x C_out matrix, applied as k*k shifted matmuls, with the frozen linear applied separately:
+y_t = Phi(x_t) + scale (K~_t * x_t). The rewrites under test (adapters.Lowering, config
+model.compute) change how that is computed, never what: the low-pass moved onto the
+activations, the frozen linear folded into the centre tap, GEMM / grouped-convolution /
+Winograd F(2x2, 3x3) lowerings, rematerialisation; and, at inference, the finished kernels and
+the merged shared LoRA evaluated once (models.merge_for_inference).
+
+Tolerances. The truth is the direct form evaluated in float64. A rewrite reorders float32
+sums (Winograd's transforms have coefficients 0, +-1, +-1/2, exact in binary); any evaluation
+order of an n-term sum errs by at most about sqrt(n) u sum|terms| in practice (Higham & Mary's
+probabilistic bound; u = 2^-24), and the kernels' entries carry a few ulps of their own (RMS,
+sine, a 49-term positive blur). So every output element must be within
+4 (sqrt(n) + 8) u sum|terms| of the truth, n = k*k*C_in (+ C_in for a frozen layer), the sum of
+|terms| computed in float64 from |x| and the absolute kernels. Measured, the direct form and
+every rewrite stay below 1.2 sqrt(n) u sum|terms|; a real mistake (a wrong tap, a missing term)
+is off by order sum|terms| itself. Gradients sum over many more terms (every token, the RMS's
+reduction), so they are compared with the direct form's own float32 gradients instead: each
+leaf within 4x the direct form's error against the float64 truth plus one ulp of its scale.
+Magnitudes are the model's (tests/test_sine_regime.py): A at its init scale, W identity plus
+off-centre taps ~0.2, B with RMS 1e-4 (first steps), 1e-2 (trained, paper setting) and 1e-1,
+activations of LayerNorm scale, frozen weights of pretrained Swin scale (std 0.02).
+"""
+import itertools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base
+from freesine_jax import models
+from freesine_jax.models import adapters
+
+EPS32 = float(np.finfo(np.float32).eps)
+U32 = EPS32 / 2  # unit roundoff
+T, B, H, W, C_IN, C_OUT, RANK = 3, 2, 7, 6, 24, 40, 8  # H odd: Winograd's padded last tile
+OMEGAS = np.array([0.5, 1.0, 1.5], np.float32)  # the Clock Net's spread start (3 tasks)
+CONVS = adapters.TASK_CONVS
+SITES = ("kernel", "activations")
+
+
+def realistic_inputs(b_rms, k=3, c_in=C_IN, c_out=C_OUT, depthwise=False, seed=0):
+  """(x, (A, W, B), (W_0, b_0)) at the magnitudes the model has (module docstring)."""
+  ka, kw, kb, kx, k0, kb0 = jax.random.split(jax.random.key(seed), 6)
+  a = adapters.lora_a_init(ka, (c_in, RANK))
+  off_centre = np.ones((k, k) + (1,) * (1 if depthwise else 2), np.float32)
+  off_centre[k // 2, k // 2] = 0.0
+  shape = (k, k, RANK) if depthwise else (k, k, RANK, RANK)
+  centre = jnp.ones((RANK,)) if depthwise else jnp.eye(RANK)
+  w = jnp.zeros(shape).at[k // 2, k // 2].set(centre)
+  w = w + off_centre * (0.2 / np.sqrt(RANK)) * jax.random.normal(kw, shape)
+  b = b_rms * jax.random.normal(kb, (RANK, c_out))
+  x = jax.random.normal(kx, (T, B, H, W, c_in))
+  w0 = 0.02 * jax.random.truncated_normal(k0, -2, 2, (c_in, c_out))
+  b0 = 0.01 * jax.random.normal(kb0, (c_out,))
+  return x, (a, w, b), (w0, b0)
+
+
+def shifted_matmuls(x, kernels):
+  """The direct application: sum over taps of the shifted input times the tap's matrix."""
+  k = kernels.shape[1]
+  h, w = x.shape[2:4]
+  half = k // 2
+  xp = jnp.pad(x, ((0, 0), (0, 0), (half, half), (half, half), (0, 0)))
+  out = 0.0
+  for u in range(k):
+    for v in range(k):
+      out = out + jnp.einsum("tbhwc,tco->tbhwo", xp[:, :, u:u + h, v:v + w], kernels[:, u, v])
+  return out
+
+
+def reference_kernels(factors, omegas, spec):
+  """K~_t as the model first computed them: one task at a time, SineSpec.kernel of the fused
+  base (modulate, then low-pass), per-task bases fused separately."""
+  a, w, b = factors
+  if spec.independent_bases:
+    return jnp.stack([spec.sine.kernel(adapters.fuse_awb(a[t], w[t], b[t]), omegas[t])
+                      for t in range(len(omegas))])
+  m = adapters.fuse_awb(a, w, b)
+  return jnp.stack([spec.sine.kernel(m, omegas[t]) for t in range(len(omegas))])
+
+
+def direct_form(x, factors, omegas, spec, frozen=None):
+  """y_t = Phi(x_t) + scale (K~_t * x_t), the kernels smoothed, nothing folded or moved."""
+  y = spec.scale * shifted_matmuls(x, reference_kernels(factors, omegas, spec))
+  if frozen is not None:
+    y = y + jnp.einsum("tbhwc,co->tbhwo", x, frozen[0]) + frozen[1]
+  return y
+
+
+def in_float64(fn, *args):
+  with jax.enable_x64(True):
+    cast = lambda tree: jax.tree_util.tree_map(lambda z: jnp.asarray(z, jnp.float64), tree)
+    return jax.tree_util.tree_map(np.asarray, fn(*cast(args)))
+
+
+def ulps(got, want) -> float:
+  """max |got - want| in float32 ulps of want's scale (max |want|)."""
+  scale = float(np.abs(want).max())
+  return float(np.abs(np.asarray(got, np.float64) - want).max()) / (EPS32 * scale)
+
+
+def assert_as_accurate(got, direct32, want, what):
+  """got (a rewrite, float32) is as close to the float64 truth as the direct form in float32,
+  within a factor 4 plus one ulp of the scale (module docstring)."""
+  bound = 4.0 * ulps(direct32, want) + 1.0
+  assert ulps(got, want) <= bound, f"{what}: {ulps(got, want):.2f} ulps > {bound:.2f}"
+
+
+def variants(spec):
+  for conv, site in itertools.product(CONVS, SITES):
+    if conv == "winograd" and spec.applied_kernel_size != 3:
+      continue
+    yield adapters.Lowering(task_conv=conv, lowpass_site=site)
+
+
+SPECS = {
+    "default": adapters.SineAwbSpec(),
+    "depthwise": adapters.SineAwbSpec(w_mode="depthwise"),
+    "linear": adapters.SineAwbSpec(sine=adapters.SineSpec(modulation="linear")),
+    "taps": adapters.SineAwbSpec(sine=adapters.SineSpec(lowpass="taps")),
+    "taps_full": adapters.SineAwbSpec(sine=adapters.SineSpec(lowpass="taps_full")),
+    "no_lowpass": adapters.SineAwbSpec(sine=adapters.SineSpec(lowpass="none")),
+    "k1": adapters.SineAwbSpec(kernel_size=1),
+}
+
+
+def term_magnitudes(x, factors, omegas, spec, frozen=None):
+  """sum |terms| of every output element of the direct form (float64 by in_float64)."""
+  kernels = jnp.abs(reference_kernels(factors, omegas, spec))
+  y = spec.scale * shifted_matmuls(jnp.abs(x), kernels)
+  if frozen is not None:
+    y = y + jnp.einsum("tbhwc,co->tbhwo", jnp.abs(x), jnp.abs(frozen[0])) + jnp.abs(frozen[1])
+  return y
+
+
+def assert_within_rounding(got, want, magnitude, n, what):
+  """|got - want| <= 4 (sqrt(n) + 8) u sum|terms| elementwise (module docstring)."""
+  err = np.abs(np.asarray(got, np.float64) - want) / (U32 * magnitude)
+  worst = float(err.max())
+  assert worst <= 4.0 * (np.sqrt(n) + 8.0), f"{what}: {worst:.1f} u sum|terms| (n = {n})"
+
+
+def check_outputs(spec, x, factors, frozen=None):
+  """Every lowering of task_path against the direct form in float64."""
+  args = (x, factors, OMEGAS, frozen)
+  want = in_float64(lambda x, f, om, fz: direct_form(x, f, om, spec, fz), *args)
+  magnitude = in_float64(lambda x, f, om, fz: term_magnitudes(x, f, om, spec, fz), *args)
+  n = spec.applied_kernel_size ** 2 * x.shape[-1] + (0 if frozen is None else x.shape[-1])
+  assert_within_rounding(direct_form(*args[:3], spec, frozen), want, magnitude, n, "direct")
+  for lowering in variants(spec):
+    got = adapters.task_path(x, factors, OMEGAS, spec, lowering, frozen)
+    assert_within_rounding(got, want, magnitude, n, f"{lowering}, frozen={frozen is not None}")
+
+
+@pytest.mark.parametrize("b_rms", [1e-4, 1e-2, 1e-1])
+def test_task_path_equals_the_direct_form_at_trained_magnitudes(b_rms):
+  x, factors, frozen = realistic_inputs(b_rms)
+  check_outputs(SPECS["default"], x, factors)
+  check_outputs(SPECS["default"], x, factors, frozen)  # fc1 / fc2: the frozen layer folds in
+
+
+@pytest.mark.parametrize("name", ["depthwise", "linear", "taps", "taps_full", "no_lowpass", "k1"])
+def test_task_path_equals_the_direct_form_for_every_reading(name):
+  spec = SPECS[name]
+  x, factors, frozen = realistic_inputs(1e-2, k=spec.kernel_size,
+                                        depthwise=spec.w_mode == "depthwise")
+  check_outputs(spec, x, factors, frozen)
+
+
+def test_task_path_equals_the_direct_form_with_independent_bases():
+  per_task = [realistic_inputs(1e-2, seed=s) for s in range(T)]
+  factors = tuple(jnp.stack([p[1][i] for p in per_task]) for i in range(3))
+  check_outputs(adapters.SineAwbSpec(independent_bases=True), per_task[0][0], factors)
+
+
+def test_task_path_gradients_equal_the_direct_form():
+  """d/d(x, A, W, B, omegas, W_0, b_0) of <probe, y> for every lowering, and without the
+  rematerialisation of the task path (it changes what the backward pass keeps, not its value)."""
+  spec = SPECS["default"]
+  x, factors, frozen = realistic_inputs(1e-2)
+  probe = jax.random.normal(jax.random.key(11), (T, B, H, W, C_OUT))
+  names = ["x", "A", "W", "B", "omegas", "W_0", "b_0"]
+
+  def grads(fn):  # d/d(x, (A, W, B), omegas, (W_0, b_0))
+    return jax.grad(lambda *args: jnp.sum(probe.astype(args[0].dtype) * fn(*args)),
+                    argnums=(0, 1, 2, 3))
+
+  for fz in (None, frozen):
+    direct = grads(lambda x, f, om, fz: direct_form(x, f, om, spec, fz))
+    want = jax.tree_util.tree_leaves(in_float64(direct, x, factors, OMEGAS, fz))
+    direct32 = jax.tree_util.tree_leaves(direct(x, factors, jnp.asarray(OMEGAS), fz))
+    lowerings = list(variants(spec)) + [adapters.Lowering(task_path_remat=False)]
+    for lowering in lowerings:
+      path = lambda x, f, om, fz: adapters.task_path(x, f, om, spec, lowering, fz)
+      got = jax.tree_util.tree_leaves(grads(path)(x, factors, jnp.asarray(OMEGAS), fz))
+      for name, g, d, w in zip(names, got, direct32, want, strict=False):
+        assert_as_accurate(g, d, w, f"d{name}, {lowering}, frozen={fz is not None}")
+
+
+def test_lowpass_site_auto_picks_the_smaller_array():
+  """At 448 x 448, batch 2, 4 tasks, Swin-T: the kernels are smaller at stages 1-2, the
+  activations at stages 3-4 (proj, fc1 and fc2 of each stage decide alike)."""
+  spec, auto = SPECS["default"], adapters.Lowering(lowpass_site="auto")
+  for stage, (grid, dim) in enumerate(((112, 96), (56, 192), (28, 384), (14, 768))):
+    for c_in, c_out in ((dim, dim), (dim, 4 * dim), (4 * dim, dim)):
+      kernels, inputs = (4, 3, 3, c_in, c_out), (4, 2, grid, grid, c_in)
+      assert adapters.lowpass_on_activations(spec, auto, kernels, inputs) == (stage >= 2)
+  for site in ("kernel", "activations"):
+    fixed = adapters.Lowering(lowpass_site=site)
+    assert adapters.lowpass_on_activations(spec, fixed, kernels, inputs) == (
+        site == "activations")
+  assert not adapters.lowpass_on_activations(SPECS["taps"], adapters.Lowering("gemm",
+                                                                             "activations"),
+                                             kernels, inputs)
+
+
+def test_apply_kernel_lowerings_on_plain_and_odd_shapes():
+  """The lowerings alone (no sine): 1x1, 3x3 and 5x5 kernels, C_in above and below C_out (both
+  GEMM layouts), odd grids (Winograd pads its last tile), against shifted matmuls in float64."""
+  rng = np.random.default_rng(3)
+  for k, c_in, c_out, h, w in ((1, 5, 7, 4, 3), (3, 6, 11, 5, 7), (3, 11, 6, 3, 3),
+                               (5, 4, 9, 6, 5)):
+    x = rng.standard_normal((2, 3, h, w, c_in)).astype(np.float32)
+    kernels = rng.standard_normal((2, k, k, c_in, c_out)).astype(np.float32)
+    want = in_float64(shifted_matmuls, x, kernels)
+    magnitude = in_float64(lambda x, k: shifted_matmuls(jnp.abs(x), jnp.abs(k)), x, kernels)
+    for conv in CONVS:
+      if conv == "winograd" and k == 5:
+        with pytest.raises(ValueError, match="3x3"):
+          adapters.prepare_task_kernels(jnp.asarray(kernels), conv)
+        continue
+      got = adapters.apply_task_kernels(jnp.asarray(x), jnp.asarray(kernels), conv)
+      assert_within_rounding(got, want, magnitude, k * k * c_in,
+                             f"{conv}, k={k}, {c_in}->{c_out}, {h}x{w}")
+
+
+def test_winograd_needs_3x3_kernels_at_config_time():
+  mc = base.get_config().model
+  mc.compute.task_conv = "winograd"
+  mc.sine_awb.lowpass = "taps_full"
+  with pytest.raises(ValueError, match="winograd"):
+    models.lowering(mc)
+  mc.sine_awb.lowpass = "matrix"
+  assert models.lowering(mc).task_conv == "winograd"
+  mc.compute.task_conv = "fft"
+  with pytest.raises(ValueError, match="task_conv"):
+    models.lowering(mc)
+
+
+# ----------------------------------------------------------------------------- the whole model
+
+
+def small_config(**compute):
+  """A small Swin (5 blocks, the last stage with a plain block before its task block), 2 tasks."""
+  cfg = base.get_config()
+  cfg.tasks, cfg.num_classes.semseg = ("semseg", "normals"), 5
+  mc = cfg.model
+  mc.lora.rank, mc.variant = 4, "custom"
+  mc.embed_dim, mc.depths, mc.num_heads, mc.window_size = 16, (1, 1, 1, 2), (1, 2, 2, 4), 4
+  mc.decoder.head_channels = 32
+  for field, value in compute.items():
+    mc.compute[field] = value
+  return cfg
+
+
+SMALL_IMAGES = jax.random.normal(jax.random.key(21), (2, 32, 32, 3))
+
+
+def trained_variables(model, seed=0):
+  """Init, then every zero-initialised adapter weight (LoRA B, independent B, gates) moved to a
+  trained magnitude (RMS 1e-2), so the task paths and the LoRA contribute to the outputs."""
+  variables = jax.jit(lambda k: model.init({"params": k}, SMALL_IMAGES))(jax.random.key(seed))
+
+  def move(path, x):
+    name = jax.tree_util.keystr(path)
+    if "lora_b" in name or "prompt_gate" in name:
+      key = jax.random.fold_in(jax.random.key(seed + 1), zlib.crc32(name.encode()))
+      return x + 1e-2 * jax.random.normal(key, x.shape)
+    return x
+  return {**variables, "params": jax.tree_util.tree_map_with_path(move, variables["params"])}
+
+
+def relative_gap(a, b):
+  leaves = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+  return max(float(jnp.abs(x - y).max() / jnp.abs(y).max()) for x, y in leaves)
+
+
+def test_merged_inference_is_the_same_model():
+  """merge_for_inference evaluates the task kernels (frozen linear folded in), the merged shared
+  LoRA and the decoder's kernels once; the model then reads them: same outputs, no sine left.
+
+  Tolerance 2e-6 of each output's scale (~17 ulps): the merged weights are rounded once more
+  (W_0 + scale A B, the fold) and ~10 layers pass that on; measured ~1e-6. The adapters move
+  the outputs by > 1e-3 of their scale at these magnitudes, so a wrong or missing merged weight
+  cannot hide in it."""
+  cfg = small_config()
+  model = models.build_model(cfg)
+  variables = trained_variables(model)
+  forward = jax.jit(lambda v: model.apply(v, SMALL_IMAGES))
+  want = forward(variables)
+  frozen_only = {**variables, "params": jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.zeros_like(x) if "lora_b" in jax.tree_util.keystr(p) else x,
+      variables["params"])}
+  assert relative_gap(forward(frozen_only), want) > 1e-3
+
+  merged = jax.jit(lambda v: models.merge_for_inference(model, v, SMALL_IMAGES.shape))(variables)
+  names = [jax.tree_util.keystr(p) for p, _ in
+           jax.tree_util.tree_leaves_with_path(merged[adapters.MERGED])]
+  # qkv, proj, fc1, fc2 of 5 blocks, less the last block's proj, fc1, fc2 whose shared output
+  # is never read; the task kernels of proj, fc1, fc2 in the 4 task blocks and the decoder's.
+  assert sum(n.endswith("['kernel']") for n in names) == 4 * 5 - 3
+  assert sum(n.endswith("['task_kernels']") for n in names) == 3 * 4 + 1
+  jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, SMALL_IMAGES))(merged))
+  assert "sin(" not in jaxpr and " sin " not in jaxpr
+  assert relative_gap(forward(merged), want) <= 2e-6
+
+
+def test_compute_choices_leave_training_unchanged():
+  """Loss and parameter gradients of a training forward (dropout and drop-path on) are the same
+  under other compute choices: another lowering and low-pass site, no task-path remat, Swin
+  blocks rematerialised (which must also keep every random stream). The loss within 2e-6; the
+  gradients within 1e-5 of the step's gradient scale (the largest entry), entry by entry
+  (measured 1.1e-6): they are sums over every pixel, and leaves whose sum cancels to ~0 (the
+  decoder biases before BatchNorm, the stage gates) are pure rounding noise of the terms' size,
+  so a per-leaf relative tolerance would compare noise with noise."""
+  variables = trained_variables(models.build_model(small_config()))
+
+  def loss_and_grads(**compute):
+    model = models.build_model(small_config(**compute))
+
+    def loss(params):
+      out, _ = model.apply({**variables, "params": params}, SMALL_IMAGES, train=True,
+                           rngs={"dropout": jax.random.key(2), "drop_path": jax.random.key(3)},
+                           mutable=["batch_stats"])
+      return sum(jnp.mean(jnp.square(v)) for v in out.values())
+    return jax.jit(jax.value_and_grad(loss))(variables["params"])
+
+  want_loss, want = loss_and_grads()
+  got_loss, got = loss_and_grads(task_conv="conv", lowpass_site="activations",
+                                 task_path_remat=False, block_remat="blocks")
+  assert abs(float(got_loss) - float(want_loss)) <= 2e-6 * abs(float(want_loss))
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(want))
+  leaves = zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want),
+               strict=True)
+  for (path, g), w in leaves:
+    assert float(jnp.abs(g - w).max()) <= 1e-5 * scale, jax.tree_util.keystr(path)
+
+
+def test_the_last_shared_stream_is_not_computed():
+  """No decoder reads the last block's shared stream: without it the task streams are the same
+  and the shared LoRA of its proj and the whole shared MLP (8 matmuls) are gone."""
+  model = models.build_model(small_config())
+  variables = trained_variables(model)
+  stages = lambda v, last_shared: model.apply(v, SMALL_IMAGES, method=model.backbone_stages,
+                                              last_shared=last_shared)[0]
+  full, lean = jax.jit(lambda v: (stages(v, True), stages(v, False)))(variables)
+  assert lean[-1][0] is None and full[-1][0] is not None
+  assert relative_gap([t for _, t in lean], [t for _, t in full]) <= 2e-6
+  dots = lambda last_shared: str(jax.make_jaxpr(lambda v: stages(v, last_shared))(
+      variables)).count("dot_general")
+  assert dots(True) - dots(False) == 8
+
+
+def test_tap_gather_and_sum_are_each_others_transpose():
+  """gather_taps (im2col) and sum_taps carry custom VJPs (each other, offsets flipped); check
+  <gather(x), g> = <x, sum_flipped(g)> and <sum(z), y> = <z, gather_flipped(y)>, and that the
+  VJPs are exactly those maps."""
+  rng = np.random.default_rng(5)
+  for k, (h, w) in ((3, (5, 4)), (5, (3, 6))):
+    x = jnp.asarray(rng.standard_normal((2, h, w, 3)))
+    g = jnp.asarray(rng.standard_normal((2, h, w, k * k, 3)))
+    for flip in (False, True):
+      lhs = jnp.vdot(adapters.gather_taps(x, k, flip), g)
+      rhs = jnp.vdot(x, adapters.sum_taps(g, k, not flip))
+      np.testing.assert_allclose(float(lhs), float(rhs), rtol=1e-5)
+      _, vjp = jax.vjp(lambda x: adapters.gather_taps(x, k, flip), x)
+      np.testing.assert_array_equal(vjp(g)[0], adapters.sum_taps(g, k, not flip))
+      _, vjp = jax.vjp(lambda z: adapters.sum_taps(z, k, flip), g)
+      np.testing.assert_array_equal(vjp(x)[0], adapters.gather_taps(x, k, not flip))
