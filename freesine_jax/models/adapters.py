@@ -306,7 +306,8 @@ class AdaptedDense(nn.Module):
   frozen_input is either such a stack or `x` itself. The task outputs follow the paper,
   f^t_{i+1} = Phi(f^t_i) + SineAWB_t(f'^t_i): the frozen layer plus the task's Sine-AWB update
   on the (possibly prompt-conditioned) path input. The shared LoRA adapts the shared stream; its
-  factors A, B are the base of the Sine-AWB kernels.
+  factors A, B are the base of the Sine-AWB kernels. `sine_awb` may instead be a baseline's
+  task-path spec (models/lora.py), whose module gives the update from (path_in, A, B).
   Returns (y_shared, y_tasks (T, B, H, W, C_out) or None).
   """
   features: int
@@ -344,6 +345,10 @@ class AdaptedDense(nn.Module):
       return y_shared, jnp.broadcast_to(y_tasks, (*path_in.shape[:-1], self.features))
     if self.lora is None:
       raise ValueError("the Sine-AWB base is sized by the LoRA rank: set model.lora.rank > 0")
+    build_task_path = getattr(self.sine_awb, "build_task_path", None)
+    if build_task_path is not None:  # a baseline's task path (models/lora.py)
+      return y_shared, y_tasks + build_task_path(self.num_tasks, self.features, self.dtype)(
+          path_in, a, b)
     updates = SineAWB(self.sine_awb, self.num_tasks, self.features, self.dtype,
                       name="sine_awb")(path_in, a, b, omegas)
     return y_shared, y_tasks + updates

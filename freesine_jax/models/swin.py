@@ -57,10 +57,12 @@ class AdapterSpec:
   """Everything about the adapters that the backbone needs (None fields switch parts off)."""
   lora: adapters.LoraSpec | None = None
   lora_modules: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
-  sine_awb: adapters.SineAwbSpec | None = None
+  sine_awb: adapters.SineAwbSpec | None = None  # or a baseline's task-path spec (models/lora.py)
   sine_awb_modules: tuple[str, ...] = ("proj", "fc1", "fc2")
   prompts: bool = False
   num_tasks: int = 0
+  frozen_on_shared: bool = False  # fc1/fc2 task outputs: Phi(shared) + update (MTLoRA, TADFormer)
+  prompt_norm_every_block: bool = False  # TADFormer declares a prompt LayerNorm in every block
 
 
 def stage_windows(grid: int, window: int) -> tuple[int, bool]:
@@ -195,6 +197,9 @@ class WindowAttention(nn.Module):
         task_inputs = (grid, norm(grid[None] + skips))
       else:
         task_inputs = (grid, jnp.broadcast_to(grid[None], (t_count, *grid.shape)))
+    elif num_prompts and adapter.prompt_norm_every_block:
+      # Declared (applied to an empty array, so it costs nothing) but never used, as TADFormer.
+      nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="prompt_norm")(grid[:0])
     y, y_tasks = proj_layer(grid, task_inputs, omegas, deterministic=deterministic)
     if prompt_out is not None:
       prompt_out, _ = proj_layer(prompt_out, deterministic=deterministic)
@@ -218,11 +223,12 @@ class Mlp(nn.Module):
         policy=self.policy, dtype=self.dtype, name=name)
     fc1, fc2 = layer("fc1", self.hidden), layer("fc2", x.shape[-1])
     gelu = lambda z: nn.gelu(z, approximate=False)
-    pair = lambda z: None if z is None else (z, z)
-    h, h_tasks = fc1(x, pair(x_tasks), omegas, deterministic=deterministic)
+    # (frozen input, path input) of the task streams z for the shared stream s.
+    pair = lambda s, z: None if z is None else ((s if adapter.frozen_on_shared else z), z)
+    h, h_tasks = fc1(x, pair(x, x_tasks), omegas, deterministic=deterministic)
     h = gelu(h)
     h_tasks = None if h_tasks is None else gelu(h_tasks)
-    return fc2(h, pair(h_tasks), omegas, deterministic=deterministic)
+    return fc2(h, pair(h, h_tasks), omegas, deterministic=deterministic)
 
 
 class SwinBlock(nn.Module):
@@ -268,15 +274,21 @@ class SwinBlock(nn.Module):
 class PatchMerging(nn.Module):
   policy: str
   dtype: Any
+  lora: adapters.LoraSpec | None = None  # MTLoRA+: LoRA on the (frozen) reduction
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, *, deterministic: bool = True):
     b, h, w, c = x.shape
     if h % 2 or w % 2:
       raise ValueError(f"PatchMerging needs an even token grid, got {h}x{w}")
     x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]],
                         axis=-1)
     x = FrozenLayerNorm(policy=self.policy, dtype=self.dtype, name="norm")(x)
+    if self.lora is not None:
+      y, _ = adapters.AdaptedDense(2 * c, self.lora, use_bias=False, policy=self.policy,
+                                   dtype=self.dtype, name="reduction")(
+                                       x, deterministic=deterministic)
+      return y
     return FrozenDense(2 * c, use_bias=False, category="merge_reduction", policy=self.policy,
                        dtype=self.dtype, name="reduction")(x)
 
@@ -356,10 +368,12 @@ class SwinBackbone(nn.Module):
         g = jax.nn.sigmoid(self.param(f"prompt_gate_{i}", nn.initializers.zeros, ()))
         tasks_out = g * skips + (1 - g) * tasks_out
       if i < num_stages - 1:
-        merge = PatchMerging(self.policy, self.dtype, name=f"layers_{i}_downsample")
-        x = merge(x)
+        adapter = self.adapter
+        merge_lora = adapter.lora if "reduction" in adapter.lora_modules else None
+        merge = PatchMerging(self.policy, self.dtype, merge_lora, name=f"layers_{i}_downsample")
+        x = merge(x, deterministic=deterministic)
         if tasks_out is not None:  # the task streams share the (frozen) patch merging
-          merged = merge(tasks_out.reshape(-1, *tasks_out.shape[2:]))
+          merged = merge(tasks_out.reshape(-1, *tasks_out.shape[2:]), deterministic=deterministic)
           tasks_out = merged.reshape(*tasks_out.shape[:2], *merged.shape[1:])
         if prompts is not None:
           prompts = nn.Dense(2 * dim, use_bias=False, dtype=self.dtype,
