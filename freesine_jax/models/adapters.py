@@ -340,6 +340,9 @@ class AdaptedDense(nn.Module):
       return y_shared, None
 
     frozen_in, path_in = task_inputs
+    if getattr(self.sine_awb, "gives_task_outputs", False):  # merged weights (models/merged.py)
+      return y_shared, self.sine_awb.build_task_path(self.num_tasks, self.features, self.dtype)(
+          frozen_in, path_in)
     y_tasks = y_frozen if frozen_in is x else frozen(frozen_in)
     if self.sine_awb is None:  # this layer carries no TS path: the task streams see the frozen layer
       return y_shared, jnp.broadcast_to(y_tasks, (*path_in.shape[:-1], self.features))
