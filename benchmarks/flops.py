@@ -34,7 +34,7 @@ def backbone_flops(config, size: int) -> float:
   """The frozen Swin alone (no adapters, no prompts, no decoders)."""
   plain = pascal_context.get_config(f"r{config.model.lora.rank}")
   plain.model.lora.rank = 0
-  plain.model.sine_awb.enabled = False
+  plain.model.task_path = "none"
   plain.model.prompts = False
   plain.model.clock_net = False
   model = models.build_model(plain)

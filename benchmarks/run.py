@@ -48,7 +48,7 @@ class Case:
 
 
 FULL_FINE_TUNING = (("model.trainable_backbone", "all"), ("model.lora.rank", 0),
-                    ("model.sine_awb.enabled", False), ("model.prompts", False),
+                    ("model.task_path", "none"), ("model.prompts", False),
                     ("model.clock_net", False), ("model.decoder.kind", "independent"))
 
 # One line per case. A case whose config arg the config file does not (yet) accept is skipped

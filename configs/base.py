@@ -132,13 +132,36 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.lora.rank = 64  # rank r of A (C_in x r) and B (r x C_out); 0 disables LoRA
   config.model.lora.scale = 4.0  # fixed output scale of the LoRA product (not alpha / r)
   config.model.lora.dropout = 0.05  # dropout on the LoRA input while training
-  config.model.lora.modules = ("qkv", "proj", "fc1", "fc2")  # the linear layers carrying LoRA
+  # The linear layers carrying LoRA: any of qkv, proj, fc1, fc2 (every block) and reduction
+  # (the patch-merging reductions, MTLoRA+).
+  config.model.lora.modules = ("qkv", "proj", "fc1", "fc2")
+
+  # The task-specific (TS) path of each stage's last block: sine_awb (Free Sinewich) |
+  # task_lora (MTLoRA: per-task low-rank A_t B_t) | dynamic_filter (TADFormer: a depthwise filter
+  # generated per example and task, in the shared LoRA's rank space) | none (shared LoRA only).
+  config.model.task_path = "sine_awb"
+  # Where a task stream's frozen linear reads from in fc1/fc2: task (Free Sinewich,
+  # Phi(f_t) + update) | shared (MTLoRA, TADFormer: Phi of the shared stream + the task update).
+  config.model.task_frozen_input = "task"
+  # TADFormer builds its prompt LayerNorm in every block's proj although only the stages' last
+  # blocks use it: True declares the unused ones too (they count, never train).
+  config.model.prompt_norm_every_block = False
+  # True: one independent model per task (the single-task reference row), each its own backbone
+  # and head; False: one multi-task model.
+  config.model.separate_models = False
+
+  config.model.task_lora = ml_collections.ConfigDict()  # task_path = task_lora (MTLoRA)
+  config.model.task_lora.rank = 4  # rank of each task's A_t (C_in x r) and B_t (r x C_out)
+  config.model.task_lora.scale = 4.0  # fixed output scale of each task's product
+
+  config.model.dynamic_filter = ml_collections.ConfigDict()  # task_path = dynamic_filter (TADFormer)
+  config.model.dynamic_filter.kernel_size = 3  # k of the generated depthwise k x k filter
 
   # Sine-AWB, the task-specific path in each stage's last block: per task t the kernel
   # K_t = lowpass((rho/omega_0) sin(omega_0 omega_t A.W.B / rho)), rho = RMS of each tap.
   config.model.sine_awb = ml_collections.ConfigDict()
-  config.model.sine_awb.enabled = True  # False: no task-specific path (shared LoRA only)
-  config.model.sine_awb.modules = ("proj", "fc1", "fc2")  # linear layers with a task path
+  # The linear layers of a stage's last block carrying the task path (whatever model.task_path).
+  config.model.sine_awb.modules = ("proj", "fc1", "fc2")
   config.model.sine_awb.kernel_size = 3  # k of the k x k convolutional prior W (1: a matrix)
   config.model.sine_awb.w_mode = "full"  # W: full (r x r x k x k) | depthwise (r x k x k)
   config.model.sine_awb.w_init = "identity"  # W init: identity (centre tap = I) | kaiming

@@ -12,6 +12,20 @@ configs; default r64) or `tiny` (configs/synthetic.py), plus any ablations (docs
   taps_full            encoder low-pass over the k x k taps in 'full' mode (= a 7x7 Gaussian blur
                        of the feature map before the k x k kernel) instead of over the matrix
 e.g. --config=configs/pascal_context.py:r32,no_sine or --config=configs/synthetic.py:tiny,no_lcn
+
+or one baseline (docs/method.md, "Baselines"), built from the same modules, with per-task HRNet
+heads (model.decoder.kind = independent) and no Clock Net:
+  single_task   one fully fine-tuned model per task (the reference row)
+  full_ft       one multi-task model, the whole backbone fine-tuned
+  decoder_only  frozen backbone, only the heads train
+  lora          shared LoRA on qkv, proj, fc1, fc2 of every block (MTLoRA's freezing)
+  mtlora        MTLoRA: the shared LoRA + per-task rank-4 LoRA on proj, fc1, fc2 of each stage's
+                last block, LayerNorms, rel-pos tables, patch_embed and patch-merging reductions
+                trainable
+  mtlora_plus   MTLoRA+: as mtlora, with LoRA on the (frozen) patch-merging reductions
+  tadformer     TADFormer: the shared LoRA, task prompts with prompt-conditioned task inputs and
+                a dynamic task filter in the LoRA's rank space, per stage gates
+e.g. --config=configs/pascal_context.py:mtlora,r32 or --config=configs/synthetic.py:tadformer
 """
 from __future__ import annotations
 
@@ -21,6 +35,8 @@ from freesine_jax import errors
 
 ABLATIONS = ("no_lcn", "no_lowpass", "no_sine", "independent_bases", "independent_decoder",
              "depthwise", "taps_full")
+BASELINES = ("single_task", "full_ft", "decoder_only", "lora", "mtlora", "mtlora_plus",
+             "tadformer")
 RANK_EXAMPLES = ("r16", "r32", "r64")  # any r<int> is a rank
 
 
@@ -35,13 +51,21 @@ def parse_arg(arg: str, *, ranks: bool = False, extra: tuple[str, ...] = ()
   An unknown token is a UserError naming the accepted ones.
   """
   tokens = tuple(t.strip() for t in (arg or "").split(",") if t.strip())
-  known = (RANK_EXAMPLES if ranks else ()) + tuple(extra) + ABLATIONS
+  known = (RANK_EXAMPLES if ranks else ()) + tuple(extra) + ABLATIONS + BASELINES
   for token in tokens:
     if token not in known and not (ranks and _is_rank(token)):
       raise errors.UserError(
           f"unknown config arg {token!r}{errors.did_you_mean(token, known)}; the arg is a "
           f"comma-separated list of {'r<rank>, ' if ranks else ''}"
-          f"{', '.join(tuple(extra) + ABLATIONS)}")
+          f"{', '.join(tuple(extra) + ABLATIONS)} or one of {', '.join(BASELINES)}")
+  chosen = [t for t in tokens if t in BASELINES]
+  if len(chosen) > 1:
+    raise errors.UserError(f"config arg {arg!r} names {len(chosen)} baselines "
+                           f"({', '.join(chosen)}); name at most one")
+  ablations = [t for t in tokens if t in ABLATIONS]
+  if chosen and ablations:
+    raise errors.UserError(f"config arg {arg!r}: the ablations {', '.join(ablations)} switch "
+                           f"parts of Free Sinewich off; the baseline {chosen[0]} has none of them")
   return tokens
 
 
@@ -70,3 +94,39 @@ def apply_ablations(config: ml_collections.ConfigDict, tokens: tuple[str, ...]) 
     model.sine_awb.w_mode = "depthwise"
   if "taps_full" in tokens:
     model.sine_awb.lowpass = "taps_full"
+
+
+def apply_baseline(config: ml_collections.ConfigDict, tokens: tuple[str, ...]) -> None:
+  """Turns config.model into the baseline named in tokens (if any); keeps the rank."""
+  chosen = [t for t in tokens if t in BASELINES]
+  if not chosen:
+    return
+  name = chosen[0]
+  model = config.model
+  model.name = name
+  model.decoder.kind = "independent"  # MTLoRA's per-task HRNet heads
+  model.clock_net = False
+  model.prompts = False
+  model.task_path = "none"
+  model.task_frozen_input = "shared"  # the baselines' task streams: Phi(shared) + update
+  if name in ("single_task", "full_ft"):
+    model.lora.rank = 0
+    model.trainable_backbone = "all"
+    model.separate_models = name == "single_task"
+  elif name == "decoder_only":
+    model.lora.rank = 0
+    model.trainable_backbone = "none"
+  elif name == "lora":
+    model.trainable_backbone = "mtlora"
+  elif name == "mtlora":
+    model.task_path = "task_lora"
+    model.trainable_backbone = "mtlora"
+  elif name == "mtlora_plus":  # LoRA on the reductions, which then stay frozen (MTLoRA's main.py)
+    model.task_path = "task_lora"
+    model.lora.modules = tuple(model.lora.modules) + ("reduction",)
+    model.trainable_backbone = "norms_relpos_embed"
+  elif name == "tadformer":
+    model.task_path = "dynamic_filter"
+    model.prompts = True
+    model.prompt_norm_every_block = True
+    model.trainable_backbone = "norms_relpos_embed"

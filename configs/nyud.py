@@ -2,7 +2,7 @@
 
   python -m freesine_jax.main --config=configs/nyud.py:r64 --workdir=...
 
-Arg: r16 | r32 | r64 plus ablations (configs/common.py). The dataset also stores edges
+Arg: r16 | r32 | r64 plus ablations or one baseline (configs/common.py). The dataset also stores edges
 (MTLoRA's 4-task NYUD setup): add them with --config.tasks="('semseg','normals','depth','edge')".
 Augmentation: flip and discrete scales {1, 1.2, 1.5}. No single-task reference row is given for
 NYUDv2 in docs/design.md: set config.eval.reference in a config file to get Δm.
@@ -24,4 +24,5 @@ def get_config(arg: str = "r64") -> ml_collections.ConfigDict:
   config.dataset.augment.scales = (1.0, 1.2, 1.5)
   config.model.lora.rank = common.rank_of(tokens)
   common.apply_ablations(config, tokens)
+  common.apply_baseline(config, tokens)
   return config

@@ -41,6 +41,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.lora.rank = 4 if tiny else 8
   config.model.decoder.head_channels = 32 if tiny else 64
   common.apply_ablations(config, tokens)
+  common.apply_baseline(config, tokens)
 
   config.optim.lr_base = 2e-3 * 512 / config.input.batch_size  # peak lr 2e-3 at this batch
   config.optim.warmup_lr_base = 0.0

@@ -12,8 +12,8 @@ writes to --out (default <run>/eval/step_<N>):
 
 and prints the per-task table. The config must describe the run's model (tasks, classes,
 config.model); evaluation keys (eval split, batch size, eval.max_batches, ...) may differ.
---weights will evaluate merged export weights once tools/export exists (issue 11); until then
-it is refused with one line. The library half (`evaluate`, `predict`, the untrained-baseline
+--weights=<dir> evaluates merged export weights (python -m freesine_jax.tools.export) instead of
+the checkpoint. The library half (`evaluate`, `predict`, the untrained-baseline
 key and verdict) is what training calls.
 """
 from __future__ import annotations
@@ -229,15 +229,15 @@ def jsonable(x: Any) -> Any:
 # ----------------------------------------------------------------------------- a saved run
 
 
-def load_weights(weights: str) -> dict[str, PyTree]:
-  """Merged export weights (tools/export) as model variables.
-
-  The export format is defined by tools/export (issue 11), which does not exist yet: this is
-  where it will be read. Until then it is a UserError.
-  """
-  raise errors.UserError(
-      f"--weights={weights}: evaluating merged export weights needs tools/export (issue 11), "
-      "which does not exist yet; evaluate the run's checkpoint instead (drop --weights)")
+def load_weights(weights: str, config: ml_collections.ConfigDict):
+  """Merged export weights (tools/export) for `config`'s tasks: (model, variables, step)."""
+  from freesine_jax.tools import export  # pylint: disable=g-import-not-at-top
+  exported = export.load(weights)
+  if tuple(exported.tasks) != tuple(config.tasks):
+    raise errors.UserError(
+        f"--weights={weights} serves the tasks {', '.join(exported.tasks)}, the config "
+        f"{', '.join(config.tasks)}; pass --config.tasks=\"{tuple(exported.tasks)}\"")
+  return exported.model, exported.variables, exported.step
 
 
 def find_checkpoint(config: ml_collections.ConfigDict, workdir: str,
@@ -289,6 +289,11 @@ def restore_checkpoint(workdir: str, step: int, metadata: dict,
           "batch_stats": saved["batch_stats"]}
 
 
+def default_out(workdir: str, step: int, weights: str | None) -> str:
+  """<workdir>/eval/step_<N>, or .../export_step_<N> for merged export weights."""
+  return os.path.join(workdir, "eval", f"{'export_' if weights else ''}step_{step}")
+
+
 def evaluate_run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None,
                  weights: str | None = None, out: str | None = None,
                  create_eval_loader: Callable | None = None) -> dict[str, Any]:
@@ -296,21 +301,23 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, *, step: int |
   example PNGs to `out` (default <workdir>/eval/step_<N>); returns the metrics.json content."""
   for task in config.tasks:
     tasks_lib.get_task(task)
-  if weights:
-    load_weights(weights)
-  step, metadata = find_checkpoint(config, workdir, step)
   mesh = sharding_lib.make_mesh(config)
   sharding_lib.check_batch_size(int(config.input.eval_batch_size), mesh,
                                 "config.input.eval_batch_size")
-  model = modeling.build_model(config)
-  variables = restore_checkpoint(workdir, step, metadata, modeling.init_variables(model, config))
+  if weights:
+    model, variables, step = load_weights(weights, config)
+  else:
+    step, metadata = find_checkpoint(config, workdir, step)
+    model = modeling.build_model(config)
+    variables = restore_checkpoint(workdir, step, metadata,
+                                   modeling.init_variables(model, config))
   if create_eval_loader is None:
     from freesine_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     create_eval_loader = pipeline.create_eval_loader
   loader = create_eval_loader(config)
   forward = make_eval_forward(model)
   results, delta = evaluate(forward, variables, loader, config, mesh, make_inference_merge(model))
-  out = out or os.path.join(workdir, "eval", f"step_{step}")
+  out = out or default_out(workdir, step, weights)
   images = []
   if jax.process_index() == 0:
     os.makedirs(os.path.join(out, "examples"), exist_ok=True)
@@ -345,8 +352,8 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A training run's --workdir (its checkpoints/ are read).")
   flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
   flags.DEFINE_string("out", None, "Output directory (default: <workdir>/eval/step_<N>).")
-  flags.DEFINE_string("weights", None, "Merged export weights to evaluate instead of the "
-                      "checkpoint (needs tools/export, issue 11; refused until then).")
+  flags.DEFINE_string("weights", None, "Merged export weights (tools.export --out) to evaluate "
+                      "instead of the checkpoint.")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -356,7 +363,7 @@ def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   report = evaluate_run(f.config, f.workdir, step=f.step, weights=f.weights, out=f.out)
   if jax.process_index() == 0:
-    out = f.out or os.path.join(f.workdir, "eval", f"step_{report['step']}")
+    out = f.out or default_out(f.workdir, report["step"], f.weights)
     print(f"step {report['step']} of {f.workdir} on {report['dataset']}/{report['split']}:")
     print(format_report(report["results"], report["delta_m"]))
     print(f"wrote {os.path.join(out, 'metrics.json')} and {len(report['images'])} example "

@@ -100,6 +100,8 @@ def task_frequencies(model: nn.Module, params: PyTree) -> dict[str, jax.Array]:
   if not hasattr(model, "frequencies"):
     return {}
   omegas = model.apply({"params": params}, method=model.frequencies)
+  if omegas is None:  # a baseline without task frequencies
+    return {}
   return {f"{FREQUENCY_PREFIX}{t}": omegas[i] for i, t in enumerate(model.tasks)}
 
 

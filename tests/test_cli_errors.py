@@ -61,9 +61,9 @@ def cases(run, tmp):
           EVALUATE + [TINY, f"--workdir={run}"],
           [f"{run} step 6 was trained with another config: model.factory is "
            f"'{TINY_FACTORY}' there, '' here", f"use the run's config (e.g. {FACTORY})"]),
-      "export weights before tools/export": (
+      "export weights that were never written": (
           EVALUATE + [TINY, f"--workdir={run}", FACTORY, f"--weights={tmp}/export"],
-          ["needs tools/export (issue 11), which does not exist yet", "drop --weights"]),
+          [f"{tmp}/export/export.json: not found", "python -m freesine_jax.tools.export --out"]),
   }
 
 

@@ -47,7 +47,7 @@ def make_config(variant="custom", window=4, rank=0, sine_awb=False, clock_net=Fa
   mc.lora.rank, mc.variant = rank, variant
   mc.embed_dim, mc.depths, mc.num_heads = dims["embed_dim"], dims["depths"], dims["num_heads"]
   mc.window_size = window
-  mc.sine_awb.enabled = sine_awb
+  mc.task_path = "sine_awb" if sine_awb else "none"
   mc.prompts = False
   mc.clock_net = clock_net
   mc.trainable_backbone = policy

@@ -32,7 +32,7 @@ def plain_config(cfg):
   """The same backbone with every adapter, prompt and Clock Net switched off."""
   plain = ml_collections.ConfigDict(cfg.to_dict())
   plain.model.lora.rank = 0
-  plain.model.sine_awb.enabled = False
+  plain.model.task_path = "none"
   plain.model.prompts = False
   plain.model.clock_net = False
   return plain
@@ -344,7 +344,7 @@ def test_swin_t_parameter_breakdown_matches_closed_form(rank):
   counts = count_params.breakdown(count_params.variable_shapes(_paper_config(f"r{rank}")))
   assert counts["TA adapters (shared LoRA)"] == 70_656 * rank
   # 12 Sine-AWB W (9 r^2 each) + prompt projections + 4 proj LayerNorms + 4 gates.
-  assert counts["TS adapters (Sine-AWB W, prompt path, gates)"] == \
+  assert counts["TS adapters (task path, prompt path, gates)"] == \
       12 * 9 * rank ** 2 + 387_072 + 2 * (96 + 192 + 384 + 768) + 4
   assert counts["Clock Net + task tokens"] == 4 * 96 + (96 + 1) + 2
   assert counts["decoders"] == 1_072_904  # docs/design.md §2's decoder arithmetic

@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from freesine_jax import tasks as tasks_lib
-from freesine_jax.models import adapters, decoders, swin
+from freesine_jax.models import adapters, baselines, decoders, swin
+from freesine_jax.models import lora as lora_lib
 from freesine_jax.models.multitask import MultiTaskModel, merge_for_inference
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -20,19 +21,40 @@ def swin_spec(mc) -> swin.SwinSpec:
   return swin.SwinSpec.from_variant(mc.variant, **common)
 
 
+TASK_PATHS = ("sine_awb", "task_lora", "dynamic_filter", "none")
+TASK_FROZEN_INPUTS = ("task", "shared")
+
+
+def task_path_spec(mc):
+  """The spec of model.task_path's TS module (None for 'none')."""
+  kind = mc.task_path
+  if kind not in TASK_PATHS:
+    raise ValueError(f"model.task_path={kind!r} is not one of {TASK_PATHS}")
+  if kind == "sine_awb":
+    sa = mc.sine_awb
+    return adapters.SineAwbSpec(
+        kernel_size=sa.kernel_size, w_mode=sa.w_mode, w_init=sa.w_init, scale=sa.scale,
+        independent_bases=sa.independent_bases, sine=sine_spec(sa, "model.sine_awb"))
+  if kind == "task_lora":
+    return lora_lib.TaskLoraSpec(mc.task_lora.rank, float(mc.task_lora.scale))
+  if kind == "dynamic_filter":
+    return lora_lib.DynamicFilterSpec(mc.dynamic_filter.kernel_size, float(mc.lora.scale))
+  return None
+
+
 def adapter_spec(mc, num_tasks: int) -> swin.AdapterSpec:
   lora = None
   if mc.lora.rank and mc.lora.rank > 0:
     lora = adapters.LoraSpec(mc.lora.rank, mc.lora.scale, mc.lora.dropout)
-  sa = mc.sine_awb
-  sine_awb = None
-  if sa.enabled:
-    sine_awb = adapters.SineAwbSpec(
-        kernel_size=sa.kernel_size, w_mode=sa.w_mode, w_init=sa.w_init, scale=sa.scale,
-        independent_bases=sa.independent_bases, sine=sine_spec(sa, "model.sine_awb"))
-  return swin.AdapterSpec(lora=lora, lora_modules=tuple(mc.lora.modules), sine_awb=sine_awb,
-                          sine_awb_modules=tuple(sa.modules), prompts=bool(mc.prompts),
-                          num_tasks=num_tasks, lowering=lowering(mc))
+  if mc.task_frozen_input not in TASK_FROZEN_INPUTS:
+    raise ValueError(f"model.task_frozen_input={mc.task_frozen_input!r} is not one of "
+                     f"{TASK_FROZEN_INPUTS}")
+  return swin.AdapterSpec(lora=lora, lora_modules=tuple(mc.lora.modules),
+                          sine_awb=task_path_spec(mc), sine_awb_modules=tuple(mc.sine_awb.modules),
+                          prompts=bool(mc.prompts), num_tasks=num_tasks,
+                          frozen_on_shared=mc.task_frozen_input == "shared",
+                          prompt_norm_every_block=bool(mc.prompt_norm_every_block),
+                          lowering=lowering(mc))
 
 
 def lowering(mc) -> adapters.Lowering:
@@ -40,7 +62,7 @@ def lowering(mc) -> adapters.Lowering:
   c = mc.compute
   result = adapters.Lowering(task_conv=c.task_conv, lowpass_site=c.lowpass_site,
                              task_path_remat=bool(c.task_path_remat))
-  if result.task_conv == "winograd" and mc.sine_awb.enabled:
+  if result.task_conv == "winograd" and mc.task_path == "sine_awb":
     k = mc.sine_awb.kernel_size + (mc.sine_awb.lowpass_size - 1
                                    if mc.sine_awb.lowpass == "taps_full" else 0)
     if k not in (1, 3):
@@ -69,20 +91,34 @@ def num_outputs(config) -> dict[str, int]:
                                        else None) for t in config.tasks}
 
 
-def build_model(config) -> MultiTaskModel:
-  """The multi-task model for `config.tasks` described by `config.model`."""
+def multitask_model(config, tasks, name: str | None = None) -> MultiTaskModel:
+  """The model for `tasks` described by `config.model`."""
+  mc = config.model
+  outputs = num_outputs(config)
+  # The frequencies exist only where something reads them: Sine-AWB or the shared decoder.
+  frequencies = mc.task_path == "sine_awb" or mc.decoder.kind == "shared"
+  return MultiTaskModel(
+      tasks=tuple(tasks), num_outputs={t: outputs[t] for t in tasks}, swin_spec=swin_spec(mc),
+      adapter=adapter_spec(mc, len(tasks)), decoder=decoder_spec(mc),
+      policy=mc.trainable_backbone, clock_net=mc.clock_net, clock_s_init=mc.clock_s_init,
+      clock_c_init=mc.clock_c_init, clock_spread=mc.clock_spread,
+      use_task_tokens=mc.prompts or (mc.clock_net and frequencies),
+      task_frequencies=frequencies, dtype=DTYPES[mc.dtype],
+      remat=mc.compute.block_remat, name=name)
+
+
+def build_model(config):
+  """The multi-task model for `config.tasks` described by `config.model` (with
+  model.separate_models, one independent such model per task)."""
   mc = config.model
   for t in config.tasks:
     tasks_lib.get_task(t)
   if mc.dtype not in DTYPES:
     raise ValueError(f"model.dtype={mc.dtype!r} is not one of {sorted(DTYPES)}")
-  return MultiTaskModel(
-      tasks=tuple(config.tasks), num_outputs=num_outputs(config), swin_spec=swin_spec(mc),
-      adapter=adapter_spec(mc, len(config.tasks)), decoder=decoder_spec(mc),
-      policy=mc.trainable_backbone, clock_net=mc.clock_net, clock_s_init=mc.clock_s_init,
-      clock_c_init=mc.clock_c_init, clock_spread=mc.clock_spread,
-      use_task_tokens=mc.prompts or mc.clock_net, dtype=DTYPES[mc.dtype],
-      remat=mc.compute.block_remat)
+  if mc.separate_models:
+    return baselines.SeparateModels(tuple(config.tasks),
+                                    lambda task, name: multitask_model(config, (task,), name))
+  return multitask_model(config, config.tasks)
 
 
 __all__ = ["build_model", "merge_for_inference", "MultiTaskModel", "num_outputs"]

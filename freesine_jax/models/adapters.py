@@ -607,7 +607,9 @@ class AdaptedDense(nn.Module):
   Returns (y_shared, y_tasks (T, B, H, W, C_out) or None); y_shared is None when
   `shared_output=False` (a shared stream nobody reads is not computed).
   At inference (MERGED collection present) the LoRA is merged into the frozen kernel,
-  W_0 + scale A B, and the task kernels are read, not rebuilt.
+  W_0 + scale A B, and the task kernels are read, not rebuilt. `sine_awb` may instead be a
+  baseline's task-path spec (models/lora.py), whose module gives the update from (path_in, A, B),
+  or an exported model's merged task path (models/merged.py), which gives the task outputs.
   """
   features: int
   lora: LoraSpec | None
@@ -658,11 +660,18 @@ class AdaptedDense(nn.Module):
       return y_shared, None
 
     path_in = task_inputs[1]
+    if getattr(self.sine_awb, "gives_task_outputs", False):  # merged weights (models/merged.py)
+      return y_shared, self.sine_awb.build_task_path(self.num_tasks, self.features, self.dtype)(
+          frozen_in, path_in)
     if self.sine_awb is None:  # this layer carries no TS path: the task streams see the frozen layer
       return y_shared, jnp.broadcast_to(frozen_of(frozen_in),
                                         (*path_in.shape[:-1], self.features))
     if a is None:
       raise ValueError("the Sine-AWB base is sized by the LoRA rank: set model.lora.rank > 0")
+    build_task_path = getattr(self.sine_awb, "build_task_path", None)
+    if build_task_path is not None:  # a baseline's task path (models/lora.py)
+      return y_shared, frozen_of(frozen_in) + build_task_path(
+          self.num_tasks, self.features, self.dtype)(path_in, a, b)
     sine_awb = SineAWB(self.sine_awb, self.num_tasks, self.features, self.dtype, self.lowering,
                        name="sine_awb")
     if frozen_in is path_in:  # e.g. fc1, fc2: the frozen layer can join the task kernels

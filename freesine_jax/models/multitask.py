@@ -26,6 +26,7 @@ class MultiTaskModel(nn.Module):
   clock_c_init: float = 1.0
   clock_spread: float = 0.0         # initial frequencies s (c + spread * linspace(-1, 1, T))
   use_task_tokens: bool = True
+  task_frequencies: bool = True     # False: no Clock Net and no omega_t (baselines: nothing reads them)
   dtype: Any = jnp.float32
   remat: str = "none"               # model.compute.block_remat (swin.SwinBackbone)
 
@@ -38,15 +39,19 @@ class MultiTaskModel(nn.Module):
     if self.use_task_tokens:
       self.task_tokens = self.param("task_tokens", nn.initializers.truncated_normal(0.02),
                                     (num_tasks, self.swin_spec.embed_dim))
-    if self.clock_net:
+    if not self.task_frequencies:
+      pass
+    elif self.clock_net:
       self.clock = adapters.ClockNet(self.clock_s_init, self.clock_c_init, self.clock_spread)
     else:  # "w/o LCN": free per-task frequencies, started where the Clock Net starts them
       start = self.clock_s_init * (self.clock_c_init +
                                    adapters.clock_offsets(num_tasks, self.clock_spread))
       self.fixed_omegas = self.param("omegas", lambda key, shape: jnp.asarray(start), (num_tasks,))
 
-  def frequencies(self) -> jax.Array:
-    """(T,) task frequencies omega_t."""
+  def frequencies(self) -> jax.Array | None:
+    """(T,) task frequencies omega_t (None without task frequencies)."""
+    if not self.task_frequencies:
+      return None
     if self.clock_net:
       return self.clock(self.task_tokens)
     return self.fixed_omegas

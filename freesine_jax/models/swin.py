@@ -57,11 +57,13 @@ class AdapterSpec:
   """Everything about the adapters that the backbone needs (None fields switch parts off)."""
   lora: adapters.LoraSpec | None = None
   lora_modules: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
-  sine_awb: adapters.SineAwbSpec | None = None
+  sine_awb: adapters.SineAwbSpec | None = None  # or a baseline's task-path spec (models/lora.py)
   sine_awb_modules: tuple[str, ...] = ("proj", "fc1", "fc2")
   prompts: bool = False
   num_tasks: int = 0
   lowering: adapters.Lowering = adapters.Lowering()  # how the task path is computed
+  frozen_on_shared: bool = False  # fc1/fc2 task outputs: Phi(shared) + update (MTLoRA, TADFormer)
+  prompt_norm_every_block: bool = False  # TADFormer declares a prompt LayerNorm in every block
 
 
 def stage_windows(grid: int, window: int) -> tuple[int, bool]:
@@ -202,6 +204,9 @@ class WindowAttention(nn.Module):
         task_inputs = (grid, norm(grid[None] + skips))
       else:
         task_inputs = (grid, jnp.broadcast_to(grid[None], (t_count, *grid.shape)))
+    elif num_prompts and adapter.prompt_norm_every_block:
+      # Declared (applied to an empty array, so it costs nothing) but never used, as TADFormer.
+      nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="prompt_norm")(grid[:0])
     y, y_tasks = proj_layer(grid, task_inputs, omegas, deterministic=deterministic,
                             shared_output=self.shared_output)
     if prompt_out is not None and self.prompt_output:
@@ -230,11 +235,13 @@ class Mlp(nn.Module):
     dim = (x if x is not None else x_tasks).shape[-1]
     fc1, fc2 = layer("fc1", self.hidden), layer("fc2", dim)
     gelu = lambda z: None if z is None else nn.gelu(z, approximate=False)
-    pair = lambda z: None if z is None else (z, z)
+    # (frozen input, path input) of the task streams z for the shared stream s.
+    pair = lambda s, z: None if z is None else ((s if adapter.frozen_on_shared else z), z)
     shared = x is not None
-    h, h_tasks = fc1(x, pair(x_tasks), omegas, deterministic=deterministic, shared_output=shared)
-    return fc2(gelu(h), pair(gelu(h_tasks)), omegas, deterministic=deterministic,
-               shared_output=shared)
+    h, h_tasks = fc1(x, pair(x, x_tasks), omegas, deterministic=deterministic,
+                     shared_output=shared)
+    h, h_tasks = gelu(h), gelu(h_tasks)
+    return fc2(h, pair(h, h_tasks), omegas, deterministic=deterministic, shared_output=shared)
 
 
 class SwinBlock(nn.Module):
@@ -293,15 +300,21 @@ class SwinBlock(nn.Module):
 class PatchMerging(nn.Module):
   policy: str
   dtype: Any
+  lora: adapters.LoraSpec | None = None  # MTLoRA+: LoRA on the (frozen) reduction
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, *, deterministic: bool = True):
     b, h, w, c = x.shape
     if h % 2 or w % 2:
       raise ValueError(f"PatchMerging needs an even token grid, got {h}x{w}")
     x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]],
                         axis=-1)
     x = FrozenLayerNorm(policy=self.policy, dtype=self.dtype, name="norm")(x)
+    if self.lora is not None:
+      y, _ = adapters.AdaptedDense(2 * c, self.lora, use_bias=False, policy=self.policy,
+                                   dtype=self.dtype, name="reduction")(
+                                       x, deterministic=deterministic)
+      return y
     return FrozenDense(2 * c, use_bias=False, category="merge_reduction", policy=self.policy,
                        dtype=self.dtype, name="reduction")(x)
 
@@ -361,6 +374,8 @@ class SwinBackbone(nn.Module):
     total_blocks = sum(spec.depths)
     rates = np.linspace(0.0, spec.drop_path_rate, total_blocks)
     task_streams = self.adapter.sine_awb is not None or self.adapter.prompts
+    # MTLoRA/TADFormer task outputs add Phi(shared stream): then the last shared stream is read.
+    adapter_reads_shared = self.adapter.frozen_on_shared
     if self.remat not in REMAT_MODES:
       raise ValueError(f"model.compute.remat={self.remat!r} is not one of {REMAT_MODES}")
     # deterministic (argument 4, counting self) is static: it selects Python branches.
@@ -385,7 +400,8 @@ class SwinBackbone(nn.Module):
                           task_block=last_of_stage and task_streams,
                           update_prompts=not last_block, policy=self.policy,
                           dtype=self.dtype,
-                          shared_output=last_shared or not (last_block and task_streams),
+                          shared_output=(last_shared or adapter_reads_shared
+                                         or not (last_block and task_streams)),
                           name=f"layers_{i}_blocks_{j}")
         x, tasks_out, skips, prompts = block(x, prompts, omegas, deterministic)
         block_id += 1
@@ -394,10 +410,12 @@ class SwinBackbone(nn.Module):
         g = jax.nn.sigmoid(self.param(f"prompt_gate_{i}", nn.initializers.zeros, ()))
         tasks_out = g * skips + (1 - g) * tasks_out
       if i < num_stages - 1:
-        merge = PatchMerging(self.policy, self.dtype, name=f"layers_{i}_downsample")
-        x = merge(x)
+        adapter = self.adapter
+        merge_lora = adapter.lora if "reduction" in adapter.lora_modules else None
+        merge = PatchMerging(self.policy, self.dtype, merge_lora, name=f"layers_{i}_downsample")
+        x = merge(x, deterministic=deterministic)
         if tasks_out is not None:  # the task streams share the (frozen) patch merging
-          merged = merge(tasks_out.reshape(-1, *tasks_out.shape[2:]))
+          merged = merge(tasks_out.reshape(-1, *tasks_out.shape[2:]), deterministic=deterministic)
           tasks_out = merged.reshape(*tasks_out.shape[:2], *merged.shape[1:])
         if prompts is not None:
           prompts = nn.Dense(2 * dim, use_bias=False, dtype=self.dtype,

@@ -17,14 +17,18 @@ from flax import traverse_util
 from freesine_jax import cli
 from freesine_jax import models
 
-GROUPS = ("TA adapters (shared LoRA)", "TS adapters (Sine-AWB W, prompt path, gates)",
+GROUPS = ("TA adapters (shared LoRA)", "TS adapters (task path, prompt path, gates)",
           "Clock Net + task tokens", "decoders", "trainable backbone")
 
-_TS_NAMES = ("sine_awb", "prompt_norm", "prompt_proj", "prompt_gate")
+_TS_NAMES = ("sine_awb", "task_lora", "task_filter", "prompt_norm", "prompt_proj",
+             "prompt_gate")
+_MEMBER_SUFFIX = "_model"  # models.baselines.SeparateModels: one '<task>_model' per task
 
 
 def group_of(path: tuple[str, ...]) -> str:
   """Which report group a 'params' leaf (flattened path) belongs to."""
+  if path[0].endswith(_MEMBER_SUFFIX):
+    path = path[1:]
   if path[0] == "head":
     return GROUPS[3]
   if path[0] in ("task_tokens", "omegas", "clock"):

@@ -1,0 +1,227 @@
+"""Merged inference weights: `python -m freesine_jax.tools.export --config=<config> --workdir=<run>
+--out=<dir> [--step=N] [--tasks=semseg,normals]`, and `load(<dir>)`, which serves them.
+
+Evaluates once what training computes at every step, and writes plain inference weights:
+  * every shared LoRA folded into its frozen linear: W' = W + s A B (the shared stream);
+  * per task-block layer and task, the Sine-AWB kernel scale * K_t with its sine, low-pass and
+    Clock Net frequency evaluated (models/merged.py); the frozen linear folded into the centre
+    tap where it reads the same stream as the task path (fc1, fc2), kept apart where it reads
+    another (proj, with prompts);
+  * the shared decoder's per-task kernels K_t as each task's plain 270 -> 1080 conv (bias b + b_t);
+  * no Clock Net, frequencies or LoRA factors.
+<dir>/export.json holds the config, tasks and step, <dir>/weights.msgpack the variables. `load`
+rebuilds the model and returns one jitted function serving every exported task. `--tasks`
+exports a subset (one task: a single-task model), possible only without prompts: every task's
+prompt joins every window's attention, so dropping a task's prompt would change the others'
+outputs. Exports Free Sinewich and the baselines without a task path (lora, decoder_only,
+full_ft); MTLoRA's and TADFormer's task paths are not merged (docs/export.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+from absl import flags
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from freesine_jax import cli
+from freesine_jax import errors
+from freesine_jax import models
+from freesine_jax.models import adapters
+from freesine_jax.models import merged as merged_lib
+from freesine_jax.models.multitask import MultiTaskModel
+
+PyTree = Any
+CONFIG_FILE, WEIGHTS_FILE = "export.json", "weights.msgpack"
+
+
+def exported_kernel_size(spec: adapters.SineAwbSpec) -> int:
+  """Taps per side of the exported task kernels ('taps_full' grows them by the low-pass)."""
+  grow = spec.sine.lowpass_size - 1 if spec.sine.lowpass == "taps_full" else 0
+  return spec.kernel_size + grow
+
+
+def merged_model(model: MultiTaskModel, tasks: Sequence[str]) -> MultiTaskModel:
+  """The inference model of `model` for `tasks`: no LoRA, merged task paths, plain heads."""
+  if not isinstance(model, MultiTaskModel):
+    raise errors.UserError("export handles the multi-task model only (not separate_models or a "
+                           "config.model.factory model)")
+  spec = model.adapter.sine_awb
+  if spec is not None and not isinstance(spec, adapters.SineAwbSpec):
+    raise errors.UserError(f"export merges Sine-AWB task paths only, not {type(spec).__name__} "
+                           "(model.task_path must be sine_awb or none)")
+  path = None if spec is None else merged_lib.MergedTaskPathSpec(exported_kernel_size(spec))
+  adapter = dataclasses.replace(model.adapter, lora=None, sine_awb=path, num_tasks=len(tasks))
+  return model.clone(tasks=tuple(tasks), num_outputs={t: model.num_outputs[t] for t in tasks},
+                     adapter=adapter, decoder=dataclasses.replace(model.decoder,
+                                                                  kind="independent"),
+                     task_frequencies=False, use_task_tokens=model.adapter.prompts)
+
+
+def _lookup(flat_collections: Mapping[str, dict], path: tuple) -> jax.Array:
+  """A pretrained weight at `path`, in 'params' (trainable policy) or 'backbone' (frozen)."""
+  for name in ("params", "backbone"):
+    if path in flat_collections[name]:
+      return flat_collections[name][path]
+  raise KeyError(path)
+
+
+def merge_variables(model: MultiTaskModel, variables: Mapping[str, PyTree],
+                    tasks: Sequence[str], image_size: Sequence[int]) -> tuple[MultiTaskModel, dict]:
+  """(inference model, its variables) equal in outputs to `model` with `variables` on `tasks`."""
+  tasks = tuple(tasks)
+  unknown = [t for t in tasks if t not in model.tasks]
+  if unknown or not tasks:
+    raise errors.UserError(f"--tasks: {', '.join(unknown) or '(none)'} not among the model's "
+                           f"tasks {', '.join(model.tasks)}")
+  if tasks != tuple(model.tasks) and model.adapter.prompts:
+    raise errors.UserError("--tasks: this model has task prompts, which join every window's "
+                           "attention, so a subset of tasks would change the others' outputs; "
+                           "export all tasks")
+  index = np.asarray([model.tasks.index(t) for t in tasks])
+  inference = merged_model(model, tasks)
+  images = jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32)
+  target = jax.eval_shape(lambda x: inference.init({"params": jax.random.key(0)}, x), images)
+  flat = {name: traverse_util.flatten_dict(flax.core.unfreeze(variables.get(name, {})))
+          for name in ("params", "backbone", "batch_stats")}
+  params = flat["params"]
+  omegas = None
+  if model.task_frequencies:
+    omegas = model.apply({"params": variables["params"]}, method=model.frequencies)
+  target_paths = {name: set(traverse_util.flatten_dict(flax.core.unfreeze(target.get(name, {}))))
+                  for name in ("params", "backbone", "batch_stats")}
+  out = {}
+  for name, paths in target_paths.items():
+    new = {path: _merged_leaf(model, flat, omegas, index, name, path, paths) for path in paths}
+    out[name] = traverse_util.unflatten_dict(new) if new else {}
+  for name, tree in out.items():
+    want = jax.tree_util.tree_map(lambda s: (tuple(s.shape), str(s.dtype)), target.get(name, {}))
+    have = jax.tree_util.tree_map(lambda a: (tuple(np.shape(a)), str(jnp.asarray(a).dtype)), tree)
+    if want != have:
+      raise ValueError(f"merged '{name}' do not fit the inference model")
+  return inference, out
+
+
+def _merged_leaf(model, flat, omegas, index, collection, path, target_paths):
+  """The value of one leaf of the inference model's variables."""
+  params = flat["params"]
+  if collection == "params" and "merged" in path:  # a task-block layer's task path
+    layer = path[:path.index("merged")]
+    if path[-1] == "bias":
+      return _lookup(flat, layer + ("bias",))
+    frozen = _lookup(flat, layer + ("kernel",))
+    if path[-1] == "frozen_kernel":
+      return frozen
+    spec = model.adapter.sine_awb
+    a, b = params[layer + ("lora_a",)], params[layer + ("lora_b",)]
+    if spec.independent_bases:
+      a, b = params[layer + ("sine_awb", "a")], params[layer + ("sine_awb", "b")]
+    kernels = spec.scale * adapters.sine_awb_kernels(
+        a, params[layer + ("sine_awb", "w")], b, omegas, spec)[index]
+    if path[:-1] + ("frozen_kernel",) in target_paths:
+      return kernels
+    centre = kernels.shape[1] // 2  # the frozen linear reads the task stream: fold it in
+    return kernels.at[:, centre, centre].add(frozen)
+  lora_a = path[:-1] + ("lora_a",)
+  if path[-1] == "kernel" and lora_a in params:  # the shared LoRA folded into the frozen linear
+    return (_lookup(flat, path) +
+            model.adapter.lora.scale * params[lora_a] @ params[path[:-1] + ("lora_b",)])
+  shared_decoder = ("head", "base_kernel") in params
+  if collection == "params" and shared_decoder and path[0] == "head" and path[2] == "conv_in":
+    task = path[1][:-len("_head")]
+    if path[-1] == "bias":
+      return params[("head", "base_bias")] + params[("head", f"{task}_bias")]
+    t = model.tasks.index(task)
+    return model.decoder.sine.kernels(params[("head", "base_kernel")], omegas[t:t + 1])[0]
+  if path not in flat[collection]:
+    raise ValueError(f"no value for the inference model's {collection}/{'/'.join(path)}")
+  if collection == "params" and path == ("task_tokens",):
+    return flat[collection][path][index]
+  return flat[collection][path]
+
+
+def export_run(config: ml_collections.ConfigDict, workdir: str, out: str, *,
+               step: int | None = None, tasks: Sequence[str] | None = None) -> str:
+  """Merges a training run's checkpoint and writes it to `out`; returns `out`."""
+  from freesine_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from freesine_jax import modeling  # pylint: disable=g-import-not-at-top
+  step, metadata = evaluate.find_checkpoint(config, workdir, step)
+  model = modeling.build_model(config)
+  variables = evaluate.restore_checkpoint(workdir, step, metadata,
+                                          modeling.init_variables(model, config))
+  tasks = tuple(tasks or config.tasks)
+  _, merged = merge_variables(model, variables, tasks, tuple(config.dataset.image_size))
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, WEIGHTS_FILE), "wb") as f:
+    f.write(flax.serialization.msgpack_serialize(jax.device_get(merged)))
+  with open(os.path.join(out, CONFIG_FILE), "w", encoding="utf-8") as f:
+    json.dump({"config": json.loads(config.to_json_best_effort()), "tasks": list(tasks),
+               "step": step, "workdir": os.path.abspath(workdir)}, f, indent=2)
+  return out
+
+
+@dataclasses.dataclass
+class Exported:
+  """Loaded merged weights: `serve(images)` -> {task: (B, H, W, C)} for every exported task."""
+  config: ml_collections.ConfigDict  # the training config (its tasks: the trained ones)
+  tasks: tuple[str, ...]
+  step: int
+  model: MultiTaskModel
+  variables: dict
+  forward: Callable  # jitted (variables, images) -> outputs
+
+  def serve(self, images: jax.Array) -> dict[str, jax.Array]:
+    return self.forward(self.variables, images)
+
+
+def load(directory: str) -> Exported:
+  """Reads what `export_run` wrote; one jitted function serves all exported tasks."""
+  config_path = os.path.join(directory, CONFIG_FILE)
+  if not os.path.exists(config_path):
+    raise errors.UserError(f"{config_path}: not found; pass a directory written by "
+                           "python -m freesine_jax.tools.export --out=...")
+  with open(config_path, encoding="utf-8") as f:
+    saved = json.load(f)
+  config = ml_collections.ConfigDict(saved["config"])
+  tasks = tuple(saved["tasks"])
+  inference = merged_model(models.build_model(config), tasks)
+  with open(os.path.join(directory, WEIGHTS_FILE), "rb") as f:
+    restored = flax.serialization.msgpack_restore(f.read())
+  variables = {name: restored.get(name, {}) for name in ("params", "backbone", "batch_stats")}
+  forward = jax.jit(lambda v, images: inference.apply(v, images, train=False))
+  return Exported(config, tasks, int(saved["step"]), inference, variables, forward)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def define_flags() -> None:
+  cli.define_config_flag()
+  flags.DEFINE_string("workdir", None, "A training run's --workdir (its checkpoints/ are read).")
+  flags.DEFINE_string("out", None, "Directory to write export.json and weights.msgpack to.")
+  flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
+  flags.DEFINE_list("tasks", None, "Tasks to export (default: all; a subset needs a model "
+                    "without prompts).")
+  flags.mark_flags_as_required(["config", "workdir", "out"])
+
+
+def main(argv) -> None:
+  del argv
+  f = flags.FLAGS
+  out = export_run(f.config, f.workdir, f.out, step=f.step, tasks=f.tasks)
+  print(f"wrote {os.path.join(out, WEIGHTS_FILE)} and {os.path.join(out, CONFIG_FILE)}")
+
+
+def run() -> None:
+  cli.run("freesine_jax.tools.export", define_flags, main)
+
+
+if __name__ == "__main__":
+  run()

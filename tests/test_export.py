@@ -1,0 +1,109 @@
+"""Merged export: the merged model's outputs equal the trained model's for every task, a task
+subset equals those tasks of the full model, serving several tasks at once costs less than
+serving them one by one, and evaluate --weights reads the export."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import synthetic
+from freesine_jax import evaluate
+from freesine_jax import modeling
+from freesine_jax.tools import export
+
+IMAGES = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+
+
+def perturbed(variables, seed=3, scale=0.05):
+  """variables with every trained leaf moved off its init (B = 0 would hide the task paths)."""
+  leaves, tree = jax.tree_util.tree_flatten(variables["params"])
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  moved = [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  return dict(variables, params=jax.tree_util.tree_unflatten(tree, moved))
+
+
+def assert_outputs_equal(reference, merged, tasks):
+  for task in tasks:
+    np.testing.assert_allclose(merged[task], reference[task], rtol=1e-4, atol=1e-5,
+                               err_msg=task)
+
+
+@pytest.fixture(scope="module")
+def exported_run(free_sinewich_run, tmp_path_factory):
+  config, workdir = free_sinewich_run
+  out = str(tmp_path_factory.mktemp("export") / "merged")
+  export.export_run(config, workdir, out)
+  return config, workdir, out
+
+
+def test_merged_export_equals_the_trained_model_for_every_task(exported_run):
+  config, workdir, out = exported_run
+  step, metadata = evaluate.find_checkpoint(config, workdir, None)
+  model = modeling.build_model(config)
+  variables = evaluate.restore_checkpoint(workdir, step, metadata,
+                                          modeling.init_variables(model, config))
+  loaded = export.load(out)
+  assert loaded.tasks == tuple(config.tasks) and loaded.step == step
+  names = {k for path in jax.tree_util.tree_leaves_with_path(loaded.variables["params"])
+           for k in map(str, path[0])}
+  assert not any("lora" in n or "sine_awb" in n or "clock" in n for n in names)
+  reference = model.apply(variables, IMAGES, train=False)
+  assert_outputs_equal(reference, loaded.serve(IMAGES), config.tasks)
+
+
+@pytest.mark.parametrize("arg", ["tiny,no_lcn", "tiny,lora"])
+def test_merge_holds_for_ablations_and_baselines_without_a_task_path(arg):
+  config = synthetic.get_config(arg)
+  model = modeling.build_model(config)
+  variables = perturbed(modeling.init_variables(model, config))
+  inference, merged = export.merge_variables(model, variables, config.tasks,
+                                             config.dataset.image_size)
+  assert_outputs_equal(model.apply(variables, IMAGES), inference.apply(merged, IMAGES),
+                       config.tasks)
+
+
+def no_prompt_config():
+  config = synthetic.get_config("tiny")
+  config.model.prompts = False
+  config.model.sine_awb.kernel_size = 1
+  return config
+
+
+def test_a_single_task_export_equals_that_task_of_the_full_model_and_costs_less():
+  config = no_prompt_config()
+  model = modeling.build_model(config)
+  variables = perturbed(modeling.init_variables(model, config))
+  reference = model.apply(variables, IMAGES)
+  inference, merged = export.merge_variables(model, variables, config.tasks,
+                                             config.dataset.image_size)
+
+  def flops(m, v):
+    lowered = jax.jit(lambda vv, x: m.apply(vv, x)).lower(v, IMAGES)
+    return lowered.cost_analysis()["flops"]
+
+  single_costs = []
+  for task in config.tasks:
+    one, one_vars = export.merge_variables(model, variables, (task,), config.dataset.image_size)
+    assert_outputs_equal(reference, one.apply(one_vars, IMAGES), (task,))
+    single_costs.append(flops(one, one_vars))
+  # The shared stream and the stages' first blocks run once for all tasks.
+  assert flops(inference, merged) < sum(single_costs)
+
+
+def test_a_task_subset_of_a_model_with_prompts_is_refused():
+  config = synthetic.get_config("tiny")
+  model = modeling.build_model(config)
+  variables = modeling.init_variables(model, config)
+  with pytest.raises(Exception, match="prompts"):
+    export.merge_variables(model, variables, ("semseg",), config.dataset.image_size)
+
+
+def test_evaluate_reads_the_export_and_agrees_with_the_checkpoint(exported_run, tmp_path):
+  config, workdir, out = exported_run
+  from_checkpoint = evaluate.evaluate_run(config, workdir, out=str(tmp_path / "ckpt"))
+  from_export = evaluate.evaluate_run(config, workdir, weights=out, out=str(tmp_path / "export"))
+  assert from_export["step"] == from_checkpoint["step"]
+  for task in config.tasks:
+    for key, value in from_checkpoint["results"][task].items():
+      if isinstance(value, float):
+        assert from_export["results"][task][key] == pytest.approx(value, rel=1e-3, abs=1e-3)
