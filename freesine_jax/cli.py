@@ -48,6 +48,13 @@ def define_config_flag() -> None:
   config_flags.DEFINE_config_file(CONFIG_FLAG, None, CONFIG_HELP, lock_config=True)
 
 
+def define_run_flags(what: str) -> None:
+  """--workdir (a training run, whose checkpoints/ are read) and --step (default: the latest),
+  the flags every tool that reads a saved run shares; `what` the tool does with the step."""
+  flags.DEFINE_string("workdir", None, "A training run's --workdir (its checkpoints/ are read).")
+  flags.DEFINE_integer("step", None, f"Checkpoint step to {what} (default: the latest).")
+
+
 def run(prog: str, define_flags: Callable[[], None], main: Callable[[list[str]], None], *,
         positional_args: bool = False) -> None:
   """Defines the flags, parses argv (one-line errors), runs main (UserError -> one line).

@@ -349,8 +349,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, *, step: int |
 
 def define_flags() -> None:
   cli.define_config_flag()
-  flags.DEFINE_string("workdir", None, "A training run's --workdir (its checkpoints/ are read).")
-  flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+  cli.define_run_flags("evaluate")
   flags.DEFINE_string("out", None, "Output directory (default: <workdir>/eval/step_<N>).")
   flags.DEFINE_string("weights", None, "Merged export weights (tools.export --out) to evaluate "
                       "instead of the checkpoint.")

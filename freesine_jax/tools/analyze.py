@@ -344,9 +344,8 @@ def report(result: Mapping) -> str:
 
 
 def define_flags() -> None:
-  flags.DEFINE_string("workdir", None, "A training run's --workdir.")
+  cli.define_run_flags("analyse")
   flags.DEFINE_string("out", None, "Output directory (default: <workdir>/analysis).")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.mark_flags_as_required(["workdir"])
 
 

@@ -204,9 +204,8 @@ def load(directory: str) -> Exported:
 
 def define_flags() -> None:
   cli.define_config_flag()
-  flags.DEFINE_string("workdir", None, "A training run's --workdir (its checkpoints/ are read).")
+  cli.define_run_flags("export")
   flags.DEFINE_string("out", None, "Directory to write export.json and weights.msgpack to.")
-  flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
   flags.DEFINE_list("tasks", None, "Tasks to export (default: all; a subset needs a model "
                     "without prompts).")
   flags.mark_flags_as_required(["config", "workdir", "out"])
