@@ -58,6 +58,21 @@ def run_cli(args, env, timeout=600, **kwargs) -> subprocess.CompletedProcess:
                         text=True, timeout=timeout, **kwargs)
 
 
+def run_clis_in_pairs(commands, env, timeout=300) -> dict:
+  """{name: (exit code, stderr)} of `python <args>` for every name -> args in `commands`, run
+  two at a time from the repository root (the machine has two cores)."""
+  results, todo = {}, list(commands.items())
+  while todo:
+    batch, todo = todo[:2], todo[2:]
+    procs = {name: subprocess.Popen([sys.executable, *args], cwd=REPO, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, args in batch}
+    for name, proc in procs.items():
+      _, err = proc.communicate(timeout=timeout)
+      results[name] = (proc.returncode, err)
+  return results
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, cli_env) -> str:
   """The workdir of `python -m freesine_jax.main --config=configs/synthetic.py:tiny

@@ -2,12 +2,10 @@
 work, and exit code 2 — never a traceback. The commands run concurrently (each is a fresh
 process) on conftest.tiny_run where they need a trained run."""
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, TINY_FACTORY
+from conftest import TINY_FACTORY, run_clis_in_pairs
 
 TRAIN = ["-m", "freesine_jax.main"]
 EVALUATE = ["-m", "freesine_jax.evaluate"]
@@ -71,18 +69,9 @@ def cases(run, tmp):
 def outcomes(tiny_run, cli_env, tmp_path_factory):
   """name -> (argv, fragments, exit code, stderr) of every case, run two at a time."""
   tmp = str(tmp_path_factory.mktemp("cli_errors"))
-  todo = list(cases(tiny_run, tmp).items())
-  results = {}
-  while todo:
-    batch, todo = todo[:2], todo[2:]
-    procs = {name: subprocess.Popen([sys.executable, *argv], cwd=REPO, env=cli_env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, (argv, _) in batch}
-    for name, proc in procs.items():
-      _, err = proc.communicate(timeout=300)
-      argv, fragments = dict(batch)[name]
-      results[name] = (argv, fragments, proc.returncode, err)
-  return results
+  runs = cases(tiny_run, tmp)
+  codes = run_clis_in_pairs({name: argv for name, (argv, _) in runs.items()}, cli_env)
+  return {name: (argv, fragments, *codes[name]) for name, (argv, fragments) in runs.items()}
 
 
 @pytest.mark.parametrize("name", list(cases("RUN", "TMP")))

@@ -7,14 +7,12 @@ case runs in-process through convert_swin.convert (an errors.UserError, which th
 print as one line with exit code 2: freesine_jax/cli.py); four of them also run as command lines.
 """
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from conftest import REPO
+from conftest import run_clis_in_pairs
 from freesine_jax import errors
 from freesine_jax.models import pretrained
 from freesine_jax.tools import convert_swin
@@ -150,19 +148,13 @@ def test_command_lines_print_one_line_exit_2_and_write_nothing(files, cli_env, t
                             f"--config.model.backbone_weights={files['empty.safetensors']}"],
                    [files["empty.safetensors"], "empty file (0 bytes)"]),
   }
-  todo = list(runs.items())
-  while todo:
-    batch, todo = todo[:2], todo[2:]
-    procs = {name: subprocess.Popen([sys.executable, *argv], cwd=REPO, env=cli_env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, (argv, _) in batch}
-    for name, proc in procs.items():
-      _, stderr = proc.communicate(timeout=300)
-      argv, fragments = runs[name]
-      lines = [line for line in stderr.splitlines() if line.strip()]
-      assert proc.returncode == 2, (name, stderr[-3000:])
-      assert len(lines) == 1 and lines[0].startswith(f"{argv[1]}: "), (name, stderr[-3000:])
-      for fragment in fragments:
-        assert fragment in lines[0], (name, fragment, lines[0])
+  outcomes = run_clis_in_pairs({name: argv for name, (argv, _) in runs.items()}, cli_env)
+  for name, (argv, fragments) in runs.items():
+    code, stderr = outcomes[name]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2, (name, stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith(f"{argv[1]}: "), (name, stderr[-3000:])
+    for fragment in fragments:
+      assert fragment in lines[0], (name, fragment, lines[0])
   assert not os.path.exists(out)
   assert sorted(p.name for p in kept.rglob("*")) == ["mine", pretrained.WEIGHTS_DIR]
