@@ -247,6 +247,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.eval_every_steps = 0  # evaluate every N steps; 0: only at the end
   # Evaluate the step-0 model too and report per task whether training beat it.
   config.train.untrained_baseline = True
+  # Add tasks to a trained model: comma-separated tasks (e.g. 'depth') trained from the latest
+  # checkpoint of the run in init_from, config.tasks being that run's tasks followed by these.
+  # Only the new tasks' own parameters train (their prompt rows, frequencies, decoder heads);
+  # every other weight stays bitwise as trained, and the old tasks' outputs do not change
+  # (docs/training.md, "Adding a task to a trained model"). Part of the model: evaluate and export need it too.
+  config.train.new_tasks = ""
+  # Workdir of the trained run that train.new_tasks starts from ('' with new_tasks: an error).
+  config.train.init_from = ""
 
   config.eval = ml_collections.ConfigDict()  # evaluation
   # Single-task reference metrics {task: {headline metric: value}} for delta_m; None: no delta_m.

@@ -351,6 +351,8 @@ def _abstract_leaf(x: Any) -> Any:
 
 
 COMPARED_SECTIONS = ("tasks", "num_classes", "model")  # what the saved parameters depend on
+# Single keys outside those sections that the model depends on (default when a config lacks it).
+COMPARED_KEYS = {"train.new_tasks": ""}  # which tasks' prompts are masked (tasks.added_tasks)
 
 
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:
@@ -375,6 +377,11 @@ def config_differences(saved_config_json: str, config) -> list[tuple[str, Any, A
       if (key != "model.backbone_weights" and not key.startswith("model.compute.")
           and a.get(key) != b.get(key)):
         diffs.append((key, a.get(key), b.get(key)))
+  for key, default in COMPARED_KEYS.items():
+    section, name = key.split(".")
+    a, b = ((c.get(section) or {}).get(name, default) for c in (saved, current))
+    if a != b:
+      diffs.append((key, a, b))
   return diffs
 
 

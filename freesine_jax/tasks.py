@@ -199,6 +199,28 @@ def get_task(name: str) -> TaskSpec:
   return TASKS[name]
 
 
+def added_tasks(config) -> tuple[str, ...]:
+  """The tasks config.train.new_tasks adds to the run in config.train.init_from: the trailing
+  entries of config.tasks (docs/training.md, "Adding a task"). A UserError names what is wrong."""
+  # .get: configs saved before the key existed (export.json, checkpoints) have no such tasks.
+  spec = config.train.get("new_tasks", "") or ""
+  names = tuple(t.strip() for t in str(spec).split(",") if t.strip())
+  for name in names:
+    get_task(name)
+  if not names:
+    return ()
+  if len(set(names)) != len(names):
+    raise errors.UserError(f"config.train.new_tasks={spec!r} names a task "
+                           "twice")
+  tasks = tuple(config.tasks)
+  if tasks[len(tasks) - len(names):] != names:
+    old = tuple(t for t in tasks if t not in names)
+    raise errors.UserError(
+        f"config.train.new_tasks={spec!r}: config.tasks must end with the new "
+        f"tasks, after the trained run's, e.g. --config.tasks=\"{old + names!r}\"")
+  return names
+
+
 def class_count(task: str, configured: int | None = None) -> int | None:
   """Number of classes of `task` (configured overrides the default); None if it has none."""
   spec = get_task(task)

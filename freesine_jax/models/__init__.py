@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from freesine_jax import errors
 from freesine_jax import tasks as tasks_lib
 from freesine_jax.models import adapters, baselines, decoders, swin
 from freesine_jax.models import lora as lora_lib
@@ -42,7 +43,7 @@ def task_path_spec(mc):
   return None
 
 
-def adapter_spec(mc, num_tasks: int) -> swin.AdapterSpec:
+def adapter_spec(mc, num_tasks: int, generations: tuple[int, ...] = ()) -> swin.AdapterSpec:
   lora = None
   if mc.lora.rank and mc.lora.rank > 0:
     lora = adapters.LoraSpec(mc.lora.rank, mc.lora.scale, mc.lora.dropout)
@@ -54,7 +55,7 @@ def adapter_spec(mc, num_tasks: int) -> swin.AdapterSpec:
                           prompts=bool(mc.prompts), num_tasks=num_tasks,
                           frozen_on_shared=mc.task_frozen_input == "shared",
                           prompt_norm_every_block=bool(mc.prompt_norm_every_block),
-                          lowering=lowering(mc))
+                          lowering=lowering(mc), prompt_generations=tuple(generations))
 
 
 def lowering(mc) -> adapters.Lowering:
@@ -95,16 +96,19 @@ def multitask_model(config, tasks, name: str | None = None) -> MultiTaskModel:
   """The model for `tasks` described by `config.model`."""
   mc = config.model
   outputs = num_outputs(config)
+  added = tasks_lib.added_tasks(config)
+  # 1 for the tasks config.train.new_tasks adds to a trained model (docs/method.md).
+  generations = tuple(int(t in added) for t in tasks) if added else ()
   # The frequencies exist only where something reads them: Sine-AWB or the shared decoder.
   frequencies = mc.task_path == "sine_awb" or mc.decoder.kind == "shared"
   return MultiTaskModel(
       tasks=tuple(tasks), num_outputs={t: outputs[t] for t in tasks}, swin_spec=swin_spec(mc),
-      adapter=adapter_spec(mc, len(tasks)), decoder=decoder_spec(mc),
+      adapter=adapter_spec(mc, len(tasks), generations), decoder=decoder_spec(mc),
       policy=mc.trainable_backbone, clock_net=mc.clock_net, clock_s_init=mc.clock_s_init,
       clock_c_init=mc.clock_c_init, clock_spread=mc.clock_spread,
       use_task_tokens=mc.prompts or (mc.clock_net and frequencies),
       task_frequencies=frequencies, dtype=DTYPES[mc.dtype],
-      remat=mc.compute.block_remat, name=name)
+      remat=mc.compute.block_remat, task_generations=generations, name=name)
 
 
 def build_model(config):
@@ -116,6 +120,9 @@ def build_model(config):
   if mc.dtype not in DTYPES:
     raise ValueError(f"model.dtype={mc.dtype!r} is not one of {sorted(DTYPES)}")
   if mc.separate_models:
+    if tasks_lib.added_tasks(config):
+      raise errors.UserError("config.train.new_tasks: model.separate_models trains one model per task "
+                       "already; train the new task as its own run")
     return baselines.SeparateModels(tuple(config.tasks),
                                     lambda task, name: multitask_model(config, (task,), name))
   return multitask_model(config, config.tasks)

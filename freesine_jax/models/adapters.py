@@ -688,6 +688,14 @@ def clock_offsets(num_tasks: int, spread: float) -> np.ndarray:
   return (spread * np.linspace(-1.0, 1.0, num_tasks)).astype(np.float32)
 
 
+def clock_offsets_by_round(generations, spread: float) -> np.ndarray:
+  """clock_offsets of each round of tasks on its own (generations: per task, the round that
+  added it, in order): adding tasks to a trained model keeps the old tasks' offsets."""
+  generations = tuple(generations)
+  return np.concatenate([clock_offsets(generations.count(g), spread)
+                         for g in sorted(set(generations))]).astype(np.float32)
+
+
 class ClockNet(nn.Module):
   """omega_t = s * (tanh(W_q . ReLU(p_t) + phi_t) + c): one bounded frequency per task.
 
@@ -699,6 +707,7 @@ class ClockNet(nn.Module):
   s_init: float = 1.0
   c_init: float = 1.0
   spread: float = 0.0
+  generations: tuple[int, ...] = ()  # per task, the round that added it (() = all 0)
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -706,5 +715,6 @@ class ClockNet(nn.Module):
     s = self.param("s", nn.initializers.constant(self.s_init), ())
     c = self.param("c", nn.initializers.constant(self.c_init), ())
     q = nn.Dense(1, name="w_q")(jax.nn.relu(tokens))[:, 0]
-    phi = np.arctanh(clock_offsets(tokens.shape[0], self.spread))
+    phi = np.arctanh(clock_offsets_by_round(self.generations or (0,) * tokens.shape[0],
+                                            self.spread))
     return s * (jnp.tanh(q + phi) + c)

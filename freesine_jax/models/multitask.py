@@ -29,6 +29,9 @@ class MultiTaskModel(nn.Module):
   task_frequencies: bool = True     # False: no Clock Net and no omega_t (baselines: nothing reads them)
   dtype: Any = jnp.float32
   remat: str = "none"               # model.compute.block_remat (swin.SwinBackbone)
+  # Per task, the round that added it: 0, or 1 for config.train.new_tasks (() = all 0). It sets
+  # the Clock Net's offsets per round; the prompts' attention mask is adapter.prompt_generations.
+  task_generations: tuple[int, ...] = ()
 
   def setup(self):
     self.backbone = swin.SwinBackbone(self.swin_spec, self.adapter, self.policy, self.dtype,
@@ -42,10 +45,12 @@ class MultiTaskModel(nn.Module):
     if not self.task_frequencies:
       pass
     elif self.clock_net:
-      self.clock = adapters.ClockNet(self.clock_s_init, self.clock_c_init, self.clock_spread)
+      self.clock = adapters.ClockNet(self.clock_s_init, self.clock_c_init, self.clock_spread,
+                                     tuple(self.task_generations))
     else:  # "w/o LCN": free per-task frequencies, started where the Clock Net starts them
+      generations = tuple(self.task_generations) or (0,) * num_tasks
       start = self.clock_s_init * (self.clock_c_init +
-                                   adapters.clock_offsets(num_tasks, self.clock_spread))
+                                   adapters.clock_offsets_by_round(generations, self.clock_spread))
       self.fixed_omegas = self.param("omegas", lambda key, shape: jnp.asarray(start), (num_tasks,))
 
   def frequencies(self) -> jax.Array | None:
@@ -86,7 +91,8 @@ def merge_for_inference(model: MultiTaskModel, variables: Mapping[str, Any],
   task kernels with the frozen linear folded into their centre tap, the decoder's task kernels).
 
   The model applied to the result computes the same outputs (to float32 rounding) without
-  rebuilding those weights for every batch. image_shape: the (B, H, W, 3) shape inference will
+  rebuilding those weights for every batch. It is the one place weights are folded: evaluation
+  caches its result, tools/export writes it as plain inference weights. image_shape: the (B, H, W, 3) shape inference will
   see (it fixes the window sizes); only the weights are computed, no image is processed. Merge
   again after the parameters change; never pass merged variables to a training step.
   """

@@ -64,6 +64,9 @@ class AdapterSpec:
   lowering: adapters.Lowering = adapters.Lowering()  # how the task path is computed
   frozen_on_shared: bool = False  # fc1/fc2 task outputs: Phi(shared) + update (MTLoRA, TADFormer)
   prompt_norm_every_block: bool = False  # TADFormer declares a prompt LayerNorm in every block
+  # Per task, the round that added it (0: trained with the backbone's adapters; 1: added later by
+  # config.train.new_tasks). () = all 0. See prompt_visibility.
+  prompt_generations: tuple[int, ...] = ()
 
 
 def stage_windows(grid: int, window: int) -> tuple[int, bool]:
@@ -111,6 +114,21 @@ def shifted_window_mask(h: int, w: int, ws: int, shift: int) -> np.ndarray:
   return np.where(diff != 0, -100.0, 0.0).astype(np.float32)
 
 
+def prompt_visibility(generations, num_patches: int) -> np.ndarray | None:
+  """(T + N, T + N) bool: which keys each query of a window may attend to (None: all).
+
+  Tokens are [T prompts, N patches]; patches are of generation 0. A key is visible to a query
+  of the same or a later generation: a task added to a trained model (generation 1) reads the
+  patches and the old prompts, but neither the patches nor the old prompts read its prompt, so
+  every old task computes exactly what it computed before the task was added
+  (docs/method.md, "Adding a task").
+  """
+  if not any(generations):
+    return None
+  gen = np.concatenate([np.asarray(generations, np.int32), np.zeros(num_patches, np.int32)])
+  return gen[None, :] <= gen[:, None]
+
+
 # ----------------------------------------------------------------------------- modules
 
 
@@ -118,8 +136,9 @@ class WindowAttention(nn.Module):
   """(Shifted) window attention with relative-position bias; prompts join every window.
 
   Input: the normed token grid (B, H, W, C) and optional prompts (B, T, C). Prompts are prepended
-  to each window's tokens, get no relative-position bias and are never masked; their outputs are
-  averaged over windows. proj runs on the grid after the windows are merged back, so its
+  to each window's tokens, get no relative-position bias and are not masked by the shift (a task
+  added to a trained model is masked as a key: prompt_visibility); their outputs are averaged
+  over windows. proj runs on the grid after the windows are merged back, so its
   Sine-AWB path can convolve over the whole stage map.
 
   In a task block (last of a stage) each task gets its own proj input. With prompts, it is the
@@ -178,6 +197,9 @@ class WindowAttention(nn.Module):
                     ((0, 0), (num_prompts, 0), (num_prompts, 0)))
       logits = logits.reshape(b, n_win, heads, tokens, tokens) + mask[None, :, None]
       logits = logits.reshape(-1, heads, tokens, tokens)
+    visible = prompt_visibility(adapter.prompt_generations, n) if num_prompts else None
+    if visible is not None:  # keys masked out get weight exactly 0
+      logits = jnp.where(visible, logits, -jnp.inf)
     attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum("bhqk,bhkd->bqhd", attn, v).reshape(-1, tokens, c)
 
