@@ -240,16 +240,18 @@ def load_weights(weights: str, config: ml_collections.ConfigDict):
   return exported.model, exported.variables, exported.step
 
 
-def find_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                    step: int | None) -> tuple[int, dict]:
+def find_checkpoint(config: ml_collections.ConfigDict | None, workdir: str,
+                    step: int | None, *, flag: str = "--workdir",
+                    action: str = "evaluate it") -> tuple[int, dict]:
   """(step, metadata) of a training run's checkpoint (the latest if step is None), checked
-  against `config` before any model is built. Every failure is a one-line UserError."""
+  against `config` (unless None) before any model is built. Every failure is a one-line
+  UserError naming `flag`, the option that gave `workdir`."""
   if not os.path.isdir(workdir):
-    raise errors.UserError(f"--workdir={workdir} does not exist; pass the --workdir a training "
+    raise errors.UserError(f"{flag}={workdir} does not exist; pass the --workdir a training "
                            "run wrote (python -m freesine_jax.main --workdir=...)")
   directory = checkpointing.checkpoint_directory(workdir)
   if not os.path.isdir(directory):
-    raise errors.UserError(f"--workdir={workdir} holds no checkpoints/ directory; pass the "
+    raise errors.UserError(f"{flag}={workdir} holds no checkpoints/ directory; pass the "
                            "--workdir of a training run that saved a checkpoint")
   ckpt = checkpointing.Checkpointer(directory, async_save=False)
   try:
@@ -265,7 +267,8 @@ def find_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     metadata = ckpt.read_metadata(step)
   finally:
     ckpt.close()
-  checkpointing.check_compatible(metadata, config, workdir, step, "evaluate it")
+  if config is not None:
+    checkpointing.check_compatible(metadata, config, workdir, step, action)
   return int(step), metadata
 
 

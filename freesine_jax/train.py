@@ -36,6 +36,7 @@ from freesine_jax import errors
 from freesine_jax import evaluate as evaluate_lib
 from freesine_jax import losses
 from freesine_jax import modeling
+from freesine_jax import new_tasks as new_tasks_lib
 from freesine_jax import nonfinite
 from freesine_jax import optimizer as optimizer_lib
 from freesine_jax import sharding as sharding_lib
@@ -125,7 +126,8 @@ def split_microbatches(batch: Mapping[str, jax.Array], count: int,
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, schedule: optax.Schedule,
                     mesh: jax.sharding.Mesh, state_sharding: PyTree,
-                    backbone_sharding: PyTree, *, donate_state: bool = False) -> Callable:
+                    backbone_sharding: PyTree, *, donate_state: bool = False,
+                    trainable: PyTree | None = None) -> Callable:
   """The jitted `train_step(state, batch, backbone) -> (state, metrics)`.
 
   state_sharding, backbone_sharding: where the state and the backbone live
@@ -143,6 +145,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   moments: no second copy in memory), and the state passed in is deleted; the training loop
   donates. An asynchronous checkpoint save of that state is unaffected: Orbax copies the arrays
   to host memory before `save` returns.
+
+  trainable: {'params': ..., 'batch_stats': ...} boolean trees (new_tasks.start_from_trained)
+  when config.train.new_tasks trains some values only: the other gradients are zeroed and the
+  other parameters and statistics keep their values bitwise.
   """
   tasks = tuple(config.tasks)
   weights = loss_weights(config)
@@ -191,8 +197,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       (total, per_task, stats_sum, grads, bad_outputs), _ = jax.lax.scan(
           accumulate, zeros, (jnp.arange(microbatches), micro))
       batch_stats = jax.tree_util.tree_map(lambda x: x / microbatches, stats_sum)
+    if trainable is not None:
+      grads = new_tasks_lib.frozen_gradients(trainable["params"], grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if trainable is not None:
+      params = new_tasks_lib.keep_frozen(trainable["params"], params, state.params)
+      batch_stats = new_tasks_lib.keep_frozen(trainable["batch_stats"], batch_stats,
+                                              state.batch_stats)
     flags = nonfinite.step_flags(per_task, bad_outputs, grads)
     if skip_nonfinite:
       params, opt_state, batch_stats = nonfinite.keep_if_finite(
@@ -396,6 +408,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   for t in tasks:
     tasks_lib.get_task(t)
   loss_weights(config)  # fails on a missing weight before any data or model is built
+  if config.train.init_from and not tasks_lib.added_tasks(config):
+    raise errors.UserError(f"config.train.init_from={config.train.init_from} is read only with "
+                           "config.train.new_tasks=<tasks to add to that run>")
   # The mesh and the batch sizes, checked before any data or model is built.
   mesh = sharding_lib.make_mesh(config)
   global_batch = int(config.input.batch_size)
@@ -419,12 +434,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Model, optimizer, state.
   model = modeling.build_model(config)
   variables = modeling.init_variables(model, config)
+  trainable = None
+  if tasks_lib.added_tasks(config):  # the trained run's weights; only the new tasks' train
+    variables, trainable = new_tasks_lib.start_from_trained(config, model, variables)
   forward, merge = evaluate_lib.make_eval_forward(model), evaluate_lib.make_inference_merge(model)
   peak_lr, warmup_lr, min_lr = plan.learning_rates
   tx = optimizer_lib.make_optimizer(config, schedule)
   backbone_hash = checkpointing.tree_hash(variables["backbone"])
   state, backbone = init_train_state(variables, tx, config, mesh)
   num_trainable = modeling.count_parameters(variables["params"])
+  if trainable is not None:
+    num_trainable = sum(int(np.broadcast_to(m, np.shape(p)).sum()) for m, p in zip(
+        jax.tree_util.tree_leaves(trainable["params"]),
+        jax.tree_util.tree_leaves(variables["params"])))
   writer.print(f"tasks {', '.join(tasks)} | {num_trainable:,} trainable / "
                f"{modeling.count_parameters(variables['backbone']):,} frozen parameters | "
                f"{jax.device_count()} device(s), {jax.process_count()} process(es), mesh "
@@ -475,7 +497,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Train.
   train_step = make_train_step(model, tx, config, schedule, mesh,
                                sharding_lib.shardings_of(state),
-                               sharding_lib.shardings_of(backbone), donate_state=True)
+                               sharding_lib.shardings_of(backbone), donate_state=True,
+                               trainable=trainable)
   batch_keys = ("image",) + tasks
   step = int(jax.device_get(state.step))
   log_every = max(int(config.train.log_every_steps), 1)
