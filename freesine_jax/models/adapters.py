@@ -586,12 +586,13 @@ class SineAWB(nn.Module):
     path_in = path_in.astype(self.dtype)
     if not inference_cache(self, "task_kernels"):
       return task_path(path_in, factors, omegas, self.spec, self.lowering, frozen)
-    # Inference: the finished kernels (frozen linear folded in) are evaluated once.
-    conv = self.lowering.task_conv
-    prepared = cached_weight(self, "task_kernels", lambda: prepare_task_kernels(
-        finished_kernels(modulated_kernels(*factors, omegas, self.spec), self.spec,
-                         None if frozen is None else frozen[0]), conv))
-    y = apply_prepared_kernels(path_in, prepared, conv, self.spec.applied_kernel_size)
+    # Inference: the finished kernels (T, k', k', C_in, C_out), frozen linear folded in, are
+    # evaluated once; the same values are what tools/export writes. Each forward puts them in
+    # its lowering's layout (a reshape for 'gemm' and 'conv', the 4x4 transform for 'winograd').
+    kernels = cached_weight(self, "task_kernels", lambda: finished_kernels(
+        modulated_kernels(*factors, omegas, self.spec), self.spec,
+        None if frozen is None else frozen[0]))
+    y = apply_task_kernels(path_in, kernels, self.lowering.task_conv)
     return y if frozen is None else y + frozen[1]
 
 

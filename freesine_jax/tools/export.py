@@ -19,6 +19,7 @@ full_ft); MTLoRA's and TADFormer's task paths are not merged (docs/export.md).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Callable, Mapping, Sequence
@@ -75,7 +76,11 @@ def _lookup(flat_collections: Mapping[str, dict], path: tuple) -> jax.Array:
 
 def merge_variables(model: MultiTaskModel, variables: Mapping[str, PyTree],
                     tasks: Sequence[str], image_size: Sequence[int]) -> tuple[MultiTaskModel, dict]:
-  """(inference model, its variables) equal in outputs to `model` with `variables` on `tasks`."""
+  """(inference model, its variables) equal in outputs to `model` with `variables` on `tasks`.
+
+  The merged weights are models.merge_for_inference's (the in-process cache evaluation uses):
+  folding happens there once; here they are only renamed into the plain inference model.
+  """
   tasks = tuple(tasks)
   unknown = [t for t in tasks if t not in model.tasks]
   if unknown or not tasks:
@@ -89,17 +94,18 @@ def merge_variables(model: MultiTaskModel, variables: Mapping[str, PyTree],
   inference = merged_model(model, tasks)
   images = jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32)
   target = jax.eval_shape(lambda x: inference.init({"params": jax.random.key(0)}, x), images)
+  merge = jax.jit(functools.partial(models.merge_for_inference, model),
+                  static_argnames="image_shape")
+  cache = merge({k: v for k, v in variables.items() if k != adapters.MERGED},
+                image_shape=(1, *image_size, 3)).get(adapters.MERGED, {})
   flat = {name: traverse_util.flatten_dict(flax.core.unfreeze(variables.get(name, {})))
           for name in ("params", "backbone", "batch_stats")}
-  params = flat["params"]
-  omegas = None
-  if model.task_frequencies:
-    omegas = model.apply({"params": variables["params"]}, method=model.frequencies)
+  flat[adapters.MERGED] = traverse_util.flatten_dict(flax.core.unfreeze(cache))
   target_paths = {name: set(traverse_util.flatten_dict(flax.core.unfreeze(target.get(name, {}))))
                   for name in ("params", "backbone", "batch_stats")}
   out = {}
   for name, paths in target_paths.items():
-    new = {path: _merged_leaf(model, flat, omegas, index, name, path, paths) for path in paths}
+    new = {path: _merged_leaf(model, flat, index, name, path) for path in paths}
     out[name] = traverse_util.unflatten_dict(new) if new else {}
   for name, tree in out.items():
     want = jax.tree_util.tree_map(lambda s: (tuple(s.shape), str(s.dtype)), target.get(name, {}))
@@ -109,37 +115,26 @@ def merge_variables(model: MultiTaskModel, variables: Mapping[str, PyTree],
   return inference, out
 
 
-def _merged_leaf(model, flat, omegas, index, collection, path, target_paths):
-  """The value of one leaf of the inference model's variables."""
-  params = flat["params"]
+def _merged_leaf(model, flat, index, collection, path):
+  """The value of one leaf of the inference model's variables: a merged weight of
+  merge_for_inference (flat[adapters.MERGED]) or a trained/frozen one as it is."""
+  cache = flat[adapters.MERGED]
   if collection == "params" and "merged" in path:  # a task-block layer's task path
     layer = path[:path.index("merged")]
     if path[-1] == "bias":
       return _lookup(flat, layer + ("bias",))
-    frozen = _lookup(flat, layer + ("kernel",))
-    if path[-1] == "frozen_kernel":
-      return frozen
-    spec = model.adapter.sine_awb
-    a, b = params[layer + ("lora_a",)], params[layer + ("lora_b",)]
-    if spec.independent_bases:
-      a, b = params[layer + ("sine_awb", "a")], params[layer + ("sine_awb", "b")]
-    kernels = spec.scale * adapters.sine_awb_kernels(
-        a, params[layer + ("sine_awb", "w")], b, omegas, spec)[index]
-    if path[:-1] + ("frozen_kernel",) in target_paths:
-      return kernels
-    centre = kernels.shape[1] // 2  # the frozen linear reads the task stream: fold it in
-    return kernels.at[:, centre, centre].add(frozen)
-  lora_a = path[:-1] + ("lora_a",)
-  if path[-1] == "kernel" and lora_a in params:  # the shared LoRA folded into the frozen linear
-    return (_lookup(flat, path) +
-            model.adapter.lora.scale * params[lora_a] @ params[path[:-1] + ("lora_b",)])
-  shared_decoder = ("head", "base_kernel") in params
-  if collection == "params" and shared_decoder and path[0] == "head" and path[2] == "conv_in":
+    if path[-1] == "frozen_kernel":  # the frozen linear reads another input than the path
+      return _lookup(flat, layer + ("kernel",))
+    # scale * K~_t, with the frozen linear in the centre tap where it reads the path's input
+    return cache[layer + ("sine_awb", "task_kernels")][index]
+  if path[-1] == "kernel" and path[:-1] + ("lora_a",) in flat["params"]:
+    return cache[path]  # W + s A B (the shared stream)
+  if collection == "params" and ("head", "task_kernels") in cache and path[0] == "head" \
+      and path[2] == "conv_in":  # the shared decoder: each task's K~_t, bias b + b_t
     task = path[1][:-len("_head")]
     if path[-1] == "bias":
-      return params[("head", "base_bias")] + params[("head", f"{task}_bias")]
-    t = model.tasks.index(task)
-    return model.decoder.sine.kernels(params[("head", "base_kernel")], omegas[t:t + 1])[0]
+      return flat["params"][("head", "base_bias")] + flat["params"][("head", f"{task}_bias")]
+    return cache[("head", "task_kernels")][model.tasks.index(task)]
   if path not in flat[collection]:
     raise ValueError(f"no value for the inference model's {collection}/{'/'.join(path)}")
   if collection == "params" and path == ("task_tokens",):
