@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import synthetic
+from configs import pascal_context, synthetic
 from freesine_jax import evaluate
 from freesine_jax import modeling
 from freesine_jax.tools import export
@@ -107,3 +107,42 @@ def test_evaluate_reads_the_export_and_agrees_with_the_checkpoint(exported_run, 
     for key, value in from_checkpoint["results"][task].items():
       if isinstance(value, float):
         assert from_export["results"][task][key] == pytest.approx(value, rel=1e-3, abs=1e-3)
+
+
+# ----------------------------------------------------------------------------- FLOPs at scale
+# Swin-T at 448 x 448, batch 1 (XLA cost analysis of the lowered programs: no weights, no run).
+SWIN_T_SIZE = 448
+# Per stage: task-block tokens N_i and channels C_i (patch size 4, dims 96 .. 768).
+SWIN_T_STAGES = [((SWIN_T_SIZE // 4 // 2**i) ** 2, 96 * 2**i) for i in range(4)]
+
+
+def lowered_flops(model, size=SWIN_T_SIZE):
+  images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x), images)
+  cost = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, images).cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+
+def merged_single_task_flops(kernel_size, task="semseg"):
+  config = pascal_context.get_config("r64")
+  config.model.prompts = False  # a single task is exported only without prompts
+  config.model.sine_awb.kernel_size = kernel_size
+  return lowered_flops(export.merged_model(modeling.build_model(config), (task,)))
+
+
+def test_merged_single_task_flops_against_backbone_head_and_the_dense_kernel_formula():
+  # Frozen Swin-T + the task's HRNet head: the decoder_only baseline with that one task.
+  reference_config = pascal_context.get_config("r64,decoder_only")
+  reference_config.tasks = ("semseg",)
+  reference = lowered_flops(modeling.build_model(reference_config))
+  k1, k3 = merged_single_task_flops(1), merged_single_task_flops(3)
+  # k = 3: each task-block layer (proj C->C, fc1 C->4C, fc2 4C->C: 9 C^2 per token) turns a
+  # linear layer into a dense 3x3 conv, 2 (k^2 - 1) N C_in C_out more FLOPs (docs/method.md).
+  dense = sum(2 * (3**2 - 1) * n * 9 * c * c for n, c in SWIN_T_STAGES)
+  assert k3 - k1 <= dense * 1.001 and k3 - k1 >= dense * 0.999, (k3 - k1, dense)
+  # k = 1: the task path folds into a plain linear, but the task stream still differs from the
+  # shared one the next stage reads, so stages 1-3 run proj, fc1, fc2 (18 N C^2) and the patch
+  # merging (4 N C^2) a second time: the 2% target of issue 11 does not hold (docs/method.md,
+  # "Merged export: FLOPs"), and the excess is at least that work.
+  streams = sum(2 * (9 + 2) * n * c * c for n, c in SWIN_T_STAGES[:3])
+  assert k1 - reference >= streams, (k1, reference, streams)
