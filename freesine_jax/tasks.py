@@ -202,8 +202,7 @@ def get_task(name: str) -> TaskSpec:
 def added_tasks(config) -> tuple[str, ...]:
   """The tasks config.train.new_tasks adds to the run in config.train.init_from: the trailing
   entries of config.tasks (docs/training.md, "Adding a task"). A UserError names what is wrong."""
-  # .get: configs saved before the key existed (export.json, checkpoints) have no such tasks.
-  spec = config.train.get("new_tasks", "") or ""
+  spec = config.train.new_tasks
   names = tuple(t.strip() for t in str(spec).split(",") if t.strip())
   for name in names:
     get_task(name)

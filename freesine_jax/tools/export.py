@@ -184,6 +184,8 @@ def load(directory: str) -> Exported:
                            "python -m freesine_jax.tools.export --out=...")
   with open(config_path, encoding="utf-8") as f:
     saved = json.load(f)
+  # An export written before train.new_tasks existed added no tasks.
+  saved["config"].setdefault("train", {}).setdefault("new_tasks", "")
   config = ml_collections.ConfigDict(saved["config"])
   tasks = tuple(saved["tasks"])
   inference = merged_model(models.build_model(config), tasks)
