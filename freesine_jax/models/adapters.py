@@ -645,13 +645,14 @@ class AdaptedDense(nn.Module):
       y_frozen = frozen(x)
     frozen_of = lambda z: y_frozen if z is x else frozen(z)
 
+    if merged:  # W_0 + scale A B of every LoRA layer, read here or not (tools/export writes all)
+      w_merged = cached_weight(self, "kernel", lambda: kernel_0 + self.lora.scale * jnp.dot(
+          a.astype(self.dtype), b.astype(self.dtype)))
     y_shared = None
     if shared_output:
       if a is None:
         y_shared = y_frozen
       elif merged:
-        w_merged = cached_weight(self, "kernel", lambda: kernel_0 + self.lora.scale * jnp.dot(
-            a.astype(self.dtype), b.astype(self.dtype)))
         y_shared = jnp.dot(x.astype(self.dtype), w_merged) + bias_0
       else:
         xd = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
