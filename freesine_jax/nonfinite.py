@@ -1,9 +1,13 @@
 """Non-finite losses and gradients: stop training naming the step and the task(s), or skip the step.
 
 A NaN or Inf in one step's loss or gradient poisons the parameters for good, and the checkpoints
-written after it. The train step therefore reports, per step, which task's loss (or the
-gradient of that loss w.r.t. the task's output) is non-finite, and whether any parameter
-gradient is. The loop checks these flags on the host whenever it is about to do something with
+written after it. The train step therefore reports, per step, which task's loss, or the gradient
+of that task's own parameters (its decoder head: the leaves only its output depends on,
+`task_parameter_leaves`), is non-finite, and whether any parameter gradient is. Both come from
+what the step computes anyway (per-task losses, the one backward pass): no second gradient.
+A task's output gradient reaches its own head's parameter gradient before the shared network's,
+so a non-finite shared gradient with every task's loss and head gradient finite arose inside the
+shared network's backward pass, and is reported as such. The loop checks these flags on the host whenever it is about to do something with
 the state (log, checkpoint, evaluate, draw, finish), so a poisoned state is never saved:
 
   config.train.on_nonfinite = 'stop'  (default) the run ends with one line (errors.UserError:
@@ -15,9 +19,12 @@ the state (log, checkpoint, evaluate, draw, finish), so a poisoned state is neve
 """
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.extend.core as jex_core
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -48,27 +55,58 @@ def _all_finite(tree: PyTree) -> jax.Array:
       else jnp.array(True)
 
 
-def output_gradient_nonfinite(loss_of_outputs: Callable[[Mapping[str, jax.Array]], jax.Array],
-                              outputs: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """{task: 1 if d(loss)/d(task's output) has a NaN/Inf else 0} (int32, so micro-batches add)."""
-  output_grads = jax.grad(loss_of_outputs)(outputs)
-  return {t: (~_all_finite(g)).astype(jnp.int32) for t, g in output_grads.items()}
+def _dependence_of_outputs(jaxpr, inputs: Sequence[int]) -> list[int]:
+  """Per output variable of `jaxpr`, the bitmask of `inputs` (one per input variable) it is
+  computed from. Calls whose body maps inputs to outputs one to one (jit, remat, custom
+  derivatives) are followed; any other equation (loops, conditionals) makes each of its outputs
+  depend on all of its inputs, which can only make a leaf look shared, never task-specific."""
+  deps = dict(zip(jaxpr.invars, inputs))
+  read = lambda v: 0 if isinstance(v, jex_core.Literal) else deps.get(v, 0)
+  for eqn in jaxpr.eqns:
+    ins = [read(v) for v in eqn.invars]
+    subs = [j for j in jex_core.jaxprs_in_params(eqn.params)
+            if len(j.invars) == len(eqn.invars) and len(j.outvars) == len(eqn.outvars)]
+    if len(subs) == 1:
+      outs = _dependence_of_outputs(subs[0], ins)
+    else:
+      outs = [functools.reduce(operator.or_, ins, 0)] * len(eqn.outvars)
+    deps.update(zip(eqn.outvars, outs))
+  return [read(v) for v in jaxpr.outvars]
 
 
-def step_flags(per_task_loss: Mapping[str, jax.Array],
-               output_gradient_bad: Mapping[str, jax.Array],
-               grads: PyTree) -> dict[str, jax.Array]:
-  """{'nonfinite/<task>': its loss or d(loss)/d(its output) is non-finite,
+def task_parameter_leaves(outputs_fn: Callable[..., Mapping[str, jax.Array]], params: PyTree,
+                          *args: Any) -> dict[str, tuple[int, ...]]:
+  """{task: indices (in tree_leaves(params) order) of the parameter leaves only that task's
+  output depends on}, from the dataflow of `outputs_fn(params, *args)` traced abstractly (no
+  computation, nothing in the compiled step). Leaves that feed several tasks are in none."""
+  abstract = lambda tree: jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  closed, out_tree = jax.make_jaxpr(outputs_fn, return_shape=True)(abstract(params),
+                                                                    *abstract(args))
+  num_params = len(jax.tree_util.tree_leaves(params))
+  inputs = [1 << i if i < num_params else 0 for i in range(len(closed.jaxpr.invars))]
+  masks = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_tree),
+                                       _dependence_of_outputs(closed.jaxpr, inputs))
+  per_task = {task: functools.reduce(operator.or_, jax.tree_util.tree_leaves(sub), 0)
+              for task, sub in masks.items()}
+  own = {}
+  for task, mask in per_task.items():
+    others = functools.reduce(operator.or_, (m for t, m in per_task.items() if t != task), 0)
+    own[task] = tuple(i for i in range(num_params) if (mask & ~others) >> i & 1)
+  return own
+
+
+def step_flags(per_task_loss: Mapping[str, jax.Array], grads: PyTree,
+               task_leaves: Mapping[str, Sequence[int]]) -> dict[str, jax.Array]:
+  """{'nonfinite/<task>': its loss or the gradient of its own parameters is non-finite,
   'nonfinite/gradient': some parameter gradient is non-finite} (boolean scalars, in the step).
 
-  output_gradient_bad: per task, a count (over micro-batches) of non-finite output gradients
-  (output_gradient_nonfinite)."""
+  task_leaves: task_parameter_leaves of the model (indices into tree_leaves(grads))."""
+  leaves = jax.tree_util.tree_leaves(grads)
   flags = {}
   for task, loss in per_task_loss.items():
-    bad = ~jnp.isfinite(loss)
-    if task in output_gradient_bad:
-      bad = bad | (output_gradient_bad[task] > 0)
-    flags[PREFIX + task] = bad
+    own = [leaves[i] for i in task_leaves.get(task, ())]
+    flags[PREFIX + task] = ~jnp.isfinite(loss) | ~_all_finite(own)
   flags[GRADIENT] = ~_all_finite(grads)
   return flags
 
@@ -84,15 +122,15 @@ def keep_if_finite(finite: jax.Array, updated: PyTree, previous: PyTree) -> PyTr
 
 def describe(step: int, flags: Mapping[str, Any], metrics: Mapping[str, Any],
              tasks: Sequence[str]) -> str:
-  """'step 17: non-finite loss or loss gradient of task(s) depth (inf)', or of the shared
-  parameters' gradient; tasks in `tasks` order."""
+  """'step 17: non-finite loss or loss gradient of task(s) depth (inf)' (its loss or its own
+  parameters' gradient), or of the shared parameters' gradient; tasks in `tasks` order."""
   tasks = [t for t in tasks if bool(flags.get(PREFIX + t, False))]
   if tasks:
     values = ", ".join(f"{t} ({float(metrics[f'loss/{t}']):.4g})" if f"loss/{t}" in metrics
                        else t for t in tasks)
     return f"step {step}: non-finite loss or loss gradient of task(s) {values}"
-  return (f"step {step}: non-finite parameter gradient (every task's loss and output gradient "
-          "are finite: the shared network)")
+  return (f"step {step}: non-finite parameter gradient (every task's loss and task-specific "
+          "parameter gradients are finite: the shared network)")
 
 
 class Monitor:

@@ -155,31 +155,35 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   microbatches = int(config.train.grad_accum_steps)
   skip_nonfinite = nonfinite.check_mode(config) == "skip"
 
+  def forward(params, batch_stats, backbone, images, k_dropout, k_path):
+    """({task: output}, mutated variables) of the training forward pass."""
+    gathered = sharding_lib.gathered({"backbone": backbone, "params": params}, mesh)
+    return model.apply({**gathered, "batch_stats": batch_stats}, images, train=True,
+                       rngs={"dropout": k_dropout, "drop_path": k_path},
+                       mutable=["batch_stats"])
+
   def gradients(params, batch_stats, backbone, batch, totals, k_dropout, k_path):
-    """(loss, per-task losses, updated batch_stats, grads, per-task non-finite output-gradient
-    counts) of one (micro-)batch."""
+    """(loss, per-task losses, updated batch_stats, grads) of one (micro-)batch."""
 
     def loss_fn(params):
-      gathered = sharding_lib.gathered({"backbone": backbone, "params": params}, mesh)
-      outputs, mutated = model.apply(
-          {**gathered, "batch_stats": batch_stats}, batch["image"], train=True,
-          rngs={"dropout": k_dropout, "drop_path": k_path}, mutable=["batch_stats"])
+      outputs, mutated = forward(params, batch_stats, backbone, batch["image"], k_dropout,
+                                 k_path)
       total, per_task = losses.multitask_loss(outputs, batch, tasks, weights, totals)
-      return total, (per_task, mutated.get("batch_stats", batch_stats),
-                     {t: outputs[t] for t in tasks})
+      return total, (per_task, mutated.get("batch_stats", batch_stats))
 
-    (total, (per_task, new_stats, outputs)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(params)
-    # Which task a NaN/Inf comes from: its loss, or the loss's gradient w.r.t. its output.
-    bad_outputs = nonfinite.output_gradient_nonfinite(
-        lambda o: losses.multitask_loss(o, batch, tasks, weights, totals)[0], outputs)
-    return total, per_task, new_stats, grads, bad_outputs
+    (total, (per_task, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return total, per_task, new_stats, grads
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array], backbone: PyTree):
     rng, k_dropout, k_path = jax.random.split(state.rng, 3)
     totals = losses.label_totals(batch, tasks)  # of the whole global batch
+    # Which parameter leaves belong to one task only (its head): read off the traced forward
+    # pass, so naming the task behind a NaN/Inf costs no computation in the step.
+    task_leaves = nonfinite.task_parameter_leaves(
+        lambda *a: {t: forward(*a)[0][t] for t in tasks}, state.params, state.batch_stats,
+        backbone, batch["image"], k_dropout, k_path)
     if microbatches == 1:
-      total, per_task, batch_stats, grads, bad_outputs = gradients(
+      total, per_task, batch_stats, grads = gradients(
           state.params, state.batch_stats, backbone, batch, totals, k_dropout, k_path)
     else:
       def accumulate(sums, xs):
@@ -194,7 +198,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
           lambda x: jnp.zeros(x.shape, x.dtype),
           jax.eval_shape(gradients, state.params, state.batch_stats, backbone, first, totals,
                          k_dropout, k_path))
-      (total, per_task, stats_sum, grads, bad_outputs), _ = jax.lax.scan(
+      (total, per_task, stats_sum, grads), _ = jax.lax.scan(
           accumulate, zeros, (jnp.arange(microbatches), micro))
       batch_stats = jax.tree_util.tree_map(lambda x: x / microbatches, stats_sum)
     if trainable is not None:
@@ -205,7 +209,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       params = new_tasks_lib.keep_frozen(trainable["params"], params, state.params)
       batch_stats = new_tasks_lib.keep_frozen(trainable["batch_stats"], batch_stats,
                                               state.batch_stats)
-    flags = nonfinite.step_flags(per_task, bad_outputs, grads)
+    flags = nonfinite.step_flags(per_task, grads, task_leaves)
     if skip_nonfinite:
       params, opt_state, batch_stats = nonfinite.keep_if_finite(
           nonfinite.step_is_finite(flags), (params, opt_state, batch_stats),

@@ -17,12 +17,10 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_FACTORY
-from freesine_jax import checkpointing
+from conftest import REPO, TINY_FACTORY, assert_same_state, final_state
 from freesine_jax import distributed
 from freesine_jax import errors
 
@@ -64,26 +62,6 @@ def flat_numbers(tree, prefix=""):
     items = tree.items() if isinstance(tree, dict) else enumerate(tree)
     return {k: v for key, sub in items for k, v in flat_numbers(sub, f"{prefix}/{key}").items()}
   return {prefix: tree}
-
-
-def final_state(workdir):
-  """(step, saved state) of the workdir's latest checkpoint, read on this process's device."""
-  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_directory(workdir),
-                                    async_save=False)
-  step = ckpt.latest_step()
-  state = ckpt.restore_saved_state(step)
-  ckpt.close()
-  return step, state
-
-
-def assert_same_state(got, want):
-  got_leaves = jax.tree_util.tree_leaves_with_path(got)
-  want_leaves = jax.tree_util.tree_leaves_with_path(want)
-  assert [p for p, _ in got_leaves] == [p for p, _ in want_leaves]
-  assert any("params" in jax.tree_util.keystr(p) for p, _ in want_leaves)
-  for (path, a), (_, b) in zip(got_leaves, want_leaves):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
-                                  err_msg=jax.tree_util.keystr(path))
 
 
 def logged_steps(workdir):

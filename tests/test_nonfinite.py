@@ -129,8 +129,8 @@ def test_skipped_step_changes_nothing_but_the_counter_and_key():
 def test_describe_a_shared_gradient_and_an_unknown_mode():
   flags = {"nonfinite/semseg": False, "nonfinite/depth": False, nonfinite.GRADIENT: True}
   assert nonfinite.describe(3, flags, {"loss/semseg": 0.5}, ("semseg", "depth")) == (
-      "step 3: non-finite parameter gradient (every task's loss and output gradient are "
-      "finite: the shared network)")
+      "step 3: non-finite parameter gradient (every task's loss and task-specific parameter "
+      "gradients are finite: the shared network)")
   config = tiny_config(on_nonfinite="skipp")
   with pytest.raises(errors.UserError, match=r"on_nonfinite='skipp' \(did you mean 'skip'\?\)"):
     nonfinite.check_mode(config)
@@ -166,3 +166,73 @@ def test_all_ignored_batch_gives_finite_losses_gradients_and_metrics():
   assert not any(bool(v) for k, v in metrics.items() if k.startswith(nonfinite.PREFIX))
   assert all(np.isfinite(np.asarray(x)).all()
              for x in jax.tree_util.tree_leaves((new_state.params, new_state.batch_stats)))
+
+
+def _own_leaf_names(model, variables, image_size):
+  """{task: sorted parameter paths task_parameter_leaves gives that task alone}."""
+  paths = [jax.tree_util.keystr(p) for p, _ in
+           jax.tree_util.tree_leaves_with_path(variables["params"])]
+  images = jax.ShapeDtypeStruct((2, *image_size, 3), np.float32)
+  forward = lambda params, rest, x: model.apply(
+      {**rest, "params": params}, x, train=True, mutable=["batch_stats"],
+      rngs={"dropout": jax.random.key(0), "drop_path": jax.random.key(1)})[0]
+  rest = {k: v for k, v in variables.items() if k != "params"}
+  own = nonfinite.task_parameter_leaves(forward, variables["params"], rest, images)
+  return {task: sorted(paths[i] for i in leaves) for task, leaves in own.items()}
+
+
+def test_task_parameter_leaves_are_the_heads_of_the_tiny_model():
+  """Each task owns exactly its head's kernel and bias; the shared conv and BatchNorm belong to
+  no task (they feed every output)."""
+  from test_train import TinyModel  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  model = TinyModel()
+  variables = jax.eval_shape(lambda: model.init(
+      {"params": jax.random.key(0)}, np.zeros((1, 8, 8, 3), np.float32)))
+  own = _own_leaf_names(model, variables, (8, 8))
+  assert own == {t: [f"['head_{t}']['bias']", f"['head_{t}']['kernel']"]
+                 for t in config.tasks}
+
+
+def test_task_parameter_leaves_of_free_sinewich_are_its_decoder_heads():
+  """On the real model (configs/synthetic.py:tiny, traced, not compiled) the dataflow goes
+  through the Swin encoder's calls: every leaf a task owns is in that task's decoder modules
+  ('<task>_...'), every task owns some, and the encoder's adapters, prompts and Clock Net
+  (which feed all tasks) are owned by none."""
+  from configs import synthetic  # pylint: disable=g-import-not-at-top
+  from freesine_jax import modeling  # pylint: disable=g-import-not-at-top
+  config = synthetic.get_config("tiny")
+  model = modeling.build_model(config)
+  size = tuple(config.dataset.image_size)
+  variables = jax.eval_shape(lambda: model.init(
+      {"params": jax.random.key(0), "dropout": jax.random.key(1),
+       "drop_path": jax.random.key(2)}, np.zeros((1, *size, 3), np.float32)))
+  own = _own_leaf_names(model, variables, size)
+  assert set(own) == set(config.tasks)
+  for task, names in own.items():
+    assert names, task
+    assert all(f"'{task}_" in n for n in names), (task, names)
+  owned = {n for names in own.values() for n in names}
+  all_paths = [jax.tree_util.keystr(p) for p, _ in
+               jax.tree_util.tree_leaves_with_path(variables["params"])]
+  task_named = {n for n in all_paths if any(f"'{t}_" in n for t in config.tasks)}
+  assert owned == task_named
+
+
+def test_step_flags_attribute_a_head_gradient_to_its_task_and_a_shared_one_to_nobody():
+  """Finite losses: a NaN in one task's own leaf flags that task (and the gradient); a NaN in a
+  shared leaf flags only the gradient, which describe() puts on the shared network."""
+  grads = {"head_depth": np.ones(3, np.float32), "head_sal": np.ones(2, np.float32),
+           "shared": np.ones(4, np.float32)}
+  leaves = {"depth": (0,), "sal": (1,)}  # tree_leaves order: head_depth, head_sal, shared
+  losses = {"sal": np.float32(0.5), "depth": np.float32(0.25)}
+  clean = nonfinite.step_flags(losses, grads, leaves)
+  assert not any(bool(v) for v in clean.values())
+  for leaf, named in (("head_depth", ["depth"]), ("head_sal", ["sal"]), ("shared", [])):
+    bad = dict(grads, **{leaf: np.array([1.0, np.nan] + [1.0] * (grads[leaf].size - 2),
+                                        np.float32)})
+    flags = nonfinite.step_flags(losses, bad, leaves)
+    assert [t for t in ("sal", "depth") if bool(flags[f"nonfinite/{t}"])] == named, leaf
+    assert bool(flags[nonfinite.GRADIENT])
+  assert bool(nonfinite.step_flags(dict(losses, sal=np.float32(np.inf)), grads,
+                                   leaves)["nonfinite/sal"])
