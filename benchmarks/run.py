@@ -574,7 +574,7 @@ WHY_NOT_MET = [
     "~1 GiB of runtime (Python, jaxlib, the compiled program, the frozen backbone) plus the "
     "temporaries XLA's buffer assignment asks for, which at 448 are the activations of the four "
     "task streams of each stage's last block and the k x k GEMM inputs of their task paths. "
-    "block_remat (every block recomputed in the backward pass) is the measured alternative.",
+    "block_remat (every block recomputed in the backward pass) is the switch to measure next.",
     "- Compile time: driven by graph size (the 'StableHLO ops' column; tracing alone is the "
     "figure in brackets). At 224 about 8.7k of the ~38k ops are the optimizer's per-leaf AdamW "
     "(one set of elementwise ops per parameter leaf), ~17k the forward and backward of the "
@@ -585,9 +585,12 @@ WHY_NOT_MET = [
     "im2col copies, their shift-add transposes, the kernels rebuilt from the factors) moves "
     "more memory per FLOP than a dense GEMM; the 2-core CPU is memory-bound there.",
     "- Merged inference FLOPs: fuse-then-sine makes every task kernel a dense k x k "
-    "convolution (docs/method.md): the 12 task paths are most of the FLOPs and no further "
-    "exact saving was found; Winograd (task_conv='winograd') is the option under the limit "
-    "when its column says so.",
+    "convolution (docs/method.md): the 12 task paths are most of the FLOPs; the exact savings "
+    "made are listed in docs/method.md, \"Computation\" (a run before the decoder's "
+    "scale-by-scale products shows their ~7 GFLOP per image at 448 not yet taken); Winograd "
+    "(task_conv='winograd') is the option under the limit when its row says so.",
+    "- A run interrupted before the end (no GEMM roof at the end, cases missing) was cut to "
+    "fit the session's time: the 448 cases first.",
 ]
 
 
