@@ -27,6 +27,7 @@ activations of LayerNorm scale, frozen weights of pretrained Swin scale (std 0.0
 import itertools
 import zlib
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +36,7 @@ import pytest
 from configs import base
 from freesine_jax import models
 from freesine_jax.models import adapters
+from freesine_jax.models import decoders
 
 EPS32 = float(np.finfo(np.float32).eps)
 U32 = EPS32 / 2  # unit roundoff
@@ -384,3 +386,44 @@ def test_tap_gather_and_sum_are_each_others_transpose():
       np.testing.assert_array_equal(vjp(g)[0], adapters.sum_taps(g, k, not flip))
       _, vjp = jax.vjp(lambda z: adapters.sum_taps(z, k, flip), g)
       np.testing.assert_array_equal(vjp(x)[0], adapters.gather_taps(x, k, not flip))
+
+
+@pytest.mark.parametrize("shape,size", [((7, 7), (56, 56)), ((56, 56), (448, 448)),
+                                        ((14, 28), (56, 56)), ((28, 28), (28, 56)),
+                                        ((5, 3), (15, 12)), ((6, 6), (9, 9))])
+def test_resize_bilinear_is_jax_image_resize(shape, size):
+  """The decoders' bilinear upsampling (three broadcast products per axis for integer factors)
+  is jax.image.resize (align_corners=False, no antialiasing), values and gradients, in
+  float64; sizes of the model's resizes at 448 and non-integer ones (jax.image.resize used)."""
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal((2, *shape, 3))
+  cot = rng.standard_normal((2, *size, 3))
+  ref = lambda z: jax.image.resize(z, (2, *size, 3), "bilinear", antialias=False)
+  ours = lambda z: decoders.resize_bilinear(z, size)
+  value_and_grad = lambda f: lambda z, c: (f(z), jax.grad(lambda q: jnp.vdot(f(q), c))(z))
+  got, want = in_float64(value_and_grad(ours), x, cot), in_float64(value_and_grad(ref), x, cot)
+  chex.assert_shape(got[0], (2, *size, 3))
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=0, atol=1e-12 * np.abs(w).max())
+
+
+def test_shared_decoder_base_applied_scale_by_scale():
+  """ScaleProjections(features, M) = concat_i(upsample(proj_i(f_i))) . M, computed as
+  sum_i upsample(proj_i(f_i) . M_i) at each scale's resolution: the Swin-T channels and the
+  paper's 270 -> 1080 base at its init scale, modulated; against the direct form in float64."""
+  rng = np.random.default_rng(8)
+  dims, grids = (192, 384, 768, 768), (16, 8, 4, 2)
+  features = [jnp.asarray(rng.standard_normal((1, g, g, d)), jnp.float32)
+              for d, g in zip(dims, grids)]
+  module = lambda dtype: decoders.ScaleProjections((18, 36, 72, 144), dtype)
+  params = module(jnp.float32).init(jax.random.key(0), features)
+  base_kernel = jax.random.normal(jax.random.key(1), (1, 1, 270, 1080)) / np.sqrt(270)
+  matrix = adapters.SineSpec().kernels(base_kernel, jnp.array([0.6]))[0, 0, 0]
+  direct = lambda dtype: lambda p, f, m: jnp.dot(module(dtype).apply(p, f), m)
+  ours = lambda dtype: lambda p, f, m: module(dtype).apply(p, f, m)
+  want = in_float64(direct(jnp.float64), params, features, matrix)
+  chex.assert_shape(want, (1, 16, 16, 1080))
+  # Exact: in float64 the two orders agree to float64 rounding (1e-6 float32 ulps).
+  assert ulps(in_float64(ours(jnp.float64), params, features, matrix), want) <= 1e-6
+  assert_as_accurate(ours(jnp.float32)(params, features, matrix),
+                     direct(jnp.float32)(params, features, matrix), want, "scale by scale")
