@@ -5,12 +5,6 @@
   the notebook's kernel): a program compiled once — the tiny models' train and eval steps — is
   not compiled again. Every program is cached, however fast it compiled (the tests compile
   hundreds of small ones).
-* Programs compile with LLVM's optimisation off (XLA_FLAGS --xla_backend_optimization_level=0,
-  here and in the processes the tests start): the same HLO programs, slower machine code, about
-  half the compile time, which dominates the suite. Results differ from optimised code by float
-  rounding only (measured: <= 1 ulp-scale, e.g. 6e-8 on values ~1, on the tiny and a small Swin
-  train step); every comparison the tests make is between programs compiled alike or against an
-  independent reference with a tolerance.
 * One synthetic data directory (the tiny dataset renders once).
 * Under xdist, the session fixtures below are made by whichever worker asks first and reused by
   the other (`shared_dir`), not made once per worker.
@@ -38,7 +32,6 @@ FREE_SINEWICH_STEPS = 6
 
 
 CACHE_ENV = "FREESINE_TEST_XLA_CACHE"  # set by the process that made the run's cache
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def pytest_configure(config):
@@ -47,9 +40,6 @@ def pytest_configure(config):
     cache = tempfile.mkdtemp(prefix="freesine_jax_xla_cache_")
     config.freesine_xla_cache = cache
     os.environ[CACHE_ENV] = cache
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "--xla_backend_optimization_level" not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} {FAST_COMPILE}".strip()
   os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   jax.config.update("jax_compilation_cache_dir", cache)

@@ -234,8 +234,7 @@ def test_8_devices_match_one_device():
   """(8,) data and (4, 2) data x fsdp meshes give one device's loss and update, with the
   parameters where the rules put them."""
   here = os.path.join(REPO, "tests")
-  env = dict(os.environ, XLA_FLAGS=" ".join([os.environ.get("XLA_FLAGS", ""),
-                                             "--xla_force_host_platform_device_count=8"]),
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([here, REPO, os.environ.get("PYTHONPATH", "")]))
   proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], cwd=REPO, env=env,
