@@ -163,10 +163,18 @@ TRAINED = ("single_task", "full_ft", "decoder_only", "lora", "mtlora", "mtlora_p
 
 @pytest.mark.parametrize("baseline", TRAINED)
 def test_baseline_trains_and_evaluates(baseline, synthetic_data_dir, tmp_path):
+  """Trains 2 steps and evaluates one batch: finite metrics, the trainable count reported is
+  the model's, and the baseline's distinctive modules (and no Sine-AWB or Clock Net) are in it.
+
+  The smallest Swin that still has every baseline's distinctive parts keeps the compiled
+  programs small (compile time grows with the program, and there is one per baseline): two
+  tasks, two stages of one (task) block each, so there is one patch merging (MTLoRA+'s LoRA on
+  the reduction, TADFormer's prompt projection) and two stages of task LoRA, filters and gates.
+  """
   config = synthetic.get_config(f"tiny,{baseline}")
-  # Two tasks and one block per stage (each a task block) keep the compiled programs small.
   config.tasks = ("semseg", "normals")
-  config.model.depths, config.model.num_heads = (1, 1, 1, 1), (1, 1, 1, 1)
+  config.model.depths, config.model.num_heads = (1, 1), (1, 1)
+  config.model.decoder.proj_channels = (8, 16)
   config.model.decoder.head_channels = 8
   config.dataset.data_dir = synthetic_data_dir
   config.train.max_steps = 2
@@ -183,4 +191,8 @@ def test_baseline_trains_and_evaluates(baseline, synthetic_data_dir, tmp_path):
   names = {p for path in traverse_util.flatten_dict(initial["params"]) for p in path}
   assert ("task_lora" in names) == (baseline in ("mtlora", "mtlora_plus"))
   assert ("task_filter" in names) == (baseline == "tadformer")
+  assert ("prompt_proj_0" in names) == (baseline == "tadformer")
+  paths = ["/".join(path) for path in traverse_util.flatten_dict(initial["params"])]
+  assert any(p.endswith("layers_0_downsample/reduction/lora_a") for p in paths) == (
+      baseline == "mtlora_plus")
   assert "clock" not in names and "sine_awb" not in names

@@ -258,13 +258,21 @@ def test_winograd_needs_3x3_kernels_at_config_time():
 # ----------------------------------------------------------------------------- the whole model
 
 
+SMALL_DEPTHS = (1, 2)
+
+
 def small_config(**compute):
-  """A small Swin (5 blocks, the last stage with a plain block before its task block), 2 tasks."""
+  """A small Swin, 2 tasks, shared by the whole-model tests (one init program): two stages (the
+  decoder reads two scales), 3 blocks, the last stage with a plain block before its task block.
+  Stage 1 (8 x 8 tokens) has its low-pass on the kernels, stage 2 (4 x 4) on the activations
+  under lowpass_site='auto', so both sites and a patch merging are in every program; more
+  stages would repeat the same layers at other sizes and only lengthen the compiles."""
   cfg = base.get_config()
   cfg.tasks, cfg.num_classes.semseg = ("semseg", "normals"), 5
   mc = cfg.model
   mc.lora.rank, mc.variant = 4, "custom"
-  mc.embed_dim, mc.depths, mc.num_heads, mc.window_size = 16, (1, 1, 1, 2), (1, 2, 2, 4), 4
+  mc.embed_dim, mc.depths, mc.num_heads, mc.window_size = 16, SMALL_DEPTHS, (1, 2), 4
+  mc.decoder.proj_channels = (18, 36)
   mc.decoder.head_channels = 32
   for field, value in compute.items():
     mc.compute[field] = value
@@ -298,9 +306,9 @@ def test_merged_inference_is_the_same_model():
   LoRA and the decoder's kernels once; the model then reads them: same outputs, no sine left.
 
   Tolerance 2e-6 of each output's scale (~17 ulps): the merged weights are rounded once more
-  (W_0 + scale A B, the fold) and ~10 layers pass that on; measured ~1e-6. The adapters move
-  the outputs by > 1e-3 of their scale at these magnitudes, so a wrong or missing merged weight
-  cannot hide in it."""
+  (W_0 + scale A B, the fold) and the layers pass that on; measured ~1e-6 (on a 4-stage model).
+  The adapters move the outputs by > 1e-3 of their scale at these magnitudes, so a wrong or
+  missing merged weight cannot hide in it."""
   cfg = small_config()
   model = models.build_model(cfg)
   variables = trained_variables(model)
@@ -314,11 +322,11 @@ def test_merged_inference_is_the_same_model():
   merged = jax.jit(lambda v: models.merge_for_inference(model, v, SMALL_IMAGES.shape))(variables)
   names = [jax.tree_util.keystr(p) for p, _ in
            jax.tree_util.tree_leaves_with_path(merged[adapters.MERGED])]
-  # qkv, proj, fc1, fc2 of 5 blocks (also the last block's proj, fc1, fc2, whose shared output
-  # is never read: tools/export writes every merged kernel); the task kernels of proj, fc1, fc2
-  # in the 4 task blocks and the decoder's.
-  assert sum(n.endswith("['kernel']") for n in names) == 4 * 5
-  assert sum(n.endswith("['task_kernels']") for n in names) == 3 * 4 + 1
+  # qkv, proj, fc1, fc2 of every block (also the last block's proj, fc1, fc2, whose shared
+  # output is never read: tools/export writes every merged kernel); the task kernels of proj,
+  # fc1, fc2 in the task block of each stage and the decoder's.
+  assert sum(n.endswith("['kernel']") for n in names) == 4 * sum(SMALL_DEPTHS)
+  assert sum(n.endswith("['task_kernels']") for n in names) == 3 * len(SMALL_DEPTHS) + 1
   jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, SMALL_IMAGES))(merged))
   assert "sin(" not in jaxpr and " sin " not in jaxpr
   assert relative_gap(forward(merged), want) <= 2e-6
@@ -333,6 +341,12 @@ def test_compute_choices_leave_training_unchanged():
   decoder biases before BatchNorm, the stage gates) are pure rounding noise of the terms' size,
   so a per-leaf relative tolerance would compare noise with noise."""
   variables = trained_variables(models.build_model(small_config()))
+  # The default ('auto') puts the low-pass on the kernels in stage 1 and on the activations in
+  # stage 2, so the forced 'activations' below changes the site of stage 1's layers.
+  auto = adapters.Lowering(lowpass_site="auto")
+  assert [adapters.lowpass_on_activations(SPECS["default"], auto, (2, 3, 3, c, c),
+                                          (2, 2, g, g, c)) for g, c in ((8, 16), (4, 32))] == [
+                                              False, True]
 
   def loss_and_grads(**compute):
     model = models.build_model(small_config(**compute))

@@ -49,8 +49,17 @@ def _batch(task: str, rng: np.random.Generator, b: int, h: int, w: int, ignore_r
   return rng.uniform(0.1, 12.0, (b, h, w)), np.where(invalid, 0.0, label)
 
 
-def _meter(task: str) -> metrics.Meter:
-  return metrics.make_meter(task, K if task == "semseg" else None)
+def _filled(task: str, *updates) -> metrics.Meter:
+  """A fresh meter of `task` after update(pred, label) with each (pred, label) in turn."""
+  meter = metrics.make_meter(task, K if task == "semseg" else None)
+  for pred, label in updates:
+    meter.update(pred, label)
+  return meter
+
+
+def _score(task: str, *updates) -> dict:
+  """result() of _filled(task, *updates)."""
+  return _filled(task, *updates).result()
 
 
 def _assert_results_equal(a: dict, b: dict, rtol: float = 0.0) -> None:
@@ -60,7 +69,8 @@ def _assert_results_equal(a: dict, b: dict, rtol: float = 0.0) -> None:
     np.testing.assert_allclose(x, y, rtol=rtol, atol=0, equal_nan=True, err_msg=key)
 
 
-METER_TASKS = st.sampled_from(["semseg", "sal", "edge", "normals", "depth"])
+ALL_METER_TASKS = ("semseg", "sal", "edge", "normals", "depth")
+METER_TASKS = st.sampled_from(ALL_METER_TASKS)
 
 
 @PROPERTY
@@ -71,81 +81,73 @@ def test_meter_streaming_equals_one_batch_and_merged_halves(task, seed, b, h, w,
   another order differ in the last bits only (rtol 1e-12); counts and histograms are exact."""
   rng = np.random.default_rng(seed)
   (p1, t1), (p2, t2) = (_batch(task, rng, b, h, w, ignore_rate) for _ in range(2))
-  streamed, whole, first, second = (_meter(task) for _ in range(4))
-  streamed.update(p1, t1)
-  streamed.update(p2, t2)
-  whole.update(np.concatenate([p1, p2]), np.concatenate([t1, t2]))
-  first.update(p1, t1)
-  second.update(p2, t2)
-  merged = first.merge(second)
-  _assert_results_equal(streamed.result(), whole.result(), rtol=1e-12)
-  _assert_results_equal(streamed.result(), merged.result(), rtol=1e-12)
+  streamed = _score(task, (p1, t1), (p2, t2))
+  whole = _score(task, (np.concatenate([p1, p2]), np.concatenate([t1, t2])))
+  merged = _filled(task, (p1, t1)).merge(_filled(task, (p2, t2))).result()
+  _assert_results_equal(streamed, whole, rtol=1e-12)
+  _assert_results_equal(streamed, merged, rtol=1e-12)
 
 
 @PROPERTY
 @given(task=METER_TASKS, seed=seeds, b=batch_sizes, h=sides, w=sides)
 def test_predictions_at_ignored_pixels_do_not_count(task, seed, b, h, w):
+  """Another prediction at every invalid pixel (40% of them) gives the same result, bit for
+  bit."""
   rng = np.random.default_rng(seed)
   pred, label = _batch(task, rng, b, h, w, 0.4)
   other, _ = _batch(task, rng, b, h, w, 0.0)
   valid = tasks_lib.get_task(task).kind.label.valid_pixels(label)
-  if task == "normals":
-    changed = np.where(valid[..., None], pred, other)
-  else:
-    changed = np.where(valid, pred, other)
-  a, c = _meter(task), _meter(task)
-  a.update(pred, label)
-  c.update(changed, label)
-  _assert_results_equal(a.result(), c.result())
+  changed = np.where(valid[..., None] if task == "normals" else valid, pred, other)
+  _assert_results_equal(_score(task, (pred, label)), _score(task, (changed, label)))
 
 
 @PROPERTY
 @given(seed=seeds, b=batch_sizes, h=sides, w=sides)
 def test_all_ignored_batch_changes_no_result(seed, b, h, w):
-  """A batch whose labels are all invalid (each kind's padding value) adds nothing."""
+  """A batch whose labels are all invalid (each kind's padding value) adds nothing, for every
+  task."""
   rng = np.random.default_rng(seed)
-  for task in ("semseg", "sal", "edge", "normals", "depth"):
+  for task in ALL_METER_TASKS:
     pred, label = _batch(task, rng, b, h, w, 0.2)
     junk, _ = _batch(task, rng, b, h, w, 0.0)
     padding = np.full_like(label, tasks_lib.get_task(task).kind.label.padding_value)
-    alone, with_ignored = _meter(task), _meter(task)
-    alone.update(pred, label)
-    with_ignored.update(pred, label)
-    with_ignored.update(junk, padding)
-    _assert_results_equal(alone.result(), with_ignored.result())
+    _assert_results_equal(_score(task, (pred, label)),
+                          _score(task, (pred, label), (junk, padding)))
+
+
+# task -> (a prediction scoring perfectly, made from the label; whether the label has a valid
+# pixel, by the task's label convention; the closed-form best score, given the label).
+PERFECT = {
+    "semseg": (lambda label: np.where(label == IGNORE, 0, label),
+               lambda label: (label != IGNORE).any(),
+               # absent classes score IoU 0 and still count (MTLoRA's convention)
+               lambda label: {"mIoU": 100.0 * np.unique(label[label != IGNORE]).size / K,
+                              "pixel_acc": 100.0}),
+    "sal": (lambda label: (label == 1).astype(np.float64), lambda label: (label != IGNORE).any(),
+            lambda label: {"mIoU": 100.0}),
+    # same directions, another length; within 1e-5 degrees of 0 (arccos near 1)
+    "normals": (lambda label: 3.0 * label, lambda label: (label != 0).any(),
+                lambda label: {"11.25": 100.0}),
+    "depth": (lambda label: label, lambda label: (label > 0).any(),
+              lambda label: {"rmse": 0.0, "log_rmse": 0.0}),
+}
 
 
 @PROPERTY
 @given(seed=seeds, b=batch_sizes, h=sides, w=sides)
 def test_perfect_predictions_score_the_closed_form_best(seed, b, h, w):
+  """With a valid pixel, a perfect prediction scores exactly the closed-form best (normals:
+  mean error below 1e-5 degrees); semseg without one scores NaN."""
   rng = np.random.default_rng(seed)
-  _, label = _batch("semseg", rng, b, h, w, 0.2)
-  meter = _meter("semseg")
-  meter.update(np.where(label == IGNORE, 0, label), label)
-  present = np.unique(label[label != IGNORE])
-  got = meter.result()
-  if present.size:  # absent classes score IoU 0 and still count (MTLoRA's convention)
-    assert got["mIoU"] == 100.0 * present.size / K and got["pixel_acc"] == 100.0
-  else:
-    assert math.isnan(got["mIoU"])
-
-  _, sal = _batch("sal", rng, b, h, w, 0.2)
-  meter = _meter("sal")
-  meter.update((sal == 1).astype(np.float64), sal)
-  if (sal != IGNORE).any():
-    assert meter.result()["mIoU"] == 100.0
-
-  _, normals = _batch("normals", rng, b, h, w, 0.2)
-  meter = _meter("normals")
-  meter.update(3.0 * normals, normals)  # same directions, another length
-  if (normals != 0).any():
-    assert meter.result()["mean"] < 1e-5 and meter.result()["11.25"] == 100.0
-
-  _, depth = _batch("depth", rng, b, h, w, 0.2)
-  meter = _meter("depth")
-  meter.update(depth, depth)
-  if (depth > 0).any():
-    assert meter.result()["rmse"] == 0.0 and meter.result()["log_rmse"] == 0.0
+  for task, (perfect, has_valid, best) in PERFECT.items():
+    _, label = _batch(task, rng, b, h, w, 0.2)
+    got = _score(task, (perfect(label), label))
+    if has_valid(label):
+      assert {k: got[k] for k in best(label)} == best(label), task
+      if task == "normals":
+        assert got["mean"] < 1e-5
+    elif task == "semseg":
+      assert math.isnan(got["mIoU"])
 
 
 @PROPERTY
@@ -154,16 +156,15 @@ def test_normals_meter_against_a_direct_computation(seed, b, h, w):
   """Mean and RMSE to float64 accuracy of an arccos reference; median within the bin width."""
   rng = np.random.default_rng(seed)
   pred, label = _batch("normals", rng, b, h, w, 0.3)
-  meter = _meter("normals")
-  meter.update(pred, label)
+  meter = _filled("normals", (pred, label))
+  got = meter.result()
   valid = np.any(label != 0, axis=-1)
   if not valid.any():
-    assert meter.result()["num_pixels"] == 0
+    assert got["num_pixels"] == 0
     return
   p = pred[valid] / np.linalg.norm(pred[valid], axis=-1, keepdims=True)
   g = label[valid]
   err = np.degrees(np.arccos(np.clip(np.sum(p * g, axis=-1), -1.0, 1.0)))
-  got = meter.result()
   arccos_accuracy = 1e-5  # degrees: arccos loses digits near 0 and 180
   assert got["num_pixels"] == err.size
   assert abs(got["mean"] - err.mean()) < arccos_accuracy
@@ -175,18 +176,14 @@ def test_normals_meter_against_a_direct_computation(seed, b, h, w):
 @PROPERTY
 @given(seed=seeds, b=batch_sizes, h=sides, w=sides)
 def test_bounded_metrics_stay_in_range(seed, b, h, w):
+  """Percentages stay in [0, 100] (or NaN without a valid pixel); the edge loss is >= 0."""
   rng = np.random.default_rng(seed)
   for task, keys in (("semseg", ("mIoU", "pixel_acc")), ("sal", ("mIoU", "maxF"))):
-    pred, label = _batch(task, rng, b, h, w, 0.3)
-    meter = _meter(task)
-    meter.update(pred, label)
+    got = _score(task, _batch(task, rng, b, h, w, 0.3))
     for key in keys:
-      value = meter.result()[key]
-      assert math.isnan(value) or 0.0 <= value <= 100.0, (task, key, value)
-  pred, label = _batch("edge", rng, b, h, w, 0.3)
-  meter = _meter("edge")
-  meter.update(pred, label)
-  assert math.isnan(meter.result()["loss"]) or meter.result()["loss"] >= 0.0
+      assert math.isnan(got[key]) or 0.0 <= got[key] <= 100.0, (task, key, got[key])
+  loss = _score("edge", _batch("edge", rng, b, h, w, 0.3))["loss"]
+  assert math.isnan(loss) or loss >= 0.0
 
 
 # ----------------------------------------------------------------------------- augmentations
