@@ -591,31 +591,39 @@ def targets(results: dict[str, Any], roof: float) -> list[str]:
 # Why a target the tables show NOT met is not met: what the measurements above point to (the
 # figures are in the tables; docs/method.md, "Computation", has the choices).
 WHY_NOT_MET = [
-    "Where a target above is NOT met, the reason, from the figures in the tables:", "",
+    "Where a target above is NOT met (or has no verdict), the reason, from the figures in the "
+    "tables:", "",
     "- Resident memory: the step's peak is what stays resident after the compilation plus "
     "XLA's temporaries (columns 'RSS after compile' and 'XLA temp'). glibc keeps the heap the "
     "XLA:CPU compilation freed (1-2 GiB); the benchmark, like the training loop after its first "
-    "step, gives it back (train.release_freed_host_memory) before stepping. What remains is "
-    "~1 GiB of runtime (Python, jaxlib, the compiled program, the frozen backbone) plus the "
+    "step, gives it back (train.release_freed_host_memory) before stepping. What remains "
+    "is ~1 GiB of runtime (Python, jaxlib, the compiled program, the frozen backbone) plus the "
     "temporaries XLA's buffer assignment asks for, which at 448 are the activations of the four "
     "task streams of each stage's last block and the k x k GEMM inputs of their task paths. "
-    "block_remat (every block recomputed in the backward pass) is the switch to measure next.",
-    "- Compile time: driven by graph size (the 'StableHLO ops' column; tracing alone is the "
-    "figure in brackets). At 224 about 8.7k of the ~38k ops are the optimizer's per-leaf AdamW "
-    "(one set of elementwise ops per parameter leaf), ~17k the forward and backward of the "
-    "unrolled model with its four task blocks. Shrinking it (a scan over identical blocks, one "
-    "flat optimizer vector) changes the parameter / optimizer-state layout of checkpoints and "
-    "is not done.",
-    "- % of the GEMM roof: the train step's backward through the task paths (k x k GEMMs on "
+    "block_remat='blocks' (nn.remat, i.e. jax.checkpoint, around every Swin block) does the "
+    "recomputation (its GFLOP/step column) but does not lower XLA's temporaries on XLA:CPU "
+    "(compare the block_remat and free_sinewich rows): XLA:CPU removes jax.checkpoint's "
+    "optimisation barriers before its last common-subexpression pass (docs/method.md, "
+    "Computation), which is why task_path_remat uses layers.recompute_in_backward instead. The "
+    "next lever is that same cotangent-tied recomputation at block level (not built). Whether "
+    "nn.remat saves memory on TPU/GPU is not measurable here.",
+    "- Compile time: most of it is XLA:CPU's LLVM code generation, not tracing (the figure in "
+    "brackets) nor XLA's HLO passes; measured with perf and per part with "
+    "benchmarks/compile_parts.py (docs/method.md, Computation). It grows with the machine's "
+    "load (the load column: the same-sized depthwise graph compiles several times faster at "
+    "a lower load). Plain Swin-T full fine-tuning (full_ft) alone needs more than 20 s here, "
+    "and so does the optimizer's update alone; packing AdamW into one vector per weight-decay "
+    "group cut the op count but compiled 2.24x slower and was not kept.",
+    "- % of the GEMM roof, train step: the backward through the task paths (k x k GEMMs on "
     "im2col copies, their shift-add transposes, the kernels rebuilt from the factors) moves "
-    "more memory per FLOP than a dense GEMM; the 2-core CPU is memory-bound there.",
-    "- Merged inference FLOPs: fuse-then-sine makes every task kernel a dense k x k "
-    "convolution (docs/method.md): the 12 task paths are most of the FLOPs; the exact savings "
-    "made are listed in docs/method.md, \"Computation\" (a run before the decoder's "
-    "scale-by-scale products shows their ~7 GFLOP per image at 448 not yet taken); Winograd "
-    "(task_conv='winograd') is the option under the limit when its row says so.",
-    "- A run interrupted before the end (no GEMM roof at the end, cases missing) was cut to "
-    "fit the session's time: the 448 cases first.",
+    "more memory per FLOP than a dense GEMM; the 2-core CPU is memory-bound there. A row whose "
+    "roof moved by > 20 % during its steps gets no verdict; the depthwise row (the same task "
+    "path and FLOPs within 0.1 %) is the one to read then.",
+    "- % of the GEMM roof, Swin-T forward: the work between the GEMMs (window partition and "
+    "shifts, softmax, LayerNorm, GELU, adds) is memory-bound and does not run at the GEMM rate "
+    "on two cores (not profiled further).",
+    "- A run interrupted before the end (cases missing, no GEMM at the end) was cut to fit the "
+    "session's time, the 448 cases first; `--resume` continues it from its --json.",
 ]
 
 
