@@ -3,8 +3,8 @@
   python -m benchmarks.compile_parts --size 224 --parts step,forward,grad,update \
       --variants base,no_task_remat
 
-In one process (compile cache off), for each variant (config overrides from VARIANTS, or XLA
-options passed to that compilation only) and each part of train.make_train_step:
+In one process (compile cache off), for each variant (config overrides from VARIANTS; --xla:
+XLA options of every compilation) and each part of train.make_train_step:
   forward  the training forward pass and the loss (no gradient),
   grad     value_and_grad of the loss (forward + backward),
   update   the optimizer alone (tx.update + apply_updates on the parameter tree),
@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import jax
 
@@ -27,52 +26,28 @@ sys.path.insert(0, ROOT)
 
 from benchmarks import run as bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# name -> (config overrides, XLA compiler options of the compilation)
+# name -> config overrides (XLA options come from --xla, for every compilation of the run)
 VARIANTS = {
-    "base": ((), {}),
-    "no_task_remat": ((("model.compute.task_path_remat", False),), {}),
-    "no_task_path": ((("model.task_path", "none"),), {}),
-    "no_prompts": ((("model.prompts", False),), {}),
-    "no_clock_net": ((("model.clock_net", False),), {}),
-    "no_lora": ((("model.lora.rank", 0),), {}),
-    "block_remat": ((("model.compute.block_remat", "blocks"),), {}),
-    "full_ft": (bench.FULL_FINE_TUNING, {}),
+    "base": (),
+    "no_task_remat": (("model.compute.task_path_remat", False),),
+    "no_task_path": (("model.task_path", "none"),),
+    "no_prompts": (("model.prompts", False),),
+    "no_clock_net": (("model.clock_net", False),),
+    "no_lora": (("model.lora.rank", 0),),
+    "block_remat": (("model.compute.block_remat", "blocks"),),
+    "full_ft": bench.FULL_FINE_TUNING,
 }
 
 
-def ops_of(lowered) -> int:
-  return sum(1 for line in lowered.as_text().splitlines()
-             if " = " in line and not line.lstrip().startswith("#"))
-
-
-def measure(name: str, lower, options) -> dict:
-  start = time.perf_counter()
-  lowered = lower()
-  lower_s = time.perf_counter() - start
-  start = time.perf_counter()
-  lowered.compile(compiler_options=options or None)
-  return {"part": name, "lower_s": round(lower_s, 2),
-          "xla_s": round(time.perf_counter() - start, 2), "hlo_ops": ops_of(lowered)}
-
-
 def parts(variant: str, size: int, wanted: list[str], options: dict) -> list[dict]:
+  import optax  # pylint: disable=g-import-not-at-top
   from freesine_jax import losses  # pylint: disable=g-import-not-at-top
-  from freesine_jax import modeling  # pylint: disable=g-import-not-at-top
-  from freesine_jax import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
-  from freesine_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from freesine_jax import train  # pylint: disable=g-import-not-at-top
-  overrides, _ = VARIANTS[variant]
-  config = bench.case_config(bench.Case(variant, "r64", tuple(overrides)), size)
-  model = modeling.build_model(config)
-  variables = modeling.init_variables(model, config)
-  mesh = sharding_lib.make_mesh(config)
-  schedule = optimizer_lib.make_schedule(1e-4, 1e-6, 1e-6, 10, 100)
-  tx = optimizer_lib.make_optimizer(config, schedule)
-  state, backbone = train.init_train_state(variables, tx, config, mesh)
-  batch = sharding_lib.shard_batch(bench.random_batch(config, True), mesh,
-                                   ("image",) + tuple(config.tasks))
-  tasks = tuple(config.tasks)
-  weights = train.loss_weights(config)
+  built = bench.build_train_case(
+      bench.case_config(bench.Case(variant, "r64", VARIANTS[variant]), size))
+  model, tx, state = built.model, built.tx, built.state
+  tasks = tuple(built.config.tasks)
+  weights = train.loss_weights(built.config)
   key = jax.random.key(0)
 
   def loss_fn(params, batch_stats, backbone, batch):
@@ -83,23 +58,23 @@ def parts(variant: str, size: int, wanted: list[str], options: dict) -> list[dic
 
   def update(grads, opt_state, params):
     updates, opt_state = tx.update(grads, opt_state, params)
-    return jax.tree_util.tree_map(lambda p, u: p + u, params, updates), opt_state
+    return optax.apply_updates(params, updates), opt_state
 
-
-  step = train.make_train_step(model, tx, config, schedule, mesh,
-                               sharding_lib.shardings_of(state),
-                               sharding_lib.shardings_of(backbone), donate_state=True)
-  args = (state.params, state.batch_stats, backbone, batch)
+  args = (state.params, state.batch_stats, built.backbone, built.batch)
   lowerings = {
       "forward": lambda: jax.jit(loss_fn).lower(*args),
       "grad": lambda: jax.jit(jax.value_and_grad(loss_fn)).lower(*args),
       "update": lambda: jax.jit(update).lower(state.params, state.opt_state, state.params),
-      "step": lambda: step.lower(state, batch, backbone),
+      "step": lambda: built.step.lower(state, built.batch, built.backbone),
   }
   out = []
   for part in wanted:
-    result = {"variant": variant, "size": size, "load": round(os.getloadavg()[0], 2),
-              **measure(part, lowerings[part], options)}
+    load = round(os.getloadavg()[0], 2)
+    _, timing = bench.lower_and_compile(lowerings[part], options)
+    result = {"variant": variant, "size": size, "load": load, "part": part,
+              "lower_s": round(timing["lower_s"], 2),
+              "xla_s": round(timing["compile_s"] - timing["lower_s"], 2),
+              "hlo_ops": timing["hlo_ops"]}
     print("PART " + json.dumps(result), flush=True)
     out.append(result)
   return out
@@ -116,7 +91,7 @@ def main(argv=None):
   jax.config.update("jax_enable_compilation_cache", False)
   options = json.loads(args.xla) if args.xla else {}
   for variant in args.variants.split(","):
-    parts(variant, args.size, args.parts.split(","), {**VARIANTS[variant][1], **options})
+    parts(variant, args.size, args.parts.split(","), options)
 
 
 if __name__ == "__main__":
