@@ -150,10 +150,10 @@ def lower_and_compile(lower: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
 
 def release_after_compile() -> dict[str, float]:
   """Resident GiB after the compilation, then after giving glibc's freed heap back to the OS
-  (train.release_freed_host_memory, as the training loop does after its first step)."""
-  from freesine_jax import train  # pylint: disable=g-import-not-at-top
+  (distributed.release_freed_host_memory, as the training loop does after its first step)."""
+  from freesine_jax import distributed  # pylint: disable=g-import-not-at-top
   kept = resident_gib()
-  train.release_freed_host_memory()
+  distributed.release_freed_host_memory()
   return {"resident_compiled_gib": kept, "resident_released_gib": resident_gib()}
 
 
@@ -592,7 +592,7 @@ WHY_NOT_MET = [
     "- Resident memory: the step's peak is what stays resident after the compilation plus "
     "XLA's temporaries (columns 'RSS after compile' and 'XLA temp'). glibc keeps the heap the "
     "XLA:CPU compilation freed (1-2 GiB); the benchmark, like the training loop after its first "
-    "step, gives it back (train.release_freed_host_memory) before stepping. What remains is "
+    "step, gives it back (distributed.release_freed_host_memory) before stepping. What remains is "
     "~1 GiB of runtime (Python, jaxlib, the compiled program, the frozen backbone) plus the "
     "temporaries XLA's buffer assignment asks for, which at 448 are the activations of the four "
     "task streams of each stage's last block and the k x k GEMM inputs of their task paths. "

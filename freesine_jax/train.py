@@ -17,7 +17,6 @@ initial variables in modeling.py.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import time
@@ -33,6 +32,7 @@ import numpy as np
 import optax
 
 from freesine_jax import checkpointing
+from freesine_jax import distributed
 from freesine_jax import errors
 from freesine_jax import evaluate as evaluate_lib
 from freesine_jax import losses
@@ -55,20 +55,6 @@ class TrainState:
   opt_state: PyTree
   batch_stats: PyTree
   rng: jax.Array
-
-
-def release_freed_host_memory() -> bool:
-  """Returns the heap that glibc malloc keeps after frees to the OS (malloc_trim(0)).
-
-  XLA:CPU's compilation of the train step allocates and frees ~1-2 GiB of small blocks (measured
-  in docs/benchmarks.md); glibc keeps that freed heap resident, so without this the steps'
-  temporaries come on top of it. False where there is no glibc (nothing to do).
-  """
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-    return bool(libc.malloc_trim(0))
-  except (OSError, AttributeError):
-    return False
 
 
 def create_train_state(variables: Mapping[str, PyTree], tx: optax.GradientTransformation,
@@ -539,7 +525,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state, sharding_lib.shard_batch(batch, mesh, batch_keys, global_batch), backbone)
     if step == step_start:  # the step was compiled: give the compiler's freed heap back
       jax.block_until_ready(step_metrics)
-      release_freed_host_memory()
+      distributed.release_freed_host_memory()
     step += 1
     pending.append(monitor.after_step(step, step_metrics, ckpt))  # NaN/Inf: stop or skip
 
