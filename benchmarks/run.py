@@ -7,7 +7,7 @@
 Each measurement runs in its own Python process (so its peak resident memory, VmHWM, is its
 own, and no compiled program or buffer of another case is kept around): the PASCAL-Context
 model (4 tasks, Swin-T, random weights, float32, batch 2) for every row of CASES, at each size:
-  - the train step (train.make_train_step, state donated as in training): lower + compile time,
+  - the train step (train.build_train_step, state donated as in training): lower + compile time,
     XLA's cost-analysis FLOPs and memory analysis, median step time over the repetitions after
     one warm-up step, achieved FLOP/s and its ratio to the dense GEMM roof;
   - the eval forward on weights merged for inference (evaluate.make_inference_merge), the same.
@@ -220,16 +220,12 @@ def run_train(case: Case, size: int, reps: int) -> dict[str, Any]:
   config = case_config(case, size)
   model = modeling.build_model(config)
   variables = modeling.init_variables(model, config)
-  mesh = sharding_lib.make_mesh(config)
   schedule = optimizer_lib.make_schedule(1e-4, 1e-6, 1e-6, 10, 100)
-  tx = optimizer_lib.make_optimizer(config, schedule)
-  state, backbone = train.init_train_state(variables, tx, config, mesh)  # as train.train does
+  state, backbone, step, mesh = train.build_train_step(  # as the training loop builds it
+      config, model, variables, schedule, donate_state=True)
   del variables
   batch = sharding_lib.shard_batch(random_batch(config, True), mesh,
                                    ("image",) + tuple(config.tasks))
-  step = train.make_train_step(model, tx, config, schedule, mesh,
-                               sharding_lib.shardings_of(state),
-                               sharding_lib.shardings_of(backbone), donate_state=True)
   resident_before = resident_gib()
   compiled, timings = lower_and_compile(lambda: step.lower(state, batch, backbone))
   stats = compiled_stats(compiled)

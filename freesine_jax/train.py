@@ -230,6 +230,31 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                  donate_argnums=(0,) if donate_state else ())
 
 
+class TrainSetup(NamedTuple):
+  """What training steps with (build_train_step)."""
+  state: TrainState  # on the mesh
+  backbone: PyTree  # the frozen 'backbone' collection, on the mesh
+  train_step: Callable  # jitted (state, batch, backbone) -> (state, metrics)
+  mesh: jax.sharding.Mesh
+
+
+def build_train_step(config: ml_collections.ConfigDict, model: nn.Module,
+                     variables: Mapping[str, PyTree], schedule: optax.Schedule,
+                     mesh: jax.sharding.Mesh | None = None, *, donate_state: bool = False,
+                     trainable: PyTree | None = None) -> TrainSetup:
+  """The optimizer of config.optim with `schedule`, the train state and backbone of `variables`
+  on the mesh (init_train_state) and the jitted step for them (make_train_step): what the
+  training loop builds, in one place for the loop, the tests and the benchmarks. `mesh`
+  defaults to sharding.make_mesh(config); donate_state and trainable: make_train_step."""
+  mesh = sharding_lib.make_mesh(config) if mesh is None else mesh
+  tx = optimizer_lib.make_optimizer(config, schedule)
+  state, backbone = init_train_state(variables, tx, config, mesh)
+  step = make_train_step(model, tx, config, schedule, mesh, sharding_lib.shardings_of(state),
+                         sharding_lib.shardings_of(backbone), donate_state=donate_state,
+                         trainable=trainable)
+  return TrainSetup(state, backbone, step, mesh)
+
+
 # ------------------------------------------------------------------------------------------
 # Logging.
 # ------------------------------------------------------------------------------------------
@@ -444,9 +469,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     variables, trainable = new_tasks_lib.start_from_trained(config, model, variables)
   forward, merge = evaluate_lib.make_eval_forward(model), evaluate_lib.make_inference_merge(model)
   peak_lr, warmup_lr, min_lr = plan.learning_rates
-  tx = optimizer_lib.make_optimizer(config, schedule)
   backbone_hash = checkpointing.tree_hash(variables["backbone"])
-  state, backbone = init_train_state(variables, tx, config, mesh)
+  # The step keeps the state's shardings, which a restored state has too (restored onto them).
+  state, backbone, train_step, _ = build_train_step(config, model, variables, schedule, mesh,
+                                                    donate_state=True, trainable=trainable)
   num_trainable = modeling.count_parameters(variables["params"])
   if trainable is not None:
     num_trainable = sum(int(np.broadcast_to(m, np.shape(p)).sum()) for m, p in zip(
@@ -500,10 +526,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer.print(f"resumed from {ckpt.directory} step {latest}")
 
   # Train.
-  train_step = make_train_step(model, tx, config, schedule, mesh,
-                               sharding_lib.shardings_of(state),
-                               sharding_lib.shardings_of(backbone), donate_state=True,
-                               trainable=trainable)
   batch_keys = ("image",) + tasks
   step = int(jax.device_get(state.step))
   log_every = max(int(config.train.log_every_steps), 1)
