@@ -124,16 +124,47 @@ def split_microbatches(batch: Mapping[str, jax.Array], count: int,
   return {k: split(v) for k, v in batch.items()}
 
 
+def _training_forward(model: nn.Module, mesh: jax.sharding.Mesh) -> Callable:
+  """forward(params, batch_stats, backbone, images, k_dropout, k_path) -> ({task: output},
+  mutated variables): the training forward pass, parameters and backbone gathered (FSDP)."""
+
+  def forward(params, batch_stats, backbone, images, k_dropout, k_path):
+    gathered = sharding_lib.gathered({"backbone": backbone, "params": params}, mesh)
+    return model.apply({**gathered, "batch_stats": batch_stats}, images, train=True,
+                       rngs={"dropout": k_dropout, "drop_path": k_path},
+                       mutable=["batch_stats"])
+
+  return forward
+
+
+def task_leaves(model: nn.Module, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                state: TrainState, backbone: PyTree) -> dict[str, tuple[int, ...]]:
+  """nonfinite.task_parameter_leaves of the training forward pass: which parameter leaves
+  belong to one task only (its head), read off the dataflow of the forward traced abstractly
+  at the shapes of `state`, `backbone` and one micro-batch of config's images.
+
+  Found once when the step is built, outside the jitted step (only shapes are read): traced
+  inside it, the whole forward would be traced once more at every trace of the step.
+  """
+  tasks = tuple(config.tasks)
+  forward = _training_forward(model, mesh)
+  rows = int(config.input.batch_size) // int(config.train.grad_accum_steps)
+  images = jax.ShapeDtypeStruct((rows, *config.dataset.image_size, 3), np.float32)
+  return nonfinite.task_parameter_leaves(
+      lambda *a: {t: forward(*a)[0][t] for t in tasks}, state.params, state.batch_stats,
+      backbone, images, state.rng, state.rng)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, schedule: optax.Schedule,
-                    mesh: jax.sharding.Mesh, state_sharding: PyTree,
-                    backbone_sharding: PyTree, *, donate_state: bool = False,
-                    trainable: PyTree | None = None) -> Callable:
-  """The jitted `train_step(state, batch, backbone) -> (state, metrics)`.
+                    mesh: jax.sharding.Mesh, state: TrainState, backbone: PyTree, *,
+                    donate_state: bool = False, trainable: PyTree | None = None) -> Callable:
+  """The jitted `train_step(state, batch, backbone) -> (state, metrics)` for `state` and
+  `backbone` as init_train_state returns them (build_train_step does both).
 
-  state_sharding, backbone_sharding: where the state and the backbone live
-  (sharding_lib.shardings_of the arrays init_train_state returns); the new state keeps them.
-  The forward pass sees the parameters and the backbone gathered (FSDP).
+  The step takes and returns arrays with the shardings of `state` and `backbone` (read here);
+  the forward pass sees the parameters and the backbone gathered (FSDP). Which parameters are
+  one task's own (`task_leaves`, for naming the task behind a NaN/Inf) is found here, once.
 
   With config.train.grad_accum_steps = K > 1 the global batch is split into K micro-batches
   (split_microbatches) run one after another; every loss is normalised by the counts of the
@@ -151,17 +182,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   when config.train.new_tasks trains some values only: the other gradients are zeroed and the
   other parameters and statistics keep their values bitwise.
   """
+  state_sharding = sharding_lib.shardings_of(state)
+  backbone_sharding = sharding_lib.shardings_of(backbone)
+  own_leaves = task_leaves(model, config, mesh, state, backbone)
   tasks = tuple(config.tasks)
   weights = loss_weights(config)
   microbatches = int(config.train.grad_accum_steps)
   skip_nonfinite = nonfinite.check_mode(config) == "skip"
 
-  def forward(params, batch_stats, backbone, images, k_dropout, k_path):
-    """({task: output}, mutated variables) of the training forward pass."""
-    gathered = sharding_lib.gathered({"backbone": backbone, "params": params}, mesh)
-    return model.apply({**gathered, "batch_stats": batch_stats}, images, train=True,
-                       rngs={"dropout": k_dropout, "drop_path": k_path},
-                       mutable=["batch_stats"])
+  forward = _training_forward(model, mesh)
 
   def gradients(params, batch_stats, backbone, batch, totals, k_dropout, k_path):
     """(loss, per-task losses, updated batch_stats, grads) of one (micro-)batch."""
@@ -178,11 +207,6 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   def train_step(state: TrainState, batch: Mapping[str, jax.Array], backbone: PyTree):
     rng, k_dropout, k_path = jax.random.split(state.rng, 3)
     totals = losses.label_totals(batch, tasks)  # of the whole global batch
-    # Which parameter leaves belong to one task only (its head): read off the traced forward
-    # pass, so naming the task behind a NaN/Inf costs no computation in the step.
-    task_leaves = nonfinite.task_parameter_leaves(
-        lambda *a: {t: forward(*a)[0][t] for t in tasks}, state.params, state.batch_stats,
-        backbone, batch["image"], k_dropout, k_path)
     if microbatches == 1:
       total, per_task, batch_stats, grads = gradients(
           state.params, state.batch_stats, backbone, batch, totals, k_dropout, k_path)
@@ -210,7 +234,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       params = new_tasks_lib.keep_frozen(trainable["params"], params, state.params)
       batch_stats = new_tasks_lib.keep_frozen(trainable["batch_stats"], batch_stats,
                                               state.batch_stats)
-    flags = nonfinite.step_flags(per_task, grads, task_leaves)
+    flags = nonfinite.step_flags(per_task, grads, own_leaves)
     if skip_nonfinite:
       params, opt_state, batch_stats = nonfinite.keep_if_finite(
           nonfinite.step_is_finite(flags), (params, opt_state, batch_stats),
@@ -249,9 +273,8 @@ def build_train_step(config: ml_collections.ConfigDict, model: nn.Module,
   mesh = sharding_lib.make_mesh(config) if mesh is None else mesh
   tx = optimizer_lib.make_optimizer(config, schedule)
   state, backbone = init_train_state(variables, tx, config, mesh)
-  step = make_train_step(model, tx, config, schedule, mesh, sharding_lib.shardings_of(state),
-                         sharding_lib.shardings_of(backbone), donate_state=donate_state,
-                         trainable=trainable)
+  step = make_train_step(model, tx, config, schedule, mesh, state, backbone,
+                         donate_state=donate_state, trainable=trainable)
   return TrainSetup(state, backbone, step, mesh)
 
 
