@@ -301,11 +301,6 @@ def _fmt_duration(seconds: float) -> str:
   return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def is_url(path: str) -> bool:
-  """gs://... and other object-store URLs (no appending, no os.path)."""
-  return "://" in str(path)
-
-
 class JsonLines:
   """A JSON-lines file that grows by lines: appended on a file system, rewritten whole on an
   object store (gs://), whose objects cannot be appended to."""
@@ -346,7 +341,7 @@ class Writer:
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-      self._jsonl = JsonLines(f"{workdir}/metrics.jsonl", rewrite=is_url(workdir))
+      self._jsonl = JsonLines(f"{workdir}/metrics.jsonl", rewrite=checkpointing.is_url(workdir))
       self._tb = SummaryWriter(f"{workdir}/tb")
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
