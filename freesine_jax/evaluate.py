@@ -295,7 +295,7 @@ def restore_checkpoint(workdir: str, step: int, metadata: dict,
 
 def default_out(workdir: str, step: int, weights: str | None) -> str:
   """<workdir>/eval/step_<N>, or .../export_step_<N> for merged export weights."""
-  return str(epath.Path(workdir) / "eval" / f"{'export_' if weights else ''}step_{step}")
+  return os.path.join(workdir, "eval", f"{'export_' if weights else ''}step_{step}")
 
 
 def evaluate_run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None,
