@@ -9,7 +9,7 @@
 Each measurement runs in its own Python process (so its peak resident memory, VmHWM, is its
 own, and no compiled program or buffer of another case is kept around): the PASCAL-Context
 model (4 tasks, Swin-T, random weights, float32, batch 2) for every row of CASES, at each size:
-  - the train step (train.make_train_step, state donated as in training): lower + compile time,
+  - the train step (train.build_train_step, state donated as in training): lower + compile time,
     XLA's cost-analysis FLOPs and memory analysis, median step time over the repetitions after
     one warm-up step, achieved FLOP/s and its ratio to the dense GEMM roof;
   - the eval forward on weights merged for inference (evaluate.make_inference_merge), the same.
@@ -154,10 +154,10 @@ def lower_and_compile(lower: Callable[[], Any], compiler_options: dict | None = 
 
 def release_after_compile() -> dict[str, float]:
   """Resident GiB after the compilation, then after giving glibc's freed heap back to the OS
-  (train.release_freed_host_memory, as the training loop does after its first step)."""
-  from freesine_jax import train  # pylint: disable=g-import-not-at-top
+  (distributed.release_freed_host_memory, as the training loop does after its first step)."""
+  from freesine_jax import distributed  # pylint: disable=g-import-not-at-top
   kept = resident_gib()
-  train.release_freed_host_memory()
+  distributed.release_freed_host_memory()
   return {"resident_compiled_gib": kept, "resident_released_gib": resident_gib()}
 
 
@@ -235,16 +235,14 @@ def build_train_case(config) -> TrainCase:
   from freesine_jax import train  # pylint: disable=g-import-not-at-top
   model = modeling.build_model(config)
   variables = modeling.init_variables(model, config)
-  mesh = sharding_lib.make_mesh(config)
   schedule = optimizer_lib.make_schedule(1e-4, 1e-6, 1e-6, 10, 100)
-  tx = optimizer_lib.make_optimizer(config, schedule)
-  state, backbone = train.init_train_state(variables, tx, config, mesh)  # as train.train does
+  state, backbone, step, mesh = train.build_train_step(  # as the training loop builds it
+      config, model, variables, schedule, donate_state=True)
   del variables
   batch = sharding_lib.shard_batch(random_batch(config, True), mesh,
                                    ("image",) + tuple(config.tasks))
-  step = train.make_train_step(model, tx, config, schedule, mesh,
-                               sharding_lib.shardings_of(state),
-                               sharding_lib.shardings_of(backbone), donate_state=True)
+  # The optimizer build_train_step applies, for benchmarks/compile_parts' update-only part.
+  tx = optimizer_lib.make_optimizer(config, schedule)
   return TrainCase(config, model, tx, state, backbone, batch, step)
 
 
@@ -618,8 +616,8 @@ WHY_NOT_MET = [
     "- Resident memory: the step's peak is what stays resident after the compilation plus "
     "XLA's temporaries (columns 'RSS after compile' and 'XLA temp'). glibc keeps the heap the "
     "XLA:CPU compilation freed (1-2 GiB); the benchmark, like the training loop after its first "
-    "step, gives it back (train.release_freed_host_memory) before stepping. What remains "
-    "is ~1 GiB of runtime (Python, jaxlib, the compiled program, the frozen backbone) plus the "
+    "step, gives it back (distributed.release_freed_host_memory) before stepping. What remains is "
+    "~1 GiB of runtime (Python, jaxlib, the compiled program, the frozen backbone) plus the "
     "temporaries XLA's buffer assignment asks for, which at 448 are the activations of the four "
     "task streams of each stage's last block and the k x k GEMM inputs of their task paths. "
     "block_remat='blocks' (nn.remat, i.e. jax.checkpoint, around every Swin block) does the "

@@ -22,7 +22,6 @@ import numpy as np  # noqa: E402
 from configs import synthetic  # noqa: E402
 from freesine_jax import modeling  # noqa: E402
 from freesine_jax import optimizer  # noqa: E402
-from freesine_jax import sharding as sharding_lib  # noqa: E402
 from freesine_jax import tasks as tasks_lib  # noqa: E402
 from freesine_jax import train  # noqa: E402
 
@@ -43,12 +42,7 @@ def train_step_flops(name: str) -> tuple[float, float]:
   model = modeling.build_model(config)
   variables = modeling.init_variables(model, config)
   schedule = optimizer.make_schedule(1e-3, 1e-4, 1e-5, 2, 20)
-  tx = optimizer.make_optimizer(config, schedule)
-  mesh = sharding_lib.make_mesh(config)
-  state, backbone = train.init_train_state(variables, tx, config, mesh)
-  step = train.make_train_step(model, tx, config, schedule, mesh,
-                               sharding_lib.shardings_of(state),
-                               sharding_lib.shardings_of(backbone))
+  state, backbone, step, _ = train.build_train_step(config, model, variables, schedule)
   size = tuple(config.dataset.image_size)
   batch = {"image": jax.ShapeDtypeStruct((config.input.batch_size, *size, 3), jnp.float32)}
   for task in config.tasks:

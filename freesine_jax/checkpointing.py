@@ -51,11 +51,21 @@ class CheckpointDamaged(errors.UserError):
     super().__init__(f"checkpoint step {step} in {directory} is damaged: {self.reason}")
 
 
+def is_url(path: Any) -> bool:
+  """gs://... and other object-store URLs (no appending, no os.path)."""
+  return "://" in str(path)
+
+
+def absolute(path: str) -> str:
+  """A local path made absolute; a URL (gs://...) as given (os.path would mangle it)."""
+  return str(path) if is_url(path) else os.path.abspath(path)
+
+
 def checkpoint_directory(workdir: str) -> str:
   """<workdir>/checkpoints as Orbax wants it: absolute, or a URL (gs://...) as given."""
-  if "://" in workdir:
+  if is_url(workdir):
     return workdir.rstrip("/") + "/checkpoints"
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return os.path.join(absolute(workdir), "checkpoints")
 
 
 def backbone_hash(flat: dict[str, np.ndarray]) -> str:

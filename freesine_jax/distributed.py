@@ -1,4 +1,5 @@
-"""Several processes, one job: when to join a multi-host job, and when every host stops to save.
+"""The host process: when to join a multi-host job, when every host stops to save, and giving
+freed heap back to the OS.
 
 * `initialize_args` decides from the command line and the environment whether this process is
   one of several (jax.distributed.initialize) and with which arguments: explicit
@@ -12,10 +13,13 @@
   only some hosts, at different steps: JAX's preemption service (started by
   jax.distributed.initialize, which catches SIGTERM itself) names one step at which every host
   stops, so they save the same checkpoint together.
+* `release_freed_host_memory` returns the heap glibc keeps after XLA:CPU's compilation frees it
+  (the training loop calls it after its first step, benchmarks.run after each compilation).
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import signal
 import threading
 from typing import Callable, Iterator, Mapping
@@ -93,3 +97,17 @@ def preemption_watch() -> Iterator[Callable[[int], bool]]:
   finally:
     if previous is not None:
       signal.signal(signal.SIGTERM, previous)
+
+
+def release_freed_host_memory() -> bool:
+  """Returns the heap that glibc malloc keeps after frees to the OS (malloc_trim(0)).
+
+  XLA:CPU's compilation of the train step allocates and frees ~1-2 GiB of small blocks (measured
+  in docs/benchmarks.md); glibc keeps that freed heap resident, so without this the steps'
+  temporaries come on top of it. False where there is no glibc (nothing to do).
+  """
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+    return bool(libc.malloc_trim(0))
+  except (OSError, AttributeError):
+    return False

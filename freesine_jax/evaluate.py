@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from absl import flags
 from absl import logging
+from etils import epath
 import flax.linen as nn
 import jax
 import ml_collections
@@ -246,11 +247,11 @@ def find_checkpoint(config: ml_collections.ConfigDict | None, workdir: str,
   """(step, metadata) of a training run's checkpoint (the latest if step is None), checked
   against `config` (unless None) before any model is built. Every failure is a one-line
   UserError naming `flag`, the option that gave `workdir`."""
-  if not os.path.isdir(workdir):
+  if not epath.Path(workdir).is_dir():
     raise errors.UserError(f"{flag}={workdir} does not exist; pass the --workdir a training "
                            "run wrote (python -m freesine_jax.main --workdir=...)")
   directory = checkpointing.checkpoint_directory(workdir)
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     raise errors.UserError(f"{flag}={workdir} holds no checkpoints/ directory; pass the "
                            "--workdir of a training run that saved a checkpoint")
   ckpt = checkpointing.Checkpointer(directory, async_save=False)
@@ -323,7 +324,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, *, step: int |
   out = out or default_out(workdir, step, weights)
   images = []
   if jax.process_index() == 0:
-    os.makedirs(os.path.join(out, "examples"), exist_ok=True)
+    (epath.Path(out) / "examples").mkdir(parents=True, exist_ok=True)
     grids = draw_examples(forward, variables,
                           qualitative_batches(loader, config.eval.qualitative_examples),
                           config, mesh, f"step {step} · ")
@@ -331,7 +332,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, *, step: int |
       images.append(os.path.join("examples", f"{i}.png"))
       visualize.to_png(grid, os.path.join(out, images[-1]))
   report = jsonable({
-      "workdir": os.path.abspath(workdir),
+      "workdir": checkpointing.absolute(workdir),
       "step": step,
       "dataset": config.dataset.name,
       "split": config.dataset.eval_split,
@@ -342,8 +343,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, *, step: int |
       "images": images,
   })
   if jax.process_index() == 0:
-    with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
+    (epath.Path(out) / "metrics.json").write_text(json.dumps(report, indent=2))
   return report
 
 

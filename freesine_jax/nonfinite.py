@@ -3,8 +3,9 @@
 A NaN or Inf in one step's loss or gradient poisons the parameters for good, and the checkpoints
 written after it. The train step therefore reports, per step, which task's loss, or the gradient
 of that task's own parameters (its decoder head: the leaves only its output depends on,
-`task_parameter_leaves`), is non-finite, and whether any parameter gradient is. Both come from
-what the step computes anyway (per-task losses, the one backward pass): no second gradient.
+`task_parameter_leaves`, found once when the step is built: train.task_leaves), is
+non-finite, and whether any parameter gradient is. Both come from what the step computes anyway
+(per-task losses, the one backward pass): no second gradient.
 A task's output gradient reaches its own head's parameter gradient before the shared network's,
 so a non-finite shared gradient with every task's loss and head gradient finite arose inside the
 shared network's backward pass, and is reported as such. The loop checks these flags on the host whenever it is about to do something with

@@ -17,7 +17,6 @@ initial variables in modeling.py.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import time
@@ -33,6 +32,7 @@ import numpy as np
 import optax
 
 from freesine_jax import checkpointing
+from freesine_jax import distributed
 from freesine_jax import errors
 from freesine_jax import evaluate as evaluate_lib
 from freesine_jax import losses
@@ -55,20 +55,6 @@ class TrainState:
   opt_state: PyTree
   batch_stats: PyTree
   rng: jax.Array
-
-
-def release_freed_host_memory() -> bool:
-  """Returns the heap that glibc malloc keeps after frees to the OS (malloc_trim(0)).
-
-  XLA:CPU's compilation of the train step allocates and frees ~1-2 GiB of small blocks (measured
-  in docs/benchmarks.md); glibc keeps that freed heap resident, so without this the steps'
-  temporaries come on top of it. False where there is no glibc (nothing to do).
-  """
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-    return bool(libc.malloc_trim(0))
-  except (OSError, AttributeError):
-    return False
 
 
 def create_train_state(variables: Mapping[str, PyTree], tx: optax.GradientTransformation,
@@ -138,16 +124,47 @@ def split_microbatches(batch: Mapping[str, jax.Array], count: int,
   return {k: split(v) for k, v in batch.items()}
 
 
+def _training_forward(model: nn.Module, mesh: jax.sharding.Mesh) -> Callable:
+  """forward(params, batch_stats, backbone, images, k_dropout, k_path) -> ({task: output},
+  mutated variables): the training forward pass, parameters and backbone gathered (FSDP)."""
+
+  def forward(params, batch_stats, backbone, images, k_dropout, k_path):
+    gathered = sharding_lib.gathered({"backbone": backbone, "params": params}, mesh)
+    return model.apply({**gathered, "batch_stats": batch_stats}, images, train=True,
+                       rngs={"dropout": k_dropout, "drop_path": k_path},
+                       mutable=["batch_stats"])
+
+  return forward
+
+
+def task_leaves(model: nn.Module, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                state: TrainState, backbone: PyTree) -> dict[str, tuple[int, ...]]:
+  """nonfinite.task_parameter_leaves of the training forward pass: which parameter leaves
+  belong to one task only (its head), read off the dataflow of the forward traced abstractly
+  at the shapes of `state`, `backbone` and one micro-batch of config's images.
+
+  Found once when the step is built, outside the jitted step (only shapes are read): traced
+  inside it, the whole forward would be traced once more at every trace of the step.
+  """
+  tasks = tuple(config.tasks)
+  forward = _training_forward(model, mesh)
+  rows = int(config.input.batch_size) // int(config.train.grad_accum_steps)
+  images = jax.ShapeDtypeStruct((rows, *config.dataset.image_size, 3), np.float32)
+  return nonfinite.task_parameter_leaves(
+      lambda *a: {t: forward(*a)[0][t] for t in tasks}, state.params, state.batch_stats,
+      backbone, images, state.rng, state.rng)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, schedule: optax.Schedule,
-                    mesh: jax.sharding.Mesh, state_sharding: PyTree,
-                    backbone_sharding: PyTree, *, donate_state: bool = False,
-                    trainable: PyTree | None = None) -> Callable:
-  """The jitted `train_step(state, batch, backbone) -> (state, metrics)`.
+                    mesh: jax.sharding.Mesh, state: TrainState, backbone: PyTree, *,
+                    donate_state: bool = False, trainable: PyTree | None = None) -> Callable:
+  """The jitted `train_step(state, batch, backbone) -> (state, metrics)` for `state` and
+  `backbone` as init_train_state returns them (build_train_step does both).
 
-  state_sharding, backbone_sharding: where the state and the backbone live
-  (sharding_lib.shardings_of the arrays init_train_state returns); the new state keeps them.
-  The forward pass sees the parameters and the backbone gathered (FSDP).
+  The step takes and returns arrays with the shardings of `state` and `backbone` (read here);
+  the forward pass sees the parameters and the backbone gathered (FSDP). Which parameters are
+  one task's own (`task_leaves`, for naming the task behind a NaN/Inf) is found here, once.
 
   With config.train.grad_accum_steps = K > 1 the global batch is split into K micro-batches
   (split_microbatches) run one after another; every loss is normalised by the counts of the
@@ -165,17 +182,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   when config.train.new_tasks trains some values only: the other gradients are zeroed and the
   other parameters and statistics keep their values bitwise.
   """
+  state_sharding = sharding_lib.shardings_of(state)
+  backbone_sharding = sharding_lib.shardings_of(backbone)
+  own_leaves = task_leaves(model, config, mesh, state, backbone)
   tasks = tuple(config.tasks)
   weights = loss_weights(config)
   microbatches = int(config.train.grad_accum_steps)
   skip_nonfinite = nonfinite.check_mode(config) == "skip"
 
-  def forward(params, batch_stats, backbone, images, k_dropout, k_path):
-    """({task: output}, mutated variables) of the training forward pass."""
-    gathered = sharding_lib.gathered({"backbone": backbone, "params": params}, mesh)
-    return model.apply({**gathered, "batch_stats": batch_stats}, images, train=True,
-                       rngs={"dropout": k_dropout, "drop_path": k_path},
-                       mutable=["batch_stats"])
+  forward = _training_forward(model, mesh)
 
   def gradients(params, batch_stats, backbone, batch, totals, k_dropout, k_path):
     """(loss, per-task losses, updated batch_stats, grads) of one (micro-)batch."""
@@ -192,11 +207,6 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   def train_step(state: TrainState, batch: Mapping[str, jax.Array], backbone: PyTree):
     rng, k_dropout, k_path = jax.random.split(state.rng, 3)
     totals = losses.label_totals(batch, tasks)  # of the whole global batch
-    # Which parameter leaves belong to one task only (its head): read off the traced forward
-    # pass, so naming the task behind a NaN/Inf costs no computation in the step.
-    task_leaves = nonfinite.task_parameter_leaves(
-        lambda *a: {t: forward(*a)[0][t] for t in tasks}, state.params, state.batch_stats,
-        backbone, batch["image"], k_dropout, k_path)
     if microbatches == 1:
       total, per_task, batch_stats, grads = gradients(
           state.params, state.batch_stats, backbone, batch, totals, k_dropout, k_path)
@@ -224,7 +234,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       params = new_tasks_lib.keep_frozen(trainable["params"], params, state.params)
       batch_stats = new_tasks_lib.keep_frozen(trainable["batch_stats"], batch_stats,
                                               state.batch_stats)
-    flags = nonfinite.step_flags(per_task, grads, task_leaves)
+    flags = nonfinite.step_flags(per_task, grads, own_leaves)
     if skip_nonfinite:
       params, opt_state, batch_stats = nonfinite.keep_if_finite(
           nonfinite.step_is_finite(flags), (params, opt_state, batch_stats),
@@ -242,6 +252,30 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   return jax.jit(train_step, in_shardings=(state_sharding, data, backbone_sharding),
                  out_shardings=(state_sharding, repl),
                  donate_argnums=(0,) if donate_state else ())
+
+
+class TrainSetup(NamedTuple):
+  """What training steps with (build_train_step)."""
+  state: TrainState  # on the mesh
+  backbone: PyTree  # the frozen 'backbone' collection, on the mesh
+  train_step: Callable  # jitted (state, batch, backbone) -> (state, metrics)
+  mesh: jax.sharding.Mesh
+
+
+def build_train_step(config: ml_collections.ConfigDict, model: nn.Module,
+                     variables: Mapping[str, PyTree], schedule: optax.Schedule,
+                     mesh: jax.sharding.Mesh | None = None, *, donate_state: bool = False,
+                     trainable: PyTree | None = None) -> TrainSetup:
+  """The optimizer of config.optim with `schedule`, the train state and backbone of `variables`
+  on the mesh (init_train_state) and the jitted step for them (make_train_step): what the
+  training loop builds, in one place for the loop, the tests and the benchmarks. `mesh`
+  defaults to sharding.make_mesh(config); donate_state and trainable: make_train_step."""
+  mesh = sharding_lib.make_mesh(config) if mesh is None else mesh
+  tx = optimizer_lib.make_optimizer(config, schedule)
+  state, backbone = init_train_state(variables, tx, config, mesh)
+  step = make_train_step(model, tx, config, schedule, mesh, state, backbone,
+                         donate_state=donate_state, trainable=trainable)
+  return TrainSetup(state, backbone, step, mesh)
 
 
 # ------------------------------------------------------------------------------------------
@@ -265,11 +299,6 @@ def _fmt_duration(seconds: float) -> str:
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
   return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def is_url(path: str) -> bool:
-  """gs://... and other object-store URLs (no appending, no os.path)."""
-  return "://" in str(path)
 
 
 class JsonLines:
@@ -312,7 +341,7 @@ class Writer:
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-      self._jsonl = JsonLines(f"{workdir}/metrics.jsonl", rewrite=is_url(workdir))
+      self._jsonl = JsonLines(f"{workdir}/metrics.jsonl", rewrite=checkpointing.is_url(workdir))
       self._tb = SummaryWriter(f"{workdir}/tb")
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
@@ -458,9 +487,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     variables, trainable = new_tasks_lib.start_from_trained(config, model, variables)
   forward, merge = evaluate_lib.make_eval_forward(model), evaluate_lib.make_inference_merge(model)
   peak_lr, warmup_lr, min_lr = plan.learning_rates
-  tx = optimizer_lib.make_optimizer(config, schedule)
   backbone_hash = checkpointing.tree_hash(variables["backbone"])
-  state, backbone = init_train_state(variables, tx, config, mesh)
+  # The step keeps the state's shardings, which a restored state has too (restored onto them).
+  state, backbone, train_step, _ = build_train_step(config, model, variables, schedule, mesh,
+                                                    donate_state=True, trainable=trainable)
   num_trainable = modeling.count_parameters(variables["params"])
   if trainable is not None:
     num_trainable = sum(int(np.broadcast_to(m, np.shape(p)).sum()) for m, p in zip(
@@ -514,10 +544,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer.print(f"resumed from {ckpt.directory} step {latest}")
 
   # Train.
-  train_step = make_train_step(model, tx, config, schedule, mesh,
-                               sharding_lib.shardings_of(state),
-                               sharding_lib.shardings_of(backbone), donate_state=True,
-                               trainable=trainable)
   batch_keys = ("image",) + tasks
   step = int(jax.device_get(state.step))
   log_every = max(int(config.train.log_every_steps), 1)
@@ -539,7 +565,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state, sharding_lib.shard_batch(batch, mesh, batch_keys, global_batch), backbone)
     if step == step_start:  # the step was compiled: give the compiler's freed heap back
       jax.block_until_ready(step_metrics)
-      release_freed_host_memory()
+      distributed.release_freed_host_memory()
     step += 1
     pending.append(monitor.after_step(step, step_metrics, ckpt))  # NaN/Inf: stop or skip
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+from etils import epath
 from matplotlib import colormaps
 from matplotlib import patches
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -192,7 +193,8 @@ def batch_grids(batch: Mapping[str, np.ndarray], predictions: Mapping[str, np.nd
 
 
 def to_png(rgb: np.ndarray, path: str) -> None:
-  """Writes an RGB uint8 array as PNG."""
+  """Writes an RGB uint8 array as PNG (`path` may be a gs:// URL: etils.epath)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  Image.fromarray(np.asarray(rgb, np.uint8)).save(path)
+  with epath.Path(path).open("wb") as f:
+    Image.fromarray(np.asarray(rgb, np.uint8)).save(f, format="PNG")
 

@@ -5,7 +5,7 @@
 # Usage: launch/local_multiprocess.sh [options] --config=PATH[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
 #   --num_processes=N    processes of the job (default 2)
 #   --port=P             coordinator port on 127.0.0.1 (default 12355)
-#   --cpu_devices=K      run on the CPU with K devices per process (XLA_FLAGS); default: the
+#   --cpu_devices=K      run on the CPU with K devices per process (added to XLA_FLAGS); default: the
 #                        platform and devices JAX finds (every process sees all local devices)
 #   --python=PATH        interpreter (default: $PYTHON, else python3)
 #   --dry-run            print the commands, run nothing
@@ -50,7 +50,9 @@ $has_workdir || fail "pass --workdir=DIR"
 
 env_vars=()
 if [[ -n "$cpu_devices" ]]; then
-  env_vars=(env "JAX_PLATFORMS=cpu" "XLA_FLAGS=--xla_force_host_platform_device_count=$cpu_devices")
+  # Appended to the caller's XLA_FLAGS (kept; for a repeated flag XLA takes the last).
+  env_vars=(env "JAX_PLATFORMS=cpu"
+            "XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$cpu_devices")
 fi
 
 # The command of process $1, one word per element of the array `command`.

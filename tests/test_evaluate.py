@@ -5,6 +5,7 @@ The run is conftest.tiny_run: the README's command training the tiny conv model 
 test_train.py on the tiny synthetic dataset (6 steps, checkpoints at 3 and 6, TensorBoard
 images at step 6).
 """
+import contextlib
 import io
 import json
 import math
@@ -12,6 +13,8 @@ import os
 import struct
 import textwrap
 
+from etils import epath
+from etils.epath import testing as epath_testing
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -19,6 +22,8 @@ import pytest
 from PIL import Image
 
 from configs import synthetic
+from freesine_jax import checkpointing
+from freesine_jax import errors
 from freesine_jax import evaluate
 from freesine_jax import metrics as metrics_lib
 from freesine_jax import modeling
@@ -239,3 +244,44 @@ def test_grid_draws_each_task_kind_in_its_panels():
   semseg_column = grid[:, panel:2 * panel].reshape(-1, 3).astype(int)
   for colour in palette:
     assert np.any(np.all(np.abs(semseg_column - colour) <= 1, axis=1)), colour
+
+
+@contextlib.contextmanager
+def _bucket(root):
+  """gs://bucket/... read and written through etils.epath as files under `root` (no network);
+  os.path and open() given a gs:// URL find nothing (the working directory has no 'gs:')."""
+  def local(path):
+    path = os.fspath(path)
+    return os.path.join(root, path[len("gs://"):]) if path.startswith("gs://") else path
+
+  def mapped(original, path, *args, **kwargs):
+    args = [local(a) if isinstance(a, (str, os.PathLike)) else a for a in args]
+    return original(local(path), *args, **kwargs)
+
+  names = ("copy", "exists", "glob", "isdir", "listdir", "makedirs", "mkdir", "open", "remove",
+           "rename", "replace", "rmtree", "stat", "walk")
+  with epath_testing.mock_epath(**{name: mapped for name in names}):
+    yield
+
+
+def test_evaluate_finds_and_writes_gs_urls_through_epath(tmp_path, monkeypatch):
+  """A gs:// workdir is looked up with etils.epath (os.path.isdir says no such directory for
+  any URL), outputs go to gs:// paths, and URLs are never made 'absolute' by os.path."""
+  store = tmp_path / "store"
+  (store / "bucket" / "run").mkdir(parents=True)
+  monkeypatch.chdir(tmp_path)
+  grid = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+  with _bucket(str(store)):
+    with pytest.raises(errors.UserError, match="holds no checkpoints/ directory"):
+      evaluate.find_checkpoint(None, "gs://bucket/run", None)
+    with pytest.raises(errors.UserError, match="does not exist"):
+      evaluate.find_checkpoint(None, "gs://bucket/elsewhere", None)
+    out = evaluate.default_out("gs://bucket/run", 6, None)
+    assert out == "gs://bucket/run/eval/step_6"
+    epath.Path(out).mkdir(parents=True)
+    visualize.to_png(grid, out + "/0.png")
+  np.testing.assert_array_equal(
+      np.asarray(Image.open(store / "bucket" / "run" / "eval" / "step_6" / "0.png")), grid)
+  assert not os.path.exists("gs:")
+  assert checkpointing.absolute("gs://bucket/run") == "gs://bucket/run"
+  assert checkpointing.absolute("run") == os.path.join(str(tmp_path), "run")

@@ -32,7 +32,8 @@ def commands(stdout):
 
 def test_local_multiprocess_dry_run():
   proc = launch("local_multiprocess.sh", "--dry-run", "--num_processes=3", "--port=4321",
-                "--cpu_devices=2", "--python=/opt/py/bin/python", *TRAIN_ARGS)
+                "--cpu_devices=2", "--python=/opt/py/bin/python", *TRAIN_ARGS,
+                env={"XLA_FLAGS": ""})
   assert proc.returncode == 0, proc.stderr
   printed = commands(proc.stdout)
   assert printed[-1] == ["wait"]
@@ -42,6 +43,14 @@ def test_local_multiprocess_dry_run():
                      "XLA_FLAGS=--xla_force_host_platform_device_count=2", "/opt/py/bin/python",
                      "-m", "freesine_jax.main", "--coordinator_address=127.0.0.1:4321",
                      "--num_processes=3", f"--process_id={i}", *TRAIN_ARGS, "&"]
+  # A caller's XLA_FLAGS survive: the device count is appended after them (XLA takes the last
+  # of a repeated flag, so --cpu_devices wins over a count of the caller's).
+  caller = "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=8"
+  proc = launch("local_multiprocess.sh", "--dry-run", "--cpu_devices=2", *TRAIN_ARGS,
+                env={"XLA_FLAGS": caller})
+  assert proc.returncode == 0, proc.stderr
+  assert commands(proc.stdout)[0][:3] == [
+      "env", "JAX_PLATFORMS=cpu", f"XLA_FLAGS={caller} --xla_force_host_platform_device_count=2"]
   # Without --cpu_devices the environment is left alone.
   proc = launch("local_multiprocess.sh", "--dry-run", *TRAIN_ARGS, env={"PYTHON": "py"})
   assert commands(proc.stdout)[1][:2] == ["py", "-m"]

@@ -3,6 +3,8 @@ settings injected after its 'parameters' cell (papermill's convention): 2 epochs
 the same tiny config conftest.free_sinewich_run trains, so the kernel's programs come from the
 session's compilation cache."""
 import os
+import subprocess
+import sys
 
 import nbformat
 import pytest
@@ -36,3 +38,34 @@ def test_demo_notebook_runs_every_cell(tmp_path, synthetic_data_dir, free_sinewi
   assert "median encoder layer" in text  # tools.analyze's report
   assert len(images) == 4  # two example grids, the frequencies, the spectra
   assert os.path.exists(os.path.join(workdir, "eval", "step_6", "metrics.json"))
+
+
+def _setup_cell(cwd, **env):
+  """Runs the notebook's first code cell (the install cell) in a bare interpreter (-S: no site
+  packages, so no installed freesine_jax) from `cwd`, with only `env` set."""
+  notebook = nbformat.read(NOTEBOOK, as_version=4)
+  source = next(cell.source for cell in notebook.cells if cell.cell_type == "code")
+  return subprocess.run([sys.executable, "-S", "-c", source], cwd=cwd, capture_output=True,
+                        text=True, timeout=60, env={"PATH": os.environ["PATH"], **env})
+
+
+def test_setup_cell_uses_the_checkout_it_runs_in_or_says_what_to_set(tmp_path):
+  # Run from a clone's notebooks/ folder (the package importable): no clone, no install; it
+  # moves to the clone's root.
+  clone = tmp_path / "clone"
+  (clone / "freesine_jax").mkdir(parents=True)
+  (clone / "notebooks").mkdir()
+  (clone / "pyproject.toml").write_text("")
+  (clone / "freesine_jax" / "__init__.py").write_text("")
+  proc = _setup_cell(clone / "notebooks", PYTHONPATH=str(clone))
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip() == f"repository: {clone}"
+  # Anywhere else without FREESINE_REPO_URL: one line saying what to set, before any clone.
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  proc = _setup_cell(elsewhere)
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("RuntimeError: not inside a freesine_jax checkout and "
+                         "FREESINE_REPO_URL is unset: set it to the repository's git URL"), last
+  assert os.listdir(elsewhere) == []

@@ -166,12 +166,7 @@ def _setup(config, model=None):
   model = model or TinyModel()
   variables = modeling.init_variables(model, config)
   schedule = optimizer.make_schedule(1e-2, 1e-3, 1e-4, 2, 20)
-  tx = optimizer.make_optimizer(config, schedule)
-  mesh = sharding_lib.make_mesh(config)
-  state, backbone = train.init_train_state(variables, tx, config, mesh)
-  step_fn = train.make_train_step(model, tx, config, schedule, mesh,
-                                  sharding_lib.shardings_of(state),
-                                  sharding_lib.shardings_of(backbone))
+  state, backbone, step_fn, mesh = train.build_train_step(config, model, variables, schedule)
   return model, variables, state, backbone, step_fn, mesh
 
 

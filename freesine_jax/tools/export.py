@@ -25,6 +25,7 @@ import os
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import flags
+from etils import epath
 import flax
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from freesine_jax import checkpointing
 from freesine_jax import cli
 from freesine_jax import errors
 from freesine_jax import models
@@ -153,12 +155,13 @@ def export_run(config: ml_collections.ConfigDict, workdir: str, out: str, *,
                                           modeling.init_variables(model, config))
   tasks = tuple(tasks or config.tasks)
   _, merged = merge_variables(model, variables, tasks, tuple(config.dataset.image_size))
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, WEIGHTS_FILE), "wb") as f:
-    f.write(flax.serialization.msgpack_serialize(jax.device_get(merged)))
-  with open(os.path.join(out, CONFIG_FILE), "w", encoding="utf-8") as f:
-    json.dump({"config": json.loads(config.to_json_best_effort()), "tasks": list(tasks),
-               "step": step, "workdir": os.path.abspath(workdir)}, f, indent=2)
+  directory = epath.Path(out)  # a local path or a gs:// URL
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / WEIGHTS_FILE).write_bytes(
+      flax.serialization.msgpack_serialize(jax.device_get(merged)))
+  (directory / CONFIG_FILE).write_text(json.dumps(
+      {"config": json.loads(config.to_json_best_effort()), "tasks": list(tasks),
+       "step": step, "workdir": checkpointing.absolute(workdir)}, indent=2))
   return out
 
 
@@ -178,19 +181,18 @@ class Exported:
 
 def load(directory: str) -> Exported:
   """Reads what `export_run` wrote; one jitted function serves all exported tasks."""
-  config_path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.exists(config_path):
+  config_path = epath.Path(directory) / CONFIG_FILE  # a local path or a gs:// URL
+  if not config_path.exists():
     raise errors.UserError(f"{config_path}: not found; pass a directory written by "
                            "python -m freesine_jax.tools.export --out=...")
-  with open(config_path, encoding="utf-8") as f:
-    saved = json.load(f)
+  saved = json.loads(config_path.read_text(encoding="utf-8"))
   # An export written before train.new_tasks existed added no tasks.
   saved["config"].setdefault("train", {}).setdefault("new_tasks", "")
   config = ml_collections.ConfigDict(saved["config"])
   tasks = tuple(saved["tasks"])
   inference = merged_model(models.build_model(config), tasks)
-  with open(os.path.join(directory, WEIGHTS_FILE), "rb") as f:
-    restored = flax.serialization.msgpack_restore(f.read())
+  restored = flax.serialization.msgpack_restore(
+      (epath.Path(directory) / WEIGHTS_FILE).read_bytes())
   variables = {name: restored.get(name, {}) for name in ("params", "backbone", "batch_stats")}
   forward = jax.jit(lambda v, images: inference.apply(v, images, train=False))
   return Exported(config, tasks, int(saved["step"]), inference, variables, forward)
