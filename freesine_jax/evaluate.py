@@ -146,13 +146,19 @@ def qualitative_batches(loader: Iterable, count: int) -> list[dict]:
 
 def draw_examples(forward: Callable, variables: Mapping[str, PyTree], batches: Sequence[dict],
                   config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                  title: str = "") -> list[np.ndarray]:
+                  title: str = "", merge: Callable | None = None) -> list[np.ndarray]:
   """RGB grids (visualize.example_grid) of the first config.eval.qualitative_examples valid
-  rows of `batches` (this host's rows), predicted with `forward`."""
+  rows of `batches` (this host's rows), predicted with `forward`.
+
+  With `merge` (make_inference_merge), predicted from the merged weights as `evaluate` does, so
+  pictures and metrics run one compiled forward program, not a second one on unmerged weights.
+  """
   from freesine_jax.data import registry  # pylint: disable=g-import-not-at-top
   tasks = tuple(config.tasks)
   names = registry.class_names(config.dataset.name)
   variables = model_variables(variables, mesh)
+  if merge is not None and batches:
+    variables = merge(variables, image_shape=(1, *np.shape(batches[0]["image"])[1:]))
   grids, index = [], 0
   for batch in batches:
     predictions = predict(forward, variables, batch, tasks, mesh)
@@ -319,15 +325,15 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, *, step: int |
     from freesine_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     create_eval_loader = pipeline.create_eval_loader
   loader = create_eval_loader(config)
-  forward = make_eval_forward(model)
-  results, delta = evaluate(forward, variables, loader, config, mesh, make_inference_merge(model))
+  forward, merge = make_eval_forward(model), make_inference_merge(model)
+  results, delta = evaluate(forward, variables, loader, config, mesh, merge)
   out = out or default_out(workdir, step, weights)
   images = []
   if jax.process_index() == 0:
     (epath.Path(out) / "examples").mkdir(parents=True, exist_ok=True)
     grids = draw_examples(forward, variables,
                           qualitative_batches(loader, config.eval.qualitative_examples),
-                          config, mesh, f"step {step} · ")
+                          config, mesh, f"step {step} · ", merge)
     for i, grid in enumerate(grids):
       images.append(os.path.join("examples", f"{i}.png"))
       visualize.to_png(grid, os.path.join(out, images[-1]))

@@ -583,7 +583,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     t_aside = time.perf_counter()
     if image_every > 0 and (step % image_every == 0 or step == total_steps):
       writer.images(step, evaluate_lib.draw_examples(
-          forward, _variables(state, backbone), examples, config, mesh, f"step {step} · "))
+          forward, _variables(state, backbone), examples, config, mesh, f"step {step} · ",
+          merge))
 
     if step % config.train.checkpoint_every_steps == 0 and step < total_steps:
       ckpt.save(step, state, data_iter_state=train_iter.get_state(), metadata=metadata)

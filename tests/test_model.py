@@ -47,6 +47,17 @@ def init(cfg, seed=0):
   return model, jax.jit(lambda key: model.init({"params": key}, IMAGES))(jax.random.key(seed))
 
 
+def init_and_run(cfg, run, seed=0):
+  """(model, variables, run(model, variables)) as init + run would give them, from one jitted
+  program (one compile instead of two; XLA keeps only the init's parameter computations)."""
+  model = models.build_model(cfg)
+
+  def both(key):
+    variables = model.init({"params": key}, IMAGES)
+    return variables, run(model, variables)
+  return (model, *jax.jit(both)(jax.random.key(seed)))
+
+
 def transplant(variables, donor):
   """Copies every leaf of donor['params'] whose path exists in variables['params']."""
   flat = traverse_util.flatten_dict(variables["params"])
@@ -56,16 +67,30 @@ def transplant(variables, donor):
 
 
 def frozen_features(cfg, variables):
-  plain_model, plain_vars = init(plain_config(cfg), seed=7)
-  plain_vars = transplant(plain_vars, variables)
-  return jax.jit(lambda v: plain_model.apply(v, IMAGES, method=plain_model.encode)[0])(plain_vars)
+  """Per task, the stage features of the frozen model (plain_config) run with `variables`'
+  weights. Its init, the transplant and its forward are one program (XLA drops the init of the
+  replaced leaves), fed only the weights it reads: the same program for every config here."""
+  plain_model = models.build_model(plain_config(cfg))
+  shapes = jax.eval_shape(lambda: plain_model.init({"params": jax.random.key(7)}, IMAGES))
+  dflat = traverse_util.flatten_dict(variables["params"])
+  donor = {"params": traverse_util.unflatten_dict(
+      {p: dflat[p] for p in traverse_util.flatten_dict(shapes["params"]) if p in dflat}),
+           "backbone": variables["backbone"]}
+
+  def run(donor):
+    plain_vars = transplant(plain_model.init({"params": jax.random.key(7)}, IMAGES), donor)
+    return plain_model.apply(plain_vars, IMAGES, method=plain_model.encode)[0]
+  return jax.jit(run)(donor)
 
 
-def shared_streams(model, variables):
-  """The backbone's shared stream at each stage (the one the next stage consumes)."""
+def features_and_shared_streams(model):
+  """Jitted v -> (per task, the stage features; the backbone's shared stream at each stage, the
+  one the next stage consumes): one program, the stages both read computed once."""
   def run(v):
-    return [shared for shared, _ in model.apply(v, IMAGES, method=model.backbone_stages)[0]]
-  return jax.jit(run)(variables)
+    features = model.apply(v, IMAGES, method=model.encode)[0]
+    stages = model.apply(v, IMAGES, method=model.backbone_stages)[0]
+    return features, [shared for shared, _ in stages]
+  return jax.jit(run)
 
 
 @pytest.mark.parametrize("w_mode", ["full", "depthwise"])
@@ -73,7 +98,7 @@ def test_zero_init_adapters_leave_frozen_features_unchanged(w_mode):
   cfg = tiny_config(prompts=False)
   cfg.model.sine_awb.w_mode = w_mode
   model, variables = init(cfg)
-  feats = jax.jit(lambda v: model.apply(v, IMAGES, method=model.encode)[0])(variables)
+  feats, streams = features_and_shared_streams(model)(variables)
   reference = frozen_features(cfg, variables)
   # Every adapter update is exactly zero (B = 0 => sin(0) = 0, see
   # test_zero_base_gives_exactly_zero_kernel). The two models are different XLA programs (and
@@ -86,7 +111,7 @@ def test_zero_init_adapters_leave_frozen_features_unchanged(w_mode):
   for task in TASKS:
     for stage, (got, want) in enumerate(zip(feats[task], reference[task])):
       assert_ulps(got, want, f"{task} stage {stage + 1}")
-  for stage, shared in enumerate(shared_streams(model, variables)):
+  for stage, shared in enumerate(streams):
     assert_ulps(shared, reference["semseg"][stage], f"shared stream stage {stage + 1}")
 
 
@@ -102,29 +127,41 @@ def test_prompts_deviation_is_bounded_and_comes_from_prompts_only():
   """
   cfg = tiny_config(prompts=True)
   model, variables = init(cfg)
-  encode = jax.jit(lambda v: model.apply(v, IMAGES, method=model.encode)[0])
+  run = features_and_shared_streams(model)
   reference = frozen_features(cfg, variables)
   rel = lambda got, want: float(jnp.abs(got - want).max()) / float(jnp.abs(want).max())
 
-  for stage, shared in enumerate(shared_streams(model, variables)):
+  feats, streams = run(variables)
+  for stage, shared in enumerate(streams):
     assert 0.0 < rel(shared, reference["semseg"][stage]) < 0.25, stage
-  feats = encode(variables)
   last_stage = [rel(feats[t][-1], reference[t][-1]) for t in TASKS]
   assert all(0.25 < r < 1.0 for r in last_stage), last_stage
 
   closed = jax.tree_util.tree_map_with_path(
       lambda path, x: jnp.full_like(x, -1e9) if "prompt_gate" in jax.tree_util.keystr(path)
       else x, variables)
-  feats = encode(closed)
+  feats, _ = run(closed)
   for task in TASKS:
     for stage, (got, want) in enumerate(zip(feats[task], reference[task])):
       assert 0.0 < rel(got, want) < 0.25, (task, stage)
 
 
 def test_collections_and_gradients_only_for_params():
-  cfg = tiny_config()
+  # Two Swin stages: which collections exist and which leaves get gradients is the same with
+  # four (every kind of layer is there), at about half the program to compile.
+  cfg = tiny_config(depths=(2, 2), num_heads=(1, 2))
+  cfg.model.decoder.proj_channels = (18, 36)
   cfg.tasks = ("semseg", "normals")
-  model, variables = init(cfg)
+
+  def gradients(model, variables):
+    def loss(params):
+      out, _ = model.apply({**variables, "params": params}, IMAGES, train=True,
+                           rngs={"dropout": jax.random.key(2), "drop_path": jax.random.key(3)},
+                           mutable=["batch_stats"])
+      return sum(jnp.mean(v ** 2) for v in out.values())
+    return jax.grad(loss)(variables["params"])
+
+  _, variables, grads = init_and_run(cfg, gradients)
   assert set(variables) == {"backbone", "params", "batch_stats"}
   backbone_paths = set(traverse_util.flatten_dict(variables["backbone"]))
   param_paths = set(traverse_util.flatten_dict(variables["params"]))
@@ -135,13 +172,6 @@ def test_collections_and_gradients_only_for_params():
   assert any(p[-2:] == ("qkv", "kernel") for p in backbone_paths)
   assert any(p[-1] == "reduction" or p[-2] == "reduction" for p in backbone_paths)
 
-  def loss(params):
-    out, _ = model.apply({**variables, "params": params}, IMAGES, train=True,
-                         rngs={"dropout": jax.random.key(2), "drop_path": jax.random.key(3)},
-                         mutable=["batch_stats"])
-    return sum(jnp.mean(v ** 2) for v in out.values())
-
-  grads = jax.jit(jax.grad(loss))(variables["params"])
   chex.assert_trees_all_equal_shapes(grads, variables["params"])
   flat = traverse_util.flatten_dict(grads)
   assert all(np.isfinite(np.asarray(g)).all() for g in flat.values())
@@ -149,13 +179,18 @@ def test_collections_and_gradients_only_for_params():
   assert any(np.abs(np.asarray(g)).max() > 0 for p, g in flat.items() if p[-1] == "lora_b")
 
 
+def init_shapes(cfg):
+  """The variables' shapes and collections, as init gives them (traced, never compiled)."""
+  model = models.build_model(cfg)
+  return jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, IMAGES))
+
+
 def test_policy_all_and_none():
   for policy, expect_backbone in (("all", False), ("none", True)):
-    cfg = tiny_config(trainable_backbone=policy)
-    _, variables = init(cfg)
+    variables = init_shapes(tiny_config(trainable_backbone=policy))
     assert ("backbone" in variables and bool(variables["backbone"])) == expect_backbone
   with pytest.raises(ValueError, match="trainable_backbone"):
-    init(tiny_config(trainable_backbone="some"))
+    init_shapes(tiny_config(trainable_backbone="some"))
 
 
 # ----------------------------------------------------------------------------- Sine-AWB maths

@@ -3,6 +3,7 @@ steps of training 'depth' leave every old weight bitwise as trained and the old 
 as they were, lower depth's loss, and the result evaluates and exports; mistakes are one-line
 errors."""
 import dataclasses
+import functools
 import json
 import os
 
@@ -18,15 +19,25 @@ from freesine_jax import evaluate
 from freesine_jax import modeling
 from freesine_jax import models
 from freesine_jax import new_tasks
+from freesine_jax import sharding
 from freesine_jax import train
 from freesine_jax.tools import export
 
 OLD, NEW = ("semseg", "normals"), ("depth",)
-IMAGES = jax.random.normal(jax.random.key(7), (2, 32, 32, 3))
+# One evaluation batch (configs/synthetic.py:tiny's eval_batch_size): the runs' evaluations
+# compiled the merge and forward programs for this shape, which eval_outputs reuses.
+IMAGES = jax.random.normal(jax.random.key(7), (8, 32, 32, 3))
 
 
 def tiny_config(data_dir, tasks=OLD, steps=4):
+  """configs/synthetic.py:tiny with two Swin stages instead of four. Adding a task is
+  bookkeeping per leaf and per stacked task row, which two stages exercise as four do (shared
+  and task blocks, patch merging, prompts, Clock Net, the shared decoder) at about half the
+  program size (its lowered gradient: 11.6k lines of HLO instead of 21.8k), so about half the
+  compile time."""
   config = synthetic.get_config("tiny")
+  config.model.depths, config.model.num_heads = (2, 2), (1, 2)
+  config.model.decoder.proj_channels = (18, 36)
   config.tasks = tasks
   config.dataset.data_dir = data_dir
   config.train.max_steps = steps
@@ -44,13 +55,25 @@ def added_config(data_dir, init_from, steps=6):
   return config
 
 
+def eval_outputs(config, model, variables, images):
+  """{task: output} of `images` as evaluation computes them (evaluate.evaluate: the weights
+  replicated on the mesh and merged for inference, the batch split over the mesh), so the
+  merge and forward programs are the ones the run's evaluation compiled."""
+  mesh = sharding.make_mesh(config)
+  variables = evaluate.model_variables(variables, mesh)
+  merged = evaluate.make_inference_merge(model)(variables, image_shape=(1, *images.shape[1:]))
+  batch = sharding.shard_batch({"image": np.asarray(images)}, mesh)["image"]
+  return evaluate.make_eval_forward(model)(merged, batch)
+
+
 def restored(config, workdir):
-  """(model, its variables at the run's latest checkpoint, jitted forward)."""
+  """(model, its variables at the run's latest checkpoint, forward(variables, images) as the
+  run's evaluation computes it)."""
   model = modeling.build_model(config)
   step, metadata = evaluate.find_checkpoint(config, workdir, None)
   variables = evaluate.restore_checkpoint(workdir, step, metadata,
                                           modeling.init_variables(model, config))
-  return model, variables, evaluate.make_eval_forward(model)
+  return model, variables, functools.partial(eval_outputs, config, model)
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,7 @@ from freesine_jax import checkpointing
 from freesine_jax import cli
 from freesine_jax import errors
 from freesine_jax import models
+from freesine_jax import sharding
 from freesine_jax.models import adapters
 from freesine_jax.models import merged as merged_lib
 from freesine_jax.models.multitask import MultiTaskModel
@@ -153,6 +154,9 @@ def export_run(config: ml_collections.ConfigDict, workdir: str, out: str, *,
   model = modeling.build_model(config)
   variables = evaluate.restore_checkpoint(workdir, step, metadata,
                                           modeling.init_variables(model, config))
+  # Placed on the mesh as evaluation places them: the merge is then the program evaluation
+  # compiled (the same program on unplaced arrays would be lowered and compiled anew).
+  variables = evaluate.model_variables(variables, sharding.make_mesh(config))
   tasks = tuple(tasks or config.tasks)
   _, merged = merge_variables(model, variables, tasks, tuple(config.dataset.image_size))
   directory = epath.Path(out)  # a local path or a gs:// URL
