@@ -206,7 +206,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.compute.lowpass_site = "auto"
   # True: the backward pass rebuilds each layer's task kernels instead of keeping them.
   config.model.compute.task_path_remat = True
-  # none | blocks (recompute each Swin block's activations in the backward pass).
+  # stacked (every task's kernels in one batched computation) | scan (one task after another:
+  # the kernel-sized temporaries of one task at a time; docs/method.md, Memory).
+  config.model.compute.task_loop = "stacked"
+  # none | blocks | recompute: recompute each Swin block's activations in the backward pass,
+  # with nn.remat (blocks: jax.checkpoint, which XLA:CPU merges back into the forward pass) or
+  # with layers.recompute_in_backward (recompute: tied to the block's output cotangent).
   config.model.compute.block_remat = "none"
 
   config.optim = ml_collections.ConfigDict()  # AdamW + warmup/cosine (MTLoRA's recipe)

@@ -37,6 +37,7 @@ from configs import base
 from freesine_jax import models
 from freesine_jax.models import adapters
 from freesine_jax.models import decoders
+from freesine_jax.models import layers
 
 EPS32 = float(np.finfo(np.float32).eps)
 U32 = EPS32 / 2  # unit roundoff
@@ -334,8 +335,9 @@ def test_merged_inference_is_the_same_model():
 
 def test_compute_choices_leave_training_unchanged():
   """Loss and parameter gradients of a training forward (dropout and drop-path on) are the same
-  under other compute choices: another lowering and low-pass site, no task-path remat, Swin
-  blocks rematerialised (which must also keep every random stream). The loss within 2e-6; the
+  under other compute choices: another lowering and low-pass site, no task-path remat, the
+  tasks one after another (task_loop='scan'), Swin blocks rematerialised (which must also keep
+  every random stream). The loss within 2e-6; the
   gradients within 1e-5 of the step's gradient scale (the largest entry), entry by entry
   (measured 1.1e-6): they are sums over every pixel, and leaves whose sum cancels to ~0 (the
   decoder biases before BatchNorm, the stage gates) are pure rounding noise of the terms' size,
@@ -360,7 +362,61 @@ def test_compute_choices_leave_training_unchanged():
 
   want_loss, want = loss_and_grads()
   got_loss, got = loss_and_grads(task_conv="conv", lowpass_site="activations",
-                                 task_path_remat=False, block_remat="blocks")
+                                 task_path_remat=False, block_remat="blocks", task_loop="scan")
+  assert abs(float(got_loss) - float(want_loss)) <= 2e-6 * abs(float(want_loss))
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(want))
+  leaves = zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want),
+               strict=True)
+  for (path, g), w in leaves:
+    assert float(jnp.abs(g - w).max()) <= 1e-5 * scale, jax.tree_util.keystr(path)
+
+
+def test_recompute_in_backward_recomputes_and_is_the_same_gradient():
+  """layers.recompute_in_backward: the gradient of a jax.vjp (frozen args: zero cotangent, no
+  gradient computed), and XLA keeps the recomputation apart from the forward pass (two sin
+  ops in the compiled program, where jax.checkpoint's recomputation is merged back on CPU)."""
+  def fn(x, w, table):
+    return jnp.sin(x @ w) * table
+
+  x = jax.random.normal(jax.random.key(0), (8, 16))
+  w = 0.3 * jax.random.normal(jax.random.key(1), (16, 4))
+  table = jax.random.normal(jax.random.key(2), (4,))
+  recomputed = layers.recompute_in_backward(fn, finish_with=(1,), frozen=(2,))
+  loss = lambda f: lambda *args: jnp.sum(jnp.square(f(*args)))
+  got = jax.jit(jax.grad(loss(recomputed), argnums=(0, 1, 2)))(x, w, table)
+  want = jax.jit(jax.grad(loss(fn), argnums=(0, 1)))(x, w, table)
+  for g, v in zip(got[:2], want):
+    np.testing.assert_allclose(g, v, rtol=1e-6, atol=1e-7)
+  assert float(jnp.abs(got[2]).max()) == 0.0  # frozen: no gradient
+  count_sin = lambda f: jax.jit(jax.grad(loss(f), argnums=(0, 1))).lower(
+      x, w, table).compile().as_text().count(" sine(")
+  assert count_sin(recomputed) == 2
+
+
+def test_block_recompute_and_task_scan_are_the_same_gradient():
+  """block_remat='recompute' runs each Swin block as a pure function whose backward pass
+  recomputes it, and task_loop='scan' computes the task paths one task at a time (with their
+  own recomputation, task_path_remat): loss and gradients (dropout and drop-path on) as the
+  same blocks run without the block recomputation, tasks stacked (the keys are drawn by the
+  backbone in both), within the tolerances of test_compute_choices_leave_training_unchanged."""
+  from freesine_jax.models import swin  # pylint: disable=g-import-not-at-top
+  variables = trained_variables(models.build_model(small_config()))
+
+  def loss_of(model):
+    return lambda params: loss(params, model)
+
+  def loss(params, model):
+    out, _ = model.apply({**variables, "params": params}, SMALL_IMAGES, train=True,
+                         rngs={"dropout": jax.random.key(2), "drop_path": jax.random.key(3)},
+                         mutable=["batch_stats"])
+    return sum(jnp.mean(jnp.square(v)) for v in out.values())
+
+  model = models.build_model(small_config(block_remat="recompute", task_loop="scan"))
+  got_loss, got = jax.jit(jax.value_and_grad(loss_of(model)))(variables["params"])
+  model = models.build_model(small_config(block_remat="recompute"))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(swin, "recompute_in_backward", lambda fn, **_: fn)
+    want_loss, want = jax.jit(jax.value_and_grad(loss_of(model)))(variables["params"])
   assert abs(float(got_loss) - float(want_loss)) <= 2e-6 * abs(float(want_loss))
   scale = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(want))
   leaves = zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want),

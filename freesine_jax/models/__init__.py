@@ -62,7 +62,7 @@ def lowering(mc) -> adapters.Lowering:
   """model.compute's task-path fields (the rest, block_remat, goes to the backbone)."""
   c = mc.compute
   result = adapters.Lowering(task_conv=c.task_conv, lowpass_site=c.lowpass_site,
-                             task_path_remat=bool(c.task_path_remat))
+                             task_path_remat=bool(c.task_path_remat), task_loop=c.task_loop)
   if result.task_conv == "winograd" and mc.task_path == "sine_awb":
     k = mc.sine_awb.kernel_size + (mc.sine_awb.lowpass_size - 1
                                    if mc.sine_awb.lowpass == "taps_full" else 0)

@@ -34,6 +34,7 @@ BASE_NORMS = ("tap_rms", "rms", "none")
 LOWPASS_MODES = ("matrix", "taps", "taps_full", "none")
 TASK_CONVS = ("gemm", "conv", "winograd")
 LOWPASS_SITES = ("auto", "kernel", "activations")
+TASK_LOOPS = ("stacked", "scan")
 # Variable collection of weights that depend on the parameters only (the merged shared LoRA, the
 # finished task kernels). Filled once by MultiTaskModel.merge_for_inference; when present, the
 # layers read it instead of rebuilding the weights for every batch.
@@ -134,14 +135,20 @@ class Lowering:
   task_path_remat: the backward pass recomputes each layer's task kernels (and im2col copies)
     instead of keeping them (and the sine's cosines) from the forward: per layer only the input,
     the factors and the frequencies are kept (layers.recompute_in_backward).
+  task_loop: 'stacked' computes every task's kernels and outputs in one batched computation;
+    'scan' one task after another (lax.scan over the tasks), so a layer's kernel-sized
+    temporaries (the kernels, their sine and cosine, their gradient) exist for one task at a
+    time: T times less of them in the backward pass, one copy of the layer in the program.
   """
   task_conv: str = "gemm"
   lowpass_site: str = "auto"
   task_path_remat: bool = True
+  task_loop: str = "stacked"
 
   def __post_init__(self):
     _check_choice("model.compute", "task_conv", self.task_conv, TASK_CONVS)
     _check_choice("model.compute", "lowpass_site", self.lowpass_site, LOWPASS_SITES)
+    _check_choice("model.compute", "task_loop", self.task_loop, TASK_LOOPS)
 
 
 def lora_a_init(key, shape, dtype=jnp.float32):
@@ -504,7 +511,19 @@ def task_path(path_in: jax.Array, factors, omegas: jax.Array, spec: SineAwbSpec,
   if lowering.task_path_remat:
     # The input's gradient waits for the factors' and frequencies' (see recompute_in_backward).
     run = recompute_in_backward(run, finish_with=(1, 2))
-  return run(path_in, factors, omegas, frozen)
+  if lowering.task_loop == "stacked" or path_in.shape[0] == 1:
+    return run(path_in, factors, omegas, frozen)
+  # One task per iteration: its stream, its frequency and (independent bases) its factors.
+  per_task = factors if spec.independent_bases else None
+  one = lambda tree: jax.tree_util.tree_map(lambda a: a[None], tree)
+
+  def task(_, inputs):
+    x_t, omega_t, factors_t = inputs
+    y_t = run(x_t[None], one(factors_t) if spec.independent_bases else factors, omega_t[None],
+              frozen)
+    return None, y_t[0]
+
+  return jax.lax.scan(task, None, (path_in, omegas, per_task))[1]
 
 
 # ----------------------------------------------------------------------------- modules

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 BACKBONE = "backbone"
 
@@ -119,7 +120,16 @@ def _tie(tree, zero: jax.Array):
   return jax.tree_util.tree_map(lambda a: a + zero.astype(jnp.result_type(a)), tree)
 
 
-def recompute_in_backward(fn: Callable, finish_with: Sequence[int] = ()) -> Callable:
+def _zero_cotangent(leaf):
+  """The cotangent of an argument nothing differentiates: zeros (float0 for integer/key data)."""
+  dtype = jnp.result_type(leaf)
+  if jnp.issubdtype(dtype, jnp.inexact):
+    return jnp.zeros_like(leaf)
+  return np.zeros(np.shape(leaf), jax.dtypes.float0)
+
+
+def recompute_in_backward(fn: Callable, finish_with: Sequence[int] = (),
+                          frozen: Sequence[int] = ()) -> Callable:
   """fn(*args), whose backward pass recomputes fn's intermediates from args instead of keeping
   them from the forward pass (what jax.checkpoint means), on every backend.
 
@@ -133,7 +143,11 @@ def recompute_in_backward(fn: Callable, finish_with: Sequence[int] = ()) -> Call
   finish_with: indices of args whose cotangents (weight gradients, typically) the cotangent of
   args[0] waits for. Weight gradients only feed the optimizer at the end of the step, so XLA's
   scheduler would otherwise postpone them and keep their large inputs alive meanwhile.
+  frozen: indices of args that are not differentiated (frozen weights, random keys): they are
+  not tied, no gradient is computed for them and their cotangent is zero.
   """
+  frozen = frozenset(frozen)
+
   @jax.custom_vjp
   def wrapped(*args):
     return fn(*args)
@@ -142,11 +156,23 @@ def recompute_in_backward(fn: Callable, finish_with: Sequence[int] = ()) -> Call
     return fn(*args), args
 
   def backward(args, cotangent):
-    grads = jax.vjp(fn, *_tie(args, _zero_tie(cotangent)))[1](cotangent)
-    if not finish_with:
-      return grads
-    done = _zero_tie([grads[i] for i in finish_with])
-    return (_tie(grads[0], done),) + tuple(grads[1:])
+    zero = _zero_tie(cotangent)
+    live = [i for i in range(len(args)) if i not in frozen]
+
+    def of_live(*live_args):
+      full = list(args)
+      for i, a in zip(live, live_args):
+        full[i] = a
+      return fn(*full)
+
+    live_grads = jax.vjp(of_live, *[_tie(args[i], zero) for i in live])[1](cotangent)
+    grads = [jax.tree_util.tree_map(_zero_cotangent, a) for a in args]
+    for i, g in zip(live, live_grads):
+      grads[i] = g
+    if finish_with:
+      done = _zero_tie([grads[i] for i in finish_with])
+      grads[0] = _tie(grads[0], done)
+    return tuple(grads)
 
   wrapped.defvjp(forward, backward)
   return wrapped

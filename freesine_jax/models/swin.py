@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from freesine_jax.models import adapters
-from freesine_jax.models.layers import DropPath, FrozenDense, FrozenLayerNorm, backbone_weight
+from freesine_jax.models.layers import (DropPath, FrozenDense, FrozenLayerNorm, backbone_weight,
+                                         recompute_in_backward)
 
 SWIN_VARIANTS = {
     # name: (embed_dim, depths, num_heads)
@@ -76,7 +77,7 @@ def stage_windows(grid: int, window: int) -> tuple[int, bool]:
   return window, True
 
 
-REMAT_MODES = ("none", "blocks")
+REMAT_MODES = ("none", "blocks", "recompute")
 
 
 # ----------------------------------------------------------------------------- window helpers
@@ -370,7 +371,9 @@ class SwinBackbone(nn.Module):
   With last_shared=False and task streams, the last stage's shared stream (which no decoder
   reads) is not computed and returned as None.
   remat (model.compute.block_remat): 'blocks' recomputes each Swin block's activations in the backward
-  pass from the block's inputs instead of keeping them.
+  pass from the block's inputs instead of keeping them, with nn.remat (jax.checkpoint);
+  'recompute' does the same with layers.recompute_in_backward, whose recomputation XLA cannot
+  merge back into the forward pass (XLA:CPU does so with jax.checkpoint's: docs/method.md).
   """
   spec: SwinSpec
   adapter: AdapterSpec
@@ -425,7 +428,10 @@ class SwinBackbone(nn.Module):
                           shared_output=(last_shared or adapter_reads_shared
                                          or not (last_block and task_streams)),
                           name=f"layers_{i}_blocks_{j}")
-        x, tasks_out, skips, prompts = block(x, prompts, omegas, deterministic)
+        if self.remat == "recompute" and train and not self.is_initializing():
+          x, tasks_out, skips, prompts = self._recomputed(block, x, prompts, omegas)
+        else:
+          x, tasks_out, skips, prompts = block(x, prompts, omegas, deterministic)
         block_id += 1
       if skips is not None:
         # Stage gate (zero-init, sigmoid): mixes each task's prompt-modulated attention skip in.
@@ -445,3 +451,22 @@ class SwinBackbone(nn.Module):
                              name=f"prompt_proj_{i}")(prompts)
       outputs.append((x, tasks_out))
     return outputs
+
+  def _recomputed(self, block: SwinBlock, x, prompts, omegas):
+    """block(x, prompts, omegas) in training, as a pure function of the block's variables and
+    random keys whose backward pass recomputes the block (layers.recompute_in_backward): only
+    the block's inputs are kept for the backward pass. Its dropout / drop-path keys are drawn
+    here (not inside the block), so its random masks differ from remat='none''s."""
+    name = block.name
+    own = {col: tree[name] for col, tree in self.variables.items() if name in tree}
+    params = own.pop("params", {})
+    keys = {stream: self.make_rng(stream) for stream in ("dropout", "drop_path")
+            if self.has_rng(stream)}
+    unbound = block.clone(parent=None)
+
+    def run(x, params, prompts, omegas, frozen, keys):
+      return unbound.apply({"params": params, **frozen}, x, prompts, omegas, False, rngs=keys)
+
+    # The input's gradient waits for the block's weight gradients (see recompute_in_backward).
+    run = recompute_in_backward(run, finish_with=(1,), frozen=(4, 5))
+    return run(x, params, prompts, omegas, own, keys)
