@@ -78,7 +78,8 @@ CASES = (
          "pass, tied to its output's cotangent (layers.recompute_in_backward)"),
     Case("lean_memory", "r64", LEAN_MEMORY, kinds=("train",),
          note="free_sinewich, block_remat='recompute' and the task paths one task at a time "
-         "(task_loop='scan')"),
+         "(task_loop='scan'); XLA's cost analysis counts a scanned loop body once, so its GFLOP "
+         "and % of roof columns undercount (the maths is block_recompute's)"),
 )
 BATCH = 2
 GEMM_N = 2048
@@ -636,9 +637,12 @@ WHY_NOT_MET = [
     "recomputation (its GFLOP/step column) but does not lower XLA's temporaries on XLA:CPU "
     "(compare the block_remat and free_sinewich rows): XLA:CPU removes jax.checkpoint's "
     "optimisation barriers before its last common-subexpression pass (docs/method.md, "
-    "Computation), which is why task_path_remat uses layers.recompute_in_backward instead. The "
-    "next lever is that same cotangent-tied recomputation at block level (not built). Whether "
-    "nn.remat saves memory on TPU/GPU is not measurable here.",
+    "Computation), which is why task_path_remat uses layers.recompute_in_backward instead. "
+    "block_remat='recompute' is that cotangent-tied recomputation per block (block_recompute "
+    "row) and task_loop='scan' runs each layer's task paths one task at a time; together they "
+    "are the lean_memory row (the memory target's second row), at the cost in step time its "
+    "row shows (the scan runs the tasks' smaller GEMMs one after another). The defaults keep the faster step. Whether nn.remat "
+    "saves memory on TPU/GPU is not measurable here.",
     "- Compile time: most of it is XLA:CPU's LLVM code generation, not tracing (the figure in "
     "brackets) nor XLA's HLO passes; measured with perf and per part with "
     "benchmarks/compile_parts.py (docs/method.md, Computation). It grows with the machine's "
