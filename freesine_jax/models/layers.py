@@ -165,10 +165,9 @@ def recompute_in_backward(fn: Callable, finish_with: Sequence[int] = (),
         full[i] = a
       return fn(*full)
 
-    live_grads = jax.vjp(of_live, *[_tie(args[i], zero) for i in live])[1](cotangent)
-    grads = [jax.tree_util.tree_map(_zero_cotangent, a) for a in args]
-    for i, g in zip(live, live_grads):
-      grads[i] = g
+    live_grads = iter(jax.vjp(of_live, *[_tie(args[i], zero) for i in live])[1](cotangent))
+    grads = [jax.tree_util.tree_map(_zero_cotangent, a) if i in frozen else next(live_grads)
+             for i, a in enumerate(args)]
     if finish_with:
       done = _zero_tie([grads[i] for i in finish_with])
       grads[0] = _tie(grads[0], done)
