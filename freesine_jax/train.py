@@ -386,6 +386,16 @@ def window_summary(pending: Sequence[Mapping[str, Any]], seconds: float,
   return summary
 
 
+def estimated_seconds_left(steps_left: int, steps_timed: int, seconds_timed: float,
+                window_steps_per_sec: float) -> float:
+  """Time left at the rate of the steps since the compiled first step (its compilation is not
+  a step's time, so an ETA including it starts minutes too long); before any such step, at the
+  logging window's rate."""
+  rate = (steps_timed / max(seconds_timed, 1e-9) if steps_timed > 0
+          else window_steps_per_sec)
+  return steps_left / rate if rate > 0 else math.inf
+
+
 def progress_line(step: int, total_steps: int, summary: Mapping[str, float],
                   tasks: Sequence[str], eta_seconds: float) -> str:
   per_task = " ".join(f"{t} {summary[f'loss/{t}']:.4f}" for t in tasks)
@@ -554,6 +564,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   pending = []
   t_start, step_start = time.perf_counter(), step
   t_log = t_start
+  t_rate, step_rate = t_start, step  # the ETA's rate: from the end of the compiled first step
   while step < total_steps:
     try:
       batch = next(train_iter)
@@ -566,6 +577,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if step == step_start:  # the step was compiled: give the compiler's freed heap back
       jax.block_until_ready(step_metrics)
       distributed.release_freed_host_memory()
+      t_rate, step_rate = time.perf_counter(), step + 1
     step += 1
     pending.append(monitor.after_step(step, step_metrics, ckpt))  # NaN/Inf: stop or skip
 
@@ -574,10 +586,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       now = time.perf_counter()
       summary = window_summary(pending, now - t_log, global_batch)
       pending, t_log = [], now
-      overall = (step - step_start) / max(now - t_start, 1e-9)
       writer.scalars(step, {f"train/{k}": v for k, v in summary.items()})
-      writer.print(progress_line(step, total_steps, summary, tasks,
-                                 (total_steps - step) / overall if overall > 0 else math.inf))
+      writer.print(progress_line(step, total_steps, summary, tasks, estimated_seconds_left(
+          total_steps - step, step - step_rate, now - t_rate, summary["steps_per_sec"])))
 
     # Pictures and evaluations are not training: their time is kept out of the step time.
     t_aside = time.perf_counter()

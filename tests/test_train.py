@@ -390,6 +390,15 @@ def test_beats_untrained_respects_metric_direction():
       "semseg": True, "normals": True, "depth": False}
 
 
+def test_eta_leaves_the_compiled_first_step_out():
+  # A 60 s compile in the first step, then 0.5 s steps: after 1 + 20 steps of 300 the ETA is
+  # 279 steps at 2 steps/s, not at the 21 steps / 70 s that include the compile.
+  assert train.estimated_seconds_left(279, 20, 10.0, 21 / 70.0) == pytest.approx(139.5)
+  # Only the compiled step so far: the window's rate is all there is.
+  assert train.estimated_seconds_left(299, 0, 0.0, 1 / 60.0) == pytest.approx(299 * 60.0)
+  assert train.estimated_seconds_left(5, 0, 0.0, 0.0) == math.inf
+
+
 def test_train_and_evaluate_writes_outputs(tmp_path):
   """End to end with injected model/data (resume is covered by test_checkpoint_resume.py)."""
   config = tiny_config(max_steps=24, checkpoint_every_steps=8, eval_every_steps=12)
