@@ -245,14 +245,13 @@ def build_train_case(config) -> TrainCase:
   model = modeling.build_model(config)
   variables = modeling.init_variables(model, config)
   schedule = optimizer_lib.make_schedule(1e-4, 1e-6, 1e-6, 10, 100)
-  state, backbone, step, mesh = train.build_train_step(  # as the training loop builds it
+  setup = train.build_train_step(  # as the training loop builds it
       config, model, variables, schedule, donate_state=True)
   del variables
-  batch = sharding_lib.shard_batch(random_batch(config, True), mesh,
+  batch = sharding_lib.shard_batch(random_batch(config, True), setup.mesh,
                                    ("image",) + tuple(config.tasks))
-  # The optimizer build_train_step applies, for benchmarks/compile_parts' update-only part.
-  tx = optimizer_lib.make_optimizer(config, schedule)
-  return TrainCase(config, model, tx, state, backbone, batch, step)
+  return TrainCase(config, model, setup.tx, setup.state, setup.backbone, batch,
+                   setup.train_step)
 
 
 def run_train(case: Case, size: int, reps: int) -> dict[str, Any]:

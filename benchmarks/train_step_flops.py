@@ -42,7 +42,8 @@ def train_step_flops(name: str) -> tuple[float, float]:
   model = modeling.build_model(config)
   variables = modeling.init_variables(model, config)
   schedule = optimizer.make_schedule(1e-3, 1e-4, 1e-5, 2, 20)
-  state, backbone, step, _ = train.build_train_step(config, model, variables, schedule)
+  setup = train.build_train_step(config, model, variables, schedule)
+  state, backbone, step = setup.state, setup.backbone, setup.train_step
   size = tuple(config.dataset.image_size)
   batch = {"image": jax.ShapeDtypeStruct((config.input.batch_size, *size, 3), jnp.float32)}
   for task in config.tasks:

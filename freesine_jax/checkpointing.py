@@ -28,6 +28,7 @@ import shutil
 import time
 from typing import Any, Callable
 
+from etils import epath
 import flax
 from flax import traverse_util
 import jax
@@ -145,6 +146,26 @@ def _gather_json(payload: dict) -> dict[str, dict]:
   everything = np.asarray(multihost_utils.process_allgather(padded))
   return {_process_key(i, count): json.loads(bytes(everything[i, :int(lengths[i, 0])]).decode())
           for i in range(count)}
+
+
+def move_tree(source: str, target: str) -> None:
+  """Moves directory `source` to `target` (its parent created): a rename on a local disk; an
+  object store (gs://) has no directory rename, so there every file is copied, then the source
+  deleted (a copy interrupted halfway leaves the source whole)."""
+  if not is_url(source):
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(source, target)
+    return
+  source_root, target_root = epath.Path(source), epath.Path(target)
+  top = None
+  for folder, _, files in source_root.walk(top_down=True):
+    top = top or os.fspath(folder)  # the first folder walked is source itself, as the store names it
+    relative = os.path.relpath(os.fspath(folder), top)
+    into = target_root if relative == "." else target_root / relative
+    into.mkdir(parents=True, exist_ok=True)
+    for name in files:
+      (folder / name).copy(into / name, overwrite=True)
+  source_root.rmtree()
 
 
 class Checkpointer:
@@ -302,8 +323,7 @@ class Checkpointer:
     target = os.path.join(os.path.dirname(str(self.directory).rstrip("/")), DAMAGED_DIR,
                           f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      shutil.move(source, target)
+      move_tree(source, target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"freesine_jax moved damaged checkpoint {step}")
     self._manager.reload()
@@ -312,12 +332,11 @@ class Checkpointer:
   def _purge_trash(self) -> None:
     """Deletes the steps Orbax moved to TRASH_DIR, unless a save (whose last act may be such a
     move) is still running; a purge killed halfway leaves nothing that looks like a step."""
-    trash = os.path.join(str(self.directory), TRASH_DIR)
-    if jax.process_index() != 0 or not os.path.isdir(trash) or \
-        self._manager.is_saving_in_progress():
+    trash = epath.Path(str(self.directory)) / TRASH_DIR  # (Orbax uses none on gs://)
+    if jax.process_index() != 0 or not trash.is_dir() or self._manager.is_saving_in_progress():
       return
-    for name in os.listdir(trash):
-      shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
+    for step_dir in trash.iterdir():
+      step_dir.rmtree(missing_ok=True)
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()

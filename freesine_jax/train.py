@@ -260,6 +260,7 @@ class TrainSetup(NamedTuple):
   backbone: PyTree  # the frozen 'backbone' collection, on the mesh
   train_step: Callable  # jitted (state, batch, backbone) -> (state, metrics)
   mesh: jax.sharding.Mesh
+  tx: optax.GradientTransformation  # the optimizer the step applies
 
 
 def build_train_step(config: ml_collections.ConfigDict, model: nn.Module,
@@ -275,7 +276,7 @@ def build_train_step(config: ml_collections.ConfigDict, model: nn.Module,
   state, backbone = init_train_state(variables, tx, config, mesh)
   step = make_train_step(model, tx, config, schedule, mesh, state, backbone,
                          donate_state=donate_state, trainable=trainable)
-  return TrainSetup(state, backbone, step, mesh)
+  return TrainSetup(state, backbone, step, mesh, tx)
 
 
 # ------------------------------------------------------------------------------------------
@@ -499,8 +500,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   peak_lr, warmup_lr, min_lr = plan.learning_rates
   backbone_hash = checkpointing.tree_hash(variables["backbone"])
   # The step keeps the state's shardings, which a restored state has too (restored onto them).
-  state, backbone, train_step, _ = build_train_step(config, model, variables, schedule, mesh,
-                                                    donate_state=True, trainable=trainable)
+  setup = build_train_step(config, model, variables, schedule, mesh, donate_state=True,
+                           trainable=trainable)
+  state, backbone, train_step = setup.state, setup.backbone, setup.train_step
   num_trainable = modeling.count_parameters(variables["params"])
   if trainable is not None:
     num_trainable = sum(int(np.broadcast_to(m, np.shape(p)).sum()) for m, p in zip(

@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -23,6 +24,7 @@ import sys
 import tempfile
 from typing import Callable
 
+from etils.epath import testing as epath_testing
 import jax
 import pytest
 
@@ -51,6 +53,24 @@ def pytest_unconfigure(config):
   if cache:
     shutil.rmtree(cache, ignore_errors=True)
     os.environ.pop(CACHE_ENV, None)
+
+
+@contextlib.contextmanager
+def fake_bucket(root):
+  """gs://bucket/... read and written through etils.epath as files under `root` (no network);
+  os.path and open() given a gs:// URL find nothing (the working directory has no 'gs:')."""
+  def local(path):
+    path = os.fspath(path)
+    return os.path.join(root, path[len("gs://"):]) if path.startswith("gs://") else path
+
+  def mapped(original, path, *args, **kwargs):
+    args = [local(a) if isinstance(a, (str, os.PathLike)) else a for a in args]
+    return original(local(path), *args, **kwargs)
+
+  names = ("copy", "exists", "glob", "isdir", "listdir", "makedirs", "mkdir", "open", "remove",
+           "rename", "replace", "rmtree", "stat", "walk")
+  with epath_testing.mock_epath(**{name: mapped for name in names}):
+    yield
 
 
 def shared_dir(tmp_path_factory, name: str, make: Callable[[str], None]) -> str:

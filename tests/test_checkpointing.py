@@ -1,10 +1,14 @@
 """Resume guards: a checkpoint from another model/task setup or backbone fails clearly."""
+import os
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import base
 from freesine_jax import checkpointing
+
+from conftest import fake_bucket
 
 
 def _config(rank):
@@ -50,3 +54,32 @@ def test_tree_hash_is_the_converter_hash_of_the_same_weights():
   with pytest.raises(ValueError, match="trained with frozen backbone weights of hash"):
     checkpointing.check_backbone({"backbone_hash": checkpointing.tree_hash(changed)},
                                  checkpointing.tree_hash(tree), 3)
+
+
+def _tree(root) -> dict[str, bytes]:
+  return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+          for d, _, files in os.walk(root) for f in files}
+
+
+@pytest.mark.parametrize("url", [False, True], ids=["local", "gs"])
+def test_move_tree_moves_every_file_locally_and_on_gs(tmp_path, monkeypatch, url):
+  """A damaged step is moved aside with its files intact; on gs:// (no directory rename) file
+  by file through etils.epath, never through os.path (which would make a local 'gs:' folder)."""
+  store = tmp_path / "store"
+  step = store / "bucket" / "run" / "checkpoints" / "12"
+  for rel, data in {"state/manifest.ocdbt": b"m" * 100, "state/d/0": b"\x00\x01",
+                    "metadata/metadata": b"{}", "_CHECKPOINT_METADATA": b"{1}"}.items():
+    (step / rel).parent.mkdir(parents=True, exist_ok=True)
+    (step / rel).write_bytes(data)
+  want = _tree(step)
+  target = store / "bucket" / "run" / "damaged_checkpoints" / "12-20261204"
+  monkeypatch.chdir(tmp_path)
+  if url:
+    with fake_bucket(str(store)):
+      checkpointing.move_tree("gs://bucket/run/checkpoints/12",
+                              "gs://bucket/run/damaged_checkpoints/12-20261204")
+  else:
+    checkpointing.move_tree(str(step), str(target))
+  assert _tree(target) == want
+  assert not step.exists()
+  assert not os.path.exists(tmp_path / "gs:")

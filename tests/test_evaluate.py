@@ -5,7 +5,6 @@ The run is conftest.tiny_run: the README's command training the tiny conv model 
 test_train.py on the tiny synthetic dataset (6 steps, checkpoints at 3 and 6, TensorBoard
 images at step 6).
 """
-import contextlib
 import io
 import json
 import math
@@ -14,7 +13,6 @@ import struct
 import textwrap
 
 from etils import epath
-from etils.epath import testing as epath_testing
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -30,7 +28,7 @@ from freesine_jax import modeling
 from freesine_jax import visualize
 from freesine_jax.data import pipeline
 
-from conftest import TINY_FACTORY, run_cli
+from conftest import TINY_FACTORY, fake_bucket, run_cli
 import test_train
 
 REFERENCE = {"semseg": {"mIoU": 40.0}, "normals": {"mean": 30.0}}
@@ -246,24 +244,6 @@ def test_grid_draws_each_task_kind_in_its_panels():
     assert np.any(np.all(np.abs(semseg_column - colour) <= 1, axis=1)), colour
 
 
-@contextlib.contextmanager
-def _bucket(root):
-  """gs://bucket/... read and written through etils.epath as files under `root` (no network);
-  os.path and open() given a gs:// URL find nothing (the working directory has no 'gs:')."""
-  def local(path):
-    path = os.fspath(path)
-    return os.path.join(root, path[len("gs://"):]) if path.startswith("gs://") else path
-
-  def mapped(original, path, *args, **kwargs):
-    args = [local(a) if isinstance(a, (str, os.PathLike)) else a for a in args]
-    return original(local(path), *args, **kwargs)
-
-  names = ("copy", "exists", "glob", "isdir", "listdir", "makedirs", "mkdir", "open", "remove",
-           "rename", "replace", "rmtree", "stat", "walk")
-  with epath_testing.mock_epath(**{name: mapped for name in names}):
-    yield
-
-
 def test_evaluate_finds_and_writes_gs_urls_through_epath(tmp_path, monkeypatch):
   """A gs:// workdir is looked up with etils.epath (os.path.isdir says no such directory for
   any URL), outputs go to gs:// paths, and URLs are never made 'absolute' by os.path."""
@@ -271,7 +251,7 @@ def test_evaluate_finds_and_writes_gs_urls_through_epath(tmp_path, monkeypatch):
   (store / "bucket" / "run").mkdir(parents=True)
   monkeypatch.chdir(tmp_path)
   grid = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
-  with _bucket(str(store)):
+  with fake_bucket(str(store)):
     with pytest.raises(errors.UserError, match="holds no checkpoints/ directory"):
       evaluate.find_checkpoint(None, "gs://bucket/run", None)
     with pytest.raises(errors.UserError, match="does not exist"):

@@ -166,8 +166,8 @@ def _setup(config, model=None):
   model = model or TinyModel()
   variables = modeling.init_variables(model, config)
   schedule = optimizer.make_schedule(1e-2, 1e-3, 1e-4, 2, 20)
-  state, backbone, step_fn, mesh = train.build_train_step(config, model, variables, schedule)
-  return model, variables, state, backbone, step_fn, mesh
+  setup = train.build_train_step(config, model, variables, schedule)
+  return model, variables, setup.state, setup.backbone, setup.train_step, setup.mesh
 
 
 # ------------------------------------------------------------------------------------------
