@@ -213,6 +213,8 @@ def get_config() -> ml_collections.ConfigDict:
   # with nn.remat (blocks: jax.checkpoint, which XLA:CPU merges back into the forward pass) or
   # with layers.recompute_in_backward (recompute: tied to the block's output cotangent).
   config.model.compute.block_remat = "none"
+  # The real-data configs (pascal_context, nyud, cityscapes) use block_remat='recompute' and
+  # task_loop='scan' for Free Sinewich (configs/common.py LEAN_COMPUTE).
 
   config.optim = ml_collections.ConfigDict()  # AdamW + warmup/cosine (MTLoRA's recipe)
   config.optim.lr_base = 5e-4  # peak learning rate for a global batch of lr_reference_batch

@@ -96,6 +96,19 @@ def apply_ablations(config: ml_collections.ConfigDict, tokens: tuple[str, ...]) 
     model.sine_awb.lowpass = "taps_full"
 
 
+# The compute choices of the real-data configs (448 x 448 and up) for Free Sinewich: every Swin
+# block and every layer's task paths recomputed in the backward pass, the tasks one after another
+# (docs/method.md, Memory: at 448, batch 2, the step peaks at 5.7 GiB instead of 9.7 and, measured
+# side by side on the 2-core CPU, was not slower). configs/base.py keeps 'none' / 'stacked'.
+LEAN_COMPUTE = {"block_remat": "recompute", "task_loop": "scan"}
+
+
+def apply_lean_compute(config: ml_collections.ConfigDict, tokens: tuple[str, ...]) -> None:
+  """LEAN_COMPUTE for Free Sinewich; a baseline (tokens) keeps the base's compute choices."""
+  if not any(t in BASELINES for t in tokens):
+    config.model.compute.update(LEAN_COMPUTE)
+
+
 def apply_baseline(config: ml_collections.ConfigDict, tokens: tuple[str, ...]) -> None:
   """Turns config.model into the baseline named in tokens (if any); keeps the rank."""
   chosen = [t for t in tokens if t in BASELINES]

@@ -25,4 +25,5 @@ def get_config(arg: str = "r64") -> ml_collections.ConfigDict:
   config.model.lora.rank = common.rank_of(tokens)
   common.apply_ablations(config, tokens)
   common.apply_baseline(config, tokens)
+  common.apply_lean_compute(config, tokens)
   return config

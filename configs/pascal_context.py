@@ -19,6 +19,7 @@ def get_config(arg: str = "r64") -> ml_collections.ConfigDict:
   config.model.lora.rank = common.rank_of(tokens)
   common.apply_ablations(config, tokens)
   common.apply_baseline(config, tokens)
+  common.apply_lean_compute(config, tokens)
   # Single-task fine-tuning reference row of the paper's table (docs/design.md §2) for Δm.
   config.eval.reference = {"semseg": {"mIoU": 67.21}, "human_parts": {"mIoU": 61.93},
                            "sal": {"mIoU": 62.35}, "normals": {"mean": 17.97}}

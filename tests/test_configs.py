@@ -301,6 +301,19 @@ def test_paper_config_args():
     pascal_context.get_config("r64,fast")
 
 
+@pytest.mark.parametrize("name", ["pascal_context", "nyud", "cityscapes"])
+def test_real_data_configs_train_free_sinewich_lean_and_baselines_as_measured(name):
+  import importlib  # pylint: disable=g-import-not-at-top
+  from configs import base  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(f"configs.{name}")
+  compute = lambda arg: (module.get_config(arg).model.compute.block_remat,
+                         module.get_config(arg).model.compute.task_loop)
+  assert compute("r64") == compute("r16,no_sine") == ("recompute", "scan")
+  plain = (base.get_config().model.compute.block_remat, base.get_config().model.compute.task_loop)
+  assert plain == ("none", "stacked")
+  assert compute("mtlora,r64") == compute("full_ft") == plain
+
+
 def test_synthetic_takes_the_paper_ablations():
   from configs import synthetic
   config = synthetic.get_config("no_sine")
