@@ -159,7 +159,7 @@ def move_tree(source: str, target: str) -> None:
   source_root, target_root = epath.Path(source), epath.Path(target)
   top = None
   for folder, _, files in source_root.walk(top_down=True):
-    top = top or os.fspath(folder)  # the first folder walked is source itself, as the store names it
+    top = top or os.fspath(folder)  # the first folder walked: source, as the store names it
     relative = os.path.relpath(os.fspath(folder), top)
     into = target_root if relative == "." else target_root / relative
     into.mkdir(parents=True, exist_ok=True)
@@ -336,7 +336,10 @@ class Checkpointer:
     if jax.process_index() != 0 or not trash.is_dir() or self._manager.is_saving_in_progress():
       return
     for step_dir in trash.iterdir():
-      step_dir.rmtree(missing_ok=True)
+      try:
+        step_dir.rmtree(missing_ok=True)
+      except OSError:  # left for the next purge, as a partly deleted step is
+        continue
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()

@@ -388,7 +388,7 @@ def window_summary(pending: Sequence[Mapping[str, Any]], seconds: float,
 
 
 def estimated_seconds_left(steps_left: int, steps_timed: int, seconds_timed: float,
-                window_steps_per_sec: float) -> float:
+                           window_steps_per_sec: float) -> float:
   """Time left at the rate of the steps since the compiled first step (its compilation is not
   a step's time, so an ETA including it starts minutes too long); before any such step, at the
   logging window's rate."""
