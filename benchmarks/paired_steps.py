@@ -40,11 +40,10 @@ def main():
   for name in names:
     case = bench.build_train_case(bench.case_config(bench.Case(name, "r64", SETTINGS[name]),
                                                     args.size))
-    start = time.perf_counter()
-    compiled = case.step.lower(case.state, case.batch, case.backbone).compile()
-    temp = compiled.memory_analysis().temp_size_in_bytes / bench.GIB
-    print(f"{name}: compiled in {time.perf_counter() - start:.0f} s, XLA temporaries "
-          f"{temp:.2f} GiB", flush=True)
+    compiled, timings = bench.lower_and_compile(
+        lambda c=case: c.step.lower(c.state, c.batch, c.backbone))
+    print(f"{name}: compiled in {timings['compile_s']:.0f} s, XLA temporaries "
+          f"{bench.compiled_stats(compiled)['temp_gib']:.2f} GiB", flush=True)
     state, metrics = compiled(case.state, case.batch, case.backbone)  # warm-up
     jax.block_until_ready(metrics["loss"])
     steps[name] = [compiled, state, case.batch, case.backbone]

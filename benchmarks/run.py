@@ -195,7 +195,6 @@ def measure_gemm(reps: int) -> dict[str, float]:
 
 def case_config(case: Case, size: int):
   """The case's PASCAL-Context config at size x size, batch BATCH, random weights."""
-  sys.path.insert(0, ROOT)
   from configs import pascal_context  # pylint: disable=g-import-not-at-top
   config = pascal_context.get_config(case.arg)
   for key, value in case.overrides:

@@ -19,6 +19,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import run as bench  # noqa: E402
 from freesine_jax.models import adapters  # noqa: E402
 
 # (name, C_in, C_out, token grid side) at 448 x 448 (stage grids 112, 56, 28, 14).
@@ -43,17 +44,15 @@ def measure(c_in: int, c_out: int, side: int, task_loop: str, reps: int):
     return jnp.sum(y * y)
 
   args = (x, a, w, b, omegas)
-  start = time.perf_counter()
-  compiled = jax.jit(jax.grad(loss, argnums=range(5))).lower(*args).compile()
-  compile_s = time.perf_counter() - start
-  temp_gib = compiled.memory_analysis().temp_size_in_bytes / 2**30
+  compiled, timings = bench.lower_and_compile(
+      lambda: jax.jit(jax.grad(loss, argnums=range(5))).lower(*args))
   jax.block_until_ready(compiled(*args))  # warm-up
   times = []
   for _ in range(reps):
     start = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - start)
-  return float(np.median(times)), compile_s, temp_gib
+  return float(np.median(times)), timings["compile_s"], bench.compiled_stats(compiled)["temp_gib"]
 
 
 def main():
