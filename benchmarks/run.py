@@ -655,9 +655,10 @@ WHY_NOT_MET = [
     "are the lean_memory row (the memory target's second row), the compute of the real-data "
     "configs (configs/common.py LEAN_COMPUTE) since 2026-12-04. Its step was not slower than "
     "the stacked one's: compiled in one process and stepped alternately at 448 "
-    "(benchmarks/paired_steps.py, 2026-12-04, 3 pairs), lean / stacked took 0.43, 0.59 and 0.64 of the time; rows measured hours apart "
-    "differ by up to 2x on this shared machine even at a steady GEMM roof (the step is "
-    "memory-bound, the GEMM is not), so compare rows by their measurement dates with care. "
+    "(2026-12-04, 3 pairs, the procedure of benchmarks/paired_steps.py), lean / stacked "
+    "took 0.43, 0.59 and 0.64 of the time; rows measured hours apart differ by up to 2x on "
+    "this shared machine even at a steady GEMM roof (the step is memory-bound, the GEMM is "
+    "not), so compare rows by their measurement dates with care. "
     "Whether nn.remat saves memory on TPU/GPU is not measurable here.",
     "- Compile time: most of it is XLA:CPU's LLVM code generation, not tracing (the figure in "
     "brackets) nor XLA's HLO passes; measured with perf and per part with "
