@@ -493,20 +493,26 @@ def task_path(path_in: jax.Array, factors, omegas: jax.Array, spec: SineAwbSpec,
   frozen layer's input is path_in too (its output is then included, folded into the kernels'
   centre tap when they are smoothed there). Same function for every `lowering`.
   """
+  # The named scopes only label the ops (XLA metadata) for benchmarks/op_profile.py.
   def run(path_in, factors, omegas, frozen):
-    modulated = modulated_kernels(*factors, omegas, spec)
-    conv = lambda x, kernels: apply_prepared_kernels(
-        x, prepare_task_kernels(kernels, lowering.task_conv), lowering.task_conv,
-        kernels.shape[1])
+    with jax.named_scope("kernel_build"):
+      modulated = modulated_kernels(*factors, omegas, spec)
+
+    def conv(x, kernels):
+      with jax.named_scope("kernel_apply"):
+        return apply_prepared_kernels(x, prepare_task_kernels(kernels, lowering.task_conv),
+                                      lowering.task_conv, kernels.shape[1])
+
     if lowpass_on_activations(spec, lowering, modulated.shape, path_in.shape):
       blur = lambda z: channel_blur(z, spec.sine.lowpass_size, spec.sine.lowpass_sigma)
-      y = spec.scale * blur(conv(blur(path_in), modulated))
+      with jax.named_scope("kernel_apply"):
+        y = spec.scale * blur(conv(blur(path_in), modulated))
       if frozen is not None:
         y = y + (jnp.dot(path_in, frozen[0].astype(path_in.dtype)) + frozen[1])
       return y
-    if frozen is None:
-      return conv(path_in, finished_kernels(modulated, spec))
-    return conv(path_in, finished_kernels(modulated, spec, frozen[0])) + frozen[1]
+    with jax.named_scope("kernel_build"):
+      kernels = finished_kernels(modulated, spec, None if frozen is None else frozen[0])
+    return conv(path_in, kernels) if frozen is None else conv(path_in, kernels) + frozen[1]
 
   if lowering.task_path_remat:
     # The input's gradient waits for the factors' and frequencies' (see recompute_in_backward).
