@@ -11,9 +11,10 @@ the optimized HLO's dot and convolution shapes, so each group's GFLOP/s can be r
 dense-GEMM roof measured in the same process. benchmarks.run calls `profile_ops` for the Swin-T
 rows of docs/benchmarks.md.
 
-Durations are per op as the XLA:CPU runtime traced them; ops the runtime overlaps on its two
-threads are each counted in full, so the shares are of the summed op time, which can exceed the
-wall time a little.
+Durations are per op as the XLA:CPU runtime traced them. The runtime runs independent ops on
+its threads at once (and an op whose work waits for a busy thread is still running), so each
+instant is shared equally by the ops running at it ("time-sliced"): the groups add up to the
+time any op ran, and the sum of raw durations (overlaps counted in full) is reported beside it.
 """
 from __future__ import annotations
 
@@ -185,13 +186,13 @@ def train_group(module: Module, name: str) -> str:
   (the task path's scopes are named in models/adapters.task_path) and whether it belongs to the
   forward pass or the backward pass (JAX's 'transpose(...)' in its op_name)."""
   op_name = module.matmul_op_name(name) or module.op_name(name)
-  if "MultiTaskModel" not in op_name:
-    return "losses, gradient clipping, AdamW"
   backward = "transpose(" in op_name
   if "kernel_build" in op_name:
     what = "task kernels: build (A W B fuse, sin, low-pass)"
   elif "kernel_apply" in op_name:
     what = "task kernels: apply (k x k GEMMs, shifts)"
+  elif "MultiTaskModel" not in op_name:
+    return "losses, gradient clipping, AdamW"
   elif "/head" in op_name:
     what = "decoders"
   elif "bhqd,bhkd" in op_name or "bhqk,bhkd" in op_name:
@@ -208,10 +209,11 @@ def train_group(module: Module, name: str) -> str:
 @dataclasses.dataclass
 class Group:
   name: str
-  seconds: float  # per call, summed over the group's ops
+  seconds: float  # per call, time-sliced: each instant shared by the ops running at it
   flops: float  # per call
   gemms: dict[tuple[int, int, int], int] = dataclasses.field(default_factory=dict)
   # (M, K, N) -> how many times per call its plain matrix products ran
+  summed: float = 0.0  # per call, its ops' durations added up (overlaps counted in full)
 
   @property
   def gflops_per_s(self) -> float:
@@ -221,8 +223,9 @@ class Group:
 def profile_ops(call: Callable[[], Any], hlo_text: str, reps: int,
                 group: Callable[[Module, str], str] = swin_group) -> dict[str, Any]:
   """Runs `call` (a compiled program on its arguments, already run once) `reps` times under
-  the profiler: {'wall_s': mean wall time per call under the profiler, 'op_s': summed op time
-  per call, 'flops': per call, 'groups': [Group...] largest first}. `hlo_text`: the program's
+  the profiler: {'wall_s': mean wall time per call under the profiler, 'op_s': time-sliced op
+  time per call (time_sliced), 'summed_s': the ops' durations added up, 'flops': per call,
+  'groups': [Group...] largest first}. `hlo_text`: the program's
   optimized HLO (compiled.as_text())."""
   import jax  # pylint: disable=g-import-not-at-top
   module = Module(hlo_text)
@@ -236,20 +239,46 @@ def profile_ops(call: Callable[[], Any], hlo_text: str, reps: int,
   (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
   data = jax.profiler.ProfileData.from_file(path)
   shutil.rmtree(trace_dir, ignore_errors=True)
-  seconds, flops = collections.Counter(), collections.Counter()
+  flops, summed = collections.Counter(), collections.Counter()
   gemms = collections.defaultdict(collections.Counter)
+  intervals = []  # (start ns, end ns, group)
   for plane in data.planes:
     for line in plane.lines:
       for event in line.events:
-        if event.name in module.instructions:
-          key = group(module, event.name)
-          seconds[key] += event.duration_ns * 1e-9 / reps
-          flops[key] += module.flops(event.name) / reps
-          gemms[key].update(module.gemms(event.name))
-  groups = sorted((Group(k, seconds[k], flops[k], {s: n // reps for s, n in gemms[k].items()})
-                   for k in seconds), key=lambda g: -g.seconds)
-  return {"wall_s": wall, "op_s": sum(seconds.values()), "flops": sum(flops.values()),
-          "groups": groups}
+        instruction = module.instructions.get(event.name)
+        if instruction is None or instruction.opcode in CONTROL_FLOW:
+          continue  # not an op, or a loop / call whose body's ops are traced themselves
+        key = group(module, event.name)
+        intervals.append((event.start_ns, event.end_ns, key))
+        summed[key] += event.duration_ns * 1e-9 / reps
+        flops[key] += module.flops(event.name) / reps
+        gemms[key].update(module.gemms(event.name))
+  seconds = {k: v / reps for k, v in time_sliced(intervals).items()}
+  groups = sorted((Group(k, seconds[k], flops[k], {s: n // reps for s, n in gemms[k].items()},
+                         summed[k]) for k in seconds), key=lambda g: -g.seconds)
+  return {"wall_s": wall, "op_s": sum(seconds.values()), "summed_s": sum(summed.values()),
+          "flops": sum(flops.values()), "groups": groups}
+
+
+CONTROL_FLOW = ("while", "conditional", "call")
+
+
+def time_sliced(intervals: list[tuple[int, int, str]]) -> dict[str, float]:
+  """Seconds per group with each instant shared equally by the ops running at it: ops that
+  overlap (the runtime runs independent ops on its threads at once, and an op waiting for a
+  thread is 'running' too) split the time between them, so the groups sum to the time any op
+  ran, not to more than the wall time."""
+  points = sorted([(start, 1, i) for i, (start, _, _) in enumerate(intervals)]
+                  + [(end, 0, i) for i, (_, end, _) in enumerate(intervals)])
+  out, active, previous = collections.Counter(), set(), None
+  for t, starts, i in points:
+    if active and t > previous:
+      share = (t - previous) * 1e-9 / len(active)
+      for j in active:
+        out[intervals[j][2]] += share
+    previous = t
+    (active.add if starts else active.discard)(i)
+  return dict(out)
 
 
 def time_gemms(gemms: dict[tuple[int, int, int], int], reps: int) -> dict[str, float]:
@@ -287,8 +316,9 @@ def swin_forward(size: int, batch: int = 2):
 
 def as_json(result: dict[str, Any]) -> dict[str, Any]:
   """profile_ops' result as plain JSON (what benchmarks.run records)."""
-  return {"wall_s": result["wall_s"], "op_s": result["op_s"], "flops": result["flops"],
-          "groups": [{"name": g.name, "seconds": g.seconds, "flops": g.flops}
+  return {"wall_s": result["wall_s"], "op_s": result["op_s"], "summed_s": result["summed_s"],
+          "flops": result["flops"],
+          "groups": [{"name": g.name, "seconds": g.seconds, "flops": g.flops, "summed": g.summed}
                      for g in result["groups"]]}
 
 
@@ -321,7 +351,8 @@ def main():
   roof = bench.measure_gemm(3)["flops_per_s"] / 1e9
   result = profile_ops(lambda: compiled(*call_args), compiled.as_text(), args.reps)
   print(f"Swin-T forward {args.size}x{args.size}, batch 2: {result['wall_s']:.3f} s per call "
-        f"under the profiler, {result['op_s']:.3f} s of op time; GEMM roof {roof:.1f} GFLOP/s; "
+        f"under the profiler, {result['op_s']:.3f} s of op time (time-sliced; "
+        f"{result['summed_s']:.3f} s of durations added up); GEMM roof {roof:.1f} GFLOP/s; "
         f"load {os.getloadavg()[0]:.2f}")
   print("\n".join(format_groups(result, roof)))
   alone = linear_alone(result, max(args.reps, 5))

@@ -582,12 +582,20 @@ def op_profile_tables(results: dict[str, Any]) -> list[str]:
            "executed HLO op's traced duration attributed to what it computes (its metadata: the "
            "module path, the JAX primitive; the task path's scopes are named in "
            "models/adapters.task_path), FLOPs counted from the optimized HLO's dot and "
-           "convolution shapes. Ops the runtime overlaps on its two threads each count in full, "
-           "so the shares are of the summed op time. GEMM roof: the Swin-T's, measured in its "
-           "process right after the trace; the train step's, the one beside its timed steps."]
+           "convolution shapes. The runtime runs independent ops on its threads at once (an op "
+           "waiting for a thread counts as running): each instant is shared equally by the ops "
+           "running at it, so the shares are of the time any op ran. GEMM roof: the Swin-T's, "
+           "measured in its process right after the trace; the train step's, the one beside its "
+           "timed steps."]
   for title, profile, roof in traced:
-    lines += ["", f"{title}: {profile['wall_s']:.3f} s per call under the profiler, "
-              f"{profile['op_s']:.3f} s of op time, {profile['flops'] / 1e9:.1f} GFLOP.", "",
+    if "summed_s" in profile:
+      op_time = (f"{profile['op_s']:.3f} s of op time (time-sliced; {profile['summed_s']:.3f} s "
+                 "of op durations added up)")
+    else:  # traced before op_profile sliced overlapping ops (2026-12-04 08:50 UTC)
+      op_time = (f"{profile['op_s']:.3f} s of op durations added up (this trace predates the "
+                 "time slicing: overlapping ops count in full, shares are of that sum)")
+    lines += ["", f"{title}: {profile['wall_s']:.3f} s per call under the profiler, {op_time}, "
+              f"{profile['flops'] / 1e9:.1f} GFLOP.", "",
               "| share of op time | ms | GFLOP | GFLOP/s | % of roof | what |",
               "|---|---|---|---|---|---|"]
     for g in profile["groups"]:
@@ -619,20 +627,23 @@ def swin_forward_reason(results: dict[str, Any]) -> str:
   best = min(linear["seconds"], alone["seconds"])
   rest = 1 - linear["seconds"] / p["op_s"]
   bound = 100 * p["flops"] / best / roof
+  others = [g for g in p["groups"] if g is not linear][:5]
+  listed = ", ".join(f"{g['name'].split(' (')[0]} {100 * g['seconds'] / p['op_s']:.0f} %"
+                     for g in others)
+  alone_pct = 100 * alone["flops"] / alone["seconds"] / roof
   return (f"- % of the GEMM roof, Swin-T forward (per-op trace at {key}, section 'Where the time "
           f"goes'): the linear layers (qkv, proj, fc1, fc2, patch-merging reductions) are "
           f"{100 * linear['flops'] / p['flops']:.0f} % of the FLOPs and ran at "
           f"{100 * linear['flops'] / linear['seconds'] / roof:.0f} % of the roof inside the "
           f"program; the same matrix products alone, one jnp.dot per shape, reach "
-          f"{100 * alone['flops'] / alone['seconds'] / roof:.0f} % (K = 96 to 3072 and N = 96 "
-          f"to 3072 against the roof's 2048^3: the GEMMs themselves fall short of it). The other "
-          f"{100 * rest:.0f} % of the op time is the attention's batched 49 x 49 matmuls, the "
-          f"residual adds, the window copies and the unfused norms, at a few GFLOP/s or none. "
-          f"Even if all of that took no time, the forward's FLOPs in the linear layers' best "
-          f"time would be {bound:.0f} % of the roof"
+          f"{alone_pct:.0f} %"
+          + (" (their K and N, 96 to 3072, are not the roof's 2048^3)" if alone_pct < 90 else "")
+          + f". The other {100 * rest:.0f} % of the op time ({listed}) runs at a few GFLOP/s "
+          f"or does no matrix FLOPs. Even if all of that took no time, the forward's FLOPs in "
+          f"the linear layers' best time would be {bound:.0f} % of the roof"
           + (": 80 % is out of reach for Swin-T's shapes on this CPU, whatever the code between "
              "the GEMMs does." if bound < 80 else
-             ": the rest of the op time is what keeps the forward below 80 %."))
+             ": the work between the GEMMs is what keeps the forward below 80 %."))
 
 
 def train_step_reason(results: dict[str, Any]) -> str | None:
@@ -768,7 +779,11 @@ WHY_NOT_MET = [
     "im2col copies, their shift-add transposes, the kernels rebuilt from the factors) moves "
     "more memory per FLOP than a dense GEMM; the 2-core CPU is memory-bound there. A row whose "
     "roof moved by > 20 % during its steps gets no verdict; the depthwise row (the same task "
-    "path and FLOPs within 0.1 %) is the one to read then.",
+    "path and FLOPs within 0.1 %) is the one to read then. Since 2026-12-04 freesine_jax "
+    "keeps XLA:CPU's reductions and elementwise fusions out of YNNPACK "
+    "(freesine_jax/__init__.py; the trace below showed YNNPACK's sums over the task axis of "
+    "stage 4's kernel gradients among the slowest ops); rows measured before that date ran "
+    "with XLA's default (docs/method.md, Computation, has the paired figures).",
     SWIN_FORWARD_REASON,
     "- A run interrupted before the end (cases missing, no GEMM at the end) was cut to fit the "
     "session's time, the 448 cases first; `--resume` continues it from its --json.",

@@ -28,6 +28,8 @@ from etils.epath import testing as epath_testing
 import jax
 import pytest
 
+import freesine_jax  # noqa: F401  (its XLA:CPU option, before any test starts the backend)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FACTORY = "tests.test_train:build_tiny_model"
 FREE_SINEWICH_STEPS = 6
