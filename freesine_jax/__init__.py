@@ -4,14 +4,14 @@ Importing the package sets one XLA:CPU option (XLA_CPU_FLAGS) unless the caller 
 """
 import os as _os
 
-# XLA:CPU (jaxlib 0.10.2) hands elementwise and reduction fusions to YNNPACK by default. On the
-# train step's task-kernel gradients (sums over the task axis of (T, k, k, C_in, C_out) arrays)
-# those ran ~10x slower than XLA's own loops, and the whole Free Sinewich step at 224 took
-# 1.3-1.6x as long (docs/method.md, "Computation"). YNNPACK keeps the matrix products. The
-# option only acts if it is in XLA_FLAGS before JAX creates its CPU backend (importing
+# XLA:CPU (jaxlib 0.10.2) hands reductions to YNNPACK by default. On the train step's
+# task-kernel gradients (sums over the task axis of (T, k, k, C_in, C_out) arrays) those ran
+# ~10x slower than XLA's own loops, and the whole Free Sinewich step at 224 took ~1.5x as long
+# (docs/method.md, "Computation"). YNNPACK keeps the matrix products and elementwise fusions.
+# The option only acts if it is in XLA_FLAGS before JAX creates its CPU backend (importing
 # freesine_jax first, as every entry point does); TPU and GPU backends ignore it. To keep XLA's
 # default, set the option yourself, e.g. XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+dot.
-XLA_CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-eltwise,-reduce"
+XLA_CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
 
 
 def _add_xla_cpu_flags() -> None:
