@@ -780,7 +780,7 @@ WHY_NOT_MET = [
     "more memory per FLOP than a dense GEMM; the 2-core CPU is memory-bound there. A row whose "
     "roof moved by > 20 % during its steps gets no verdict; the depthwise row (the same task "
     "path and FLOPs within 0.1 %) is the one to read then. Since 2026-12-04 freesine_jax "
-    "keeps XLA:CPU's reductions and elementwise fusions out of YNNPACK "
+    "keeps XLA:CPU's reductions out of YNNPACK "
     "(freesine_jax/__init__.py; the trace below showed YNNPACK's sums over the task axis of "
     "stage 4's kernel gradients among the slowest ops); rows measured before that date ran "
     "with XLA's default (docs/method.md, Computation, has the paired figures).",
