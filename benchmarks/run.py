@@ -783,7 +783,11 @@ WHY_NOT_MET = [
     "keeps XLA:CPU's reductions out of YNNPACK "
     "(freesine_jax/__init__.py; the trace below showed YNNPACK's sums over the task axis of "
     "stage 4's kernel gradients among the slowest ops); rows measured before that date ran "
-    "with XLA's default (docs/method.md, Computation, has the paired figures).",
+    "with XLA's default (docs/method.md, Computation, has the paired figures). Since "
+    "2026-12-04 13:00 UTC the task path builds fc2's kernels in the order its GEMM reads them "
+    "(adapters.kernel_layout; the trace had XLA copy them transposed element by element): the "
+    "free_sinewich step at 224 took 0.67-0.68 of the time of the rows before (docs/method.md, "
+    "Computation, paired on another 2-core machine).",
     SWIN_FORWARD_REASON,
     "- A run interrupted before the end (cases missing, no GEMM at the end) was cut to fit the "
     "session's time, the 448 cases first; `--resume` continues it from its --json.",

@@ -161,33 +161,42 @@ def check_outputs(spec, x, factors, frozen=None):
     assert_within_rounding(got, want, magnitude, n, f"{lowering}, frozen={frozen is not None}")
 
 
+# C_in < C_out: the GEMM lowering stacks the taps on the input (qkv, fc1), and its kernels are
+# built (k, k, C_in, C_out); C_in > C_out: on the output (fc2), built (C_in, k, k, C_out).
+CHANNELS = [(C_IN, C_OUT), (C_OUT, C_IN)]
+
+
 @pytest.mark.parametrize("b_rms", [1e-4, 1e-2, 1e-1])
-def test_task_path_equals_the_direct_form_at_trained_magnitudes(b_rms):
-  x, factors, frozen = realistic_inputs(b_rms)
+@pytest.mark.parametrize("c_in,c_out", CHANNELS)
+def test_task_path_equals_the_direct_form_at_trained_magnitudes(b_rms, c_in, c_out):
+  x, factors, frozen = realistic_inputs(b_rms, c_in=c_in, c_out=c_out)
   check_outputs(SPECS["default"], x, factors)
   check_outputs(SPECS["default"], x, factors, frozen)  # fc1 / fc2: the frozen layer folds in
 
 
 @pytest.mark.parametrize("name", ["depthwise", "linear", "taps", "taps_full", "no_lowpass", "k1"])
-def test_task_path_equals_the_direct_form_for_every_reading(name):
+@pytest.mark.parametrize("c_in,c_out", CHANNELS)
+def test_task_path_equals_the_direct_form_for_every_reading(name, c_in, c_out):
   spec = SPECS[name]
-  x, factors, frozen = realistic_inputs(1e-2, k=spec.kernel_size,
+  x, factors, frozen = realistic_inputs(1e-2, k=spec.kernel_size, c_in=c_in, c_out=c_out,
                                         depthwise=spec.w_mode == "depthwise")
   check_outputs(spec, x, factors, frozen)
 
 
-def test_task_path_equals_the_direct_form_with_independent_bases():
-  per_task = [realistic_inputs(1e-2, seed=s) for s in range(T)]
+@pytest.mark.parametrize("c_in,c_out", CHANNELS)
+def test_task_path_equals_the_direct_form_with_independent_bases(c_in, c_out):
+  per_task = [realistic_inputs(1e-2, c_in=c_in, c_out=c_out, seed=s) for s in range(T)]
   factors = tuple(jnp.stack([p[1][i] for p in per_task]) for i in range(3))
   check_outputs(adapters.SineAwbSpec(independent_bases=True), per_task[0][0], factors)
 
 
-def test_task_path_gradients_equal_the_direct_form():
+@pytest.mark.parametrize("c_in,c_out", CHANNELS)
+def test_task_path_gradients_equal_the_direct_form(c_in, c_out):
   """d/d(x, A, W, B, omegas, W_0, b_0) of <probe, y> for every lowering, and without the
   rematerialisation of the task path (it changes what the backward pass keeps, not its value)."""
   spec = SPECS["default"]
-  x, factors, frozen = realistic_inputs(1e-2)
-  probe = jax.random.normal(jax.random.key(11), (T, B, H, W, C_OUT))
+  x, factors, frozen = realistic_inputs(1e-2, c_in=c_in, c_out=c_out)
+  probe = jax.random.normal(jax.random.key(11), (T, B, H, W, c_out))
   names = ["x", "A", "W", "B", "omegas", "W_0", "b_0"]
 
   def grads(fn):  # d/d(x, (A, W, B), omegas, (W_0, b_0))

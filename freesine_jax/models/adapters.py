@@ -35,6 +35,11 @@ LOWPASS_MODES = ("matrix", "taps", "taps_full", "none")
 TASK_CONVS = ("gemm", "conv", "winograd")
 LOWPASS_SITES = ("auto", "kernel", "activations")
 TASK_LOOPS = ("stacked", "scan")
+# Orders of a task kernel's axes: 'uvio' (k, k, C_in, C_out) is the API's (HWIO, what the
+# inference cache and the exported models hold); 'iuvo' (C_in, k, k, C_out) is what the 'gemm'
+# lowering that stacks the taps on the output multiplies by, so the task path builds its kernels
+# in that order there (see kernel_layout).
+KERNEL_LAYOUTS = ("uvio", "iuvo")
 # Variable collection of weights that depend on the parameters only (the merged shared LoRA, the
 # finished task kernels). Filled once by MultiTaskModel.merge_for_inference; when present, the
 # layers read it instead of rebuilding the weights for every batch.
@@ -160,13 +165,29 @@ def lora_a_init(key, shape, dtype=jnp.float32):
 # ----------------------------------------------------------------------------- Sine-AWB maths
 
 
-def fuse_awb(a: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
-  """M_AWB (k, k, C_in, C_out) from A (C_in, r), W (k,k,r,r) or (k,k,r), B (r, C_out)."""
-  if w.ndim == 4:
-    return jnp.einsum("il,uvlj,jo->uvio", a, w, b)
-  if w.ndim == 3:
-    return jnp.einsum("il,uvl,lo->uvio", a, w, b)
-  raise ValueError(f"W must be (k,k,r,r) or (k,k,r); got shape {w.shape}")
+def layout_axes(layout: str, letters: str, ndim: int) -> tuple[int, ...]:
+  """Positions of kernel axes ('u', 'v' taps; 'i', 'o' channels) in an array of `ndim` axes
+  whose last four are one kernel in `layout` (KERNEL_LAYOUTS)."""
+  _check_choice("sine_awb", "kernel layout", layout, KERNEL_LAYOUTS)
+  return tuple(ndim - 4 + layout.index(letter) for letter in letters)
+
+
+def fuse_awb(a: jax.Array, w: jax.Array, b: jax.Array, layout: str = "uvio") -> jax.Array:
+  """M_AWB from A (C_in, r), W (k,k,r,r) or (k,k,r), B (r, C_out): (k, k, C_in, C_out), or
+  (C_in, k, k, C_out) for layout 'iuvo'.
+
+  One GEMM against the small product of the other two factors, whose output rows are already
+  in the layout's order (an einsum left XLA free to produce M transposed and copy it back).
+  """
+  if w.ndim not in (3, 4):
+    raise ValueError(f"W must be (k,k,r,r) or (k,k,r); got shape {w.shape}")
+  _check_choice("sine_awb", "kernel layout", layout, KERNEL_LAYOUTS)
+  k, rank, c_in, c_out = w.shape[0], a.shape[1], a.shape[0], b.shape[1]
+  if layout == "uvio":  # (A W) (k k C_in, r) x B
+    aw = jnp.einsum("il,uvlj->uvij" if w.ndim == 4 else "il,uvl->uvil", a, w)
+    return jnp.dot(aw.reshape(-1, rank), b).reshape(k, k, c_in, c_out)
+  wb = jnp.einsum("uvlj,jo->luvo" if w.ndim == 4 else "uvl,lo->luvo", w, b)  # A x (W B)
+  return jnp.dot(a, wb.reshape(rank, -1)).reshape(c_in, k, k, c_out)
 
 
 def gaussian_1d(size: int, sigma: float) -> np.ndarray:
@@ -188,8 +209,10 @@ def _blur_axis(m: jax.Array, g: np.ndarray, axis: int) -> jax.Array:
   return out
 
 
-def gaussian_lowpass(m: jax.Array, mode: str, size: int, sigma: float) -> jax.Array:
-  """Smooths fused kernels (..., k, k, C_in, C_out) with a separable K x K Gaussian.
+def gaussian_lowpass(m: jax.Array, mode: str, size: int, sigma: float,
+                     layout: str = "uvio") -> jax.Array:
+  """Smooths fused kernels (..., k, k, C_in, C_out) (or `layout`) with a separable K x K
+  Gaussian.
 
   'matrix': over the (C_in, C_out) matrix of each tap ('same' size); 'taps': over the k x k taps
   ('same' size, the K x K filter truncated to the k x k support); 'taps_full': the full
@@ -201,10 +224,8 @@ def gaussian_lowpass(m: jax.Array, mode: str, size: int, sigma: float) -> jax.Ar
     return m
   _check_choice("lowpass", "mode", mode, LOWPASS_MODES)
   g = gaussian_1d(size, sigma)
-  if mode == "matrix":
-    axes = (m.ndim - 2, m.ndim - 1)
-  else:
-    axes = (m.ndim - 4, m.ndim - 3)
+  axes = layout_axes(layout, "io" if mode == "matrix" else "uv", m.ndim)
+  if mode != "matrix":
     if mode == "taps_full":
       half = size // 2
       pad = [(0, 0)] * m.ndim
@@ -221,29 +242,30 @@ def gaussian_lowpass(m: jax.Array, mode: str, size: int, sigma: float) -> jax.Ar
 RMS_FLOOR = 1e-30
 
 
-def base_rms(m: jax.Array, base_norm: str) -> jax.Array | float:
-  """rho, the scale the sine's argument is measured in, for a base m (..., C_in, C_out).
+def base_rms(m: jax.Array, base_norm: str, layout: str = "uvio") -> jax.Array | float:
+  """rho, the scale the sine's argument is measured in, for a base m (..., k, k, C_in, C_out)
+  (or `layout`).
 
-  'tap_rms': sqrt(mean(M_uv^2) + RMS_FLOOR) of each tap's C_in x C_out matrix (shape
-  (..., 1, 1)); 'rms': one such RMS over the whole kernel; 'none': 1.
+  'tap_rms': sqrt(mean(M_uv^2) + RMS_FLOOR) of each tap's C_in x C_out matrix (kept as size-1
+  axes); 'rms': one such RMS over the whole kernel; 'none': 1.
   """
   _check_choice("sine", "base_norm", base_norm, BASE_NORMS)
   if base_norm == "none":
     return 1.0
-  axes = (-2, -1) if base_norm == "tap_rms" else None
+  axes = layout_axes(layout, "io", m.ndim) if base_norm == "tap_rms" else None
   return jnp.sqrt(jnp.mean(jnp.square(m.astype(jnp.float32)), axis=axes, keepdims=True)
                   + RMS_FLOOR)
 
 
 def modulate(m: jax.Array, omega: jax.Array, modulation: str, omega_0: float = 1.0,
-             base_norm: str = "none") -> jax.Array:
+             base_norm: str = "none", layout: str = "uvio") -> jax.Array:
   """amp * sin(omega_0 * omega * m / rho) ('sine') or amp * (its argument) ('linear').
 
   amp = rho / omega_0, rho = base_rms(m, base_norm). The linear form equals omega * m whatever
   omega_0 and rho are, so the sine and its "w/o sine" ablation differ only in the sine.
   Bounded: |amp * sin(.)| <= min(rho / omega_0, |omega * m|) entrywise.
   """
-  rho = base_rms(m, base_norm)
+  rho = base_rms(m, base_norm, layout)
   amplitude = rho / omega_0
   argument = (omega_0 * omega / rho) * m
   if modulation == "sine":
@@ -254,19 +276,22 @@ def modulate(m: jax.Array, omega: jax.Array, modulation: str, omega_0: float = 1
 
 
 def modulated_kernels(a: jax.Array, w: jax.Array, b: jax.Array, omegas: jax.Array,
-                      spec: SineAwbSpec, modulation: str | None = None) -> jax.Array:
+                      spec: SineAwbSpec, modulation: str | None = None,
+                      layout: str = "uvio") -> jax.Array:
   """(rho/omega_0) sin(omega_0 omega_t M / rho) for every task, before the low-pass.
 
-  (T, k, k, C_in, C_out) from one shared base (a (C_in, r), w (k,k,r,r)|(k,k,r), b (r, C_out))
-  or, with spec.independent_bases, from per-task factors (the same with a leading task axis).
+  (T, k, k, C_in, C_out) (or (T, *layout)) from one shared base (a (C_in, r),
+  w (k,k,r,r)|(k,k,r), b (r, C_out)) or, with spec.independent_bases, from per-task factors
+  (the same with a leading task axis).
   """
   sine = spec.sine
   mod = modulation or sine.modulation
+  modulated = lambda m, om: modulate(m, om, mod, sine.omega_0, sine.base_norm, layout)
   if spec.independent_bases:
-    return jax.vmap(lambda a_t, w_t, b_t, om: modulate(
-        fuse_awb(a_t, w_t, b_t), om, mod, sine.omega_0, sine.base_norm))(a, w, b, omegas)
-  m = fuse_awb(a, w, b)
-  return jax.vmap(lambda om: modulate(m, om, mod, sine.omega_0, sine.base_norm))(omegas)
+    return jax.vmap(lambda a_t, w_t, b_t, om: modulated(fuse_awb(a_t, w_t, b_t, layout), om))(
+        a, w, b, omegas)
+  m = fuse_awb(a, w, b, layout)
+  return jax.vmap(lambda om: modulated(m, om))(omegas)
 
 
 def sine_awb_kernels(a: jax.Array, w: jax.Array, b: jax.Array, omegas: jax.Array,
@@ -292,6 +317,18 @@ def sine_awb_kernels(a: jax.Array, w: jax.Array, b: jax.Array, omegas: jax.Array
 def _im2col_on_input(c_in: int, c_out: int) -> bool:
   """'gemm' stacks the k*k taps on the smaller channel side: the input (im2col) or the output."""
   return c_in <= c_out
+
+
+def kernel_layout(task_conv: str, k: int, c_in: int, c_out: int) -> str:
+  """The layout (KERNEL_LAYOUTS) `task_conv` multiplies k x k kernels by without a copy.
+
+  'iuvo' for the 'gemm' that stacks the taps on the output (C_in > C_out: fc2), 'uvio' else.
+  Built in the other order, every kernel-sized array of the task path (the kernels, their sine
+  and cosine, their gradient) went through a transposing copy, in the forward and the backward
+  pass: measured at Swin-T stage 4's fc2 (3072 -> 768, 4 tasks, 224 x 224, forward + backward
+  of one layer) 4.7 s against 2.25 s (docs/method.md, Computation).
+  """
+  return "iuvo" if task_conv == "gemm" and k > 1 and not _im2col_on_input(c_in, c_out) else "uvio"
 
 
 # F(2x2, 3x3) (Lavin & Gray 2016): Y = A^T [(G K G^T) . (B^T d B)] A on 4x4 input tiles.
@@ -341,8 +378,15 @@ def _winograd_apply(x: jax.Array, u: jax.Array) -> jax.Array:
   return y.reshape(t, bsz, 2 * nh, 2 * nw, -1)[:, :, :h, :w]
 
 
-def prepare_task_kernels(kernels: jax.Array, task_conv: str) -> jax.Array:
-  """Task kernels (T, k, k, Ci, Co) in the layout `apply_prepared_kernels` consumes."""
+def prepare_task_kernels(kernels: jax.Array, task_conv: str, layout: str = "uvio") -> jax.Array:
+  """Task kernels (T, k, k, Ci, Co) (or (T, *layout)) in the layout `apply_prepared_kernels`
+  consumes."""
+  _check_choice("sine_awb", "kernel layout", layout, KERNEL_LAYOUTS)
+  if layout == "iuvo":  # (T, Ci, k, k, Co)
+    t, ci, k, _, co = kernels.shape
+    if kernel_layout(task_conv, k, ci, co) == "iuvo":
+      return kernels.reshape(t, ci, k * k * co)                      # Ci, then taps major
+    kernels = kernels.transpose(0, 2, 3, 1, 4)
   t, k, _, ci, co = kernels.shape
   if k == 1:
     return kernels[:, 0, 0]                                          # (T, Ci, Co)
@@ -465,24 +509,26 @@ def lowpass_on_activations(spec: SineAwbSpec, lowering: Lowering, kernels_shape,
     return False
   if lowering.lowpass_site == "activations":
     return True
-  _, k, _, c_in, c_out = kernels_shape
   tokens = int(np.prod(inputs_shape[1:-1]))  # B * H * W per task
-  return tokens * (c_in + c_out) < k * k * c_in * c_out
+  c_in, c_out = inputs_shape[-1], kernels_shape[-1]  # C_out is last in every layout
+  return tokens * (c_in + c_out) < int(np.prod(kernels_shape[1:]))
 
 
 def finished_kernels(modulated: jax.Array, spec: SineAwbSpec,
-                     frozen_kernel: jax.Array | None = None) -> jax.Array:
+                     frozen_kernel: jax.Array | None = None, layout: str = "uvio") -> jax.Array:
   """scale * lowpass(kernels), plus the frozen linear in the centre tap when given.
 
   Folding is exact: Phi(x) + scale (K~ * x) = (scale K~ + W_0 at the centre tap) * x + b_0.
   """
   sine = spec.sine
   kernels = spec.scale * gaussian_lowpass(modulated, sine.lowpass, sine.lowpass_size,
-                                          sine.lowpass_sigma)
+                                          sine.lowpass_sigma, layout)
   if frozen_kernel is None:
     return kernels
-  c = kernels.shape[1] // 2
-  return kernels.at[:, c, c].add(frozen_kernel.astype(kernels.dtype))
+  centre = [slice(None)] * kernels.ndim
+  for axis in layout_axes(layout, "uv", kernels.ndim):
+    centre[axis] = kernels.shape[axis] // 2
+  return kernels.at[tuple(centre)].add(frozen_kernel.astype(kernels.dtype))
 
 
 def task_path(path_in: jax.Array, factors, omegas: jax.Array, spec: SineAwbSpec,
@@ -494,14 +540,18 @@ def task_path(path_in: jax.Array, factors, omegas: jax.Array, spec: SineAwbSpec,
   centre tap when they are smoothed there). Same function for every `lowering`.
   """
   # The named scopes only label the ops (XLA metadata) for benchmarks/op_profile.py.
+  layout = kernel_layout(lowering.task_conv, spec.applied_kernel_size, path_in.shape[-1],
+                         factors[2].shape[-1])
+
   def run(path_in, factors, omegas, frozen):
     with jax.named_scope("kernel_build"):
-      modulated = modulated_kernels(*factors, omegas, spec)
+      modulated = modulated_kernels(*factors, omegas, spec, layout=layout)
 
     def conv(x, kernels):
       with jax.named_scope("kernel_apply"):
-        return apply_prepared_kernels(x, prepare_task_kernels(kernels, lowering.task_conv),
-                                      lowering.task_conv, kernels.shape[1])
+        prepared = prepare_task_kernels(kernels, lowering.task_conv, layout)
+        return apply_prepared_kernels(x, prepared, lowering.task_conv,
+                                      kernels.shape[layout_axes(layout, "u", kernels.ndim)[0]])
 
     if lowpass_on_activations(spec, lowering, modulated.shape, path_in.shape):
       blur = lambda z: channel_blur(z, spec.sine.lowpass_size, spec.sine.lowpass_sigma)
@@ -511,8 +561,9 @@ def task_path(path_in: jax.Array, factors, omegas: jax.Array, spec: SineAwbSpec,
         y = y + (jnp.dot(path_in, frozen[0].astype(path_in.dtype)) + frozen[1])
       return y
     with jax.named_scope("kernel_build"):
-      kernels = finished_kernels(modulated, spec, None if frozen is None else frozen[0])
-    return conv(path_in, kernels) if frozen is None else conv(path_in, kernels) + frozen[1]
+      kernels = finished_kernels(modulated, spec, None if frozen is None else frozen[0], layout)
+    y = conv(path_in, kernels)
+    return y if frozen is None else y + frozen[1]
 
   if lowering.task_path_remat:
     # The input's gradient waits for the factors' and frequencies' (see recompute_in_backward).
