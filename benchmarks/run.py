@@ -765,9 +765,9 @@ WHY_NOT_MET = [
     "not slower than the stacked one's: compiled in one process and stepped alternately at 448 "
     "(2026-12-04, 3 pairs, the procedure of benchmarks/paired_steps.py), lean / stacked "
     "took 0.43, 0.59 and 0.64 of the time; on an Intel Xeon 2-core it was 1.2-1.3x slower "
-    "(docs/method.md, Memory): the choice rests on the memory target. Rows measured hours apart differ by up to 2x on "
-    "this shared machine even at a steady GEMM roof (the step is memory-bound, the GEMM is "
-    "not), so compare rows by their measurement dates with care. "
+    "(docs/method.md, Memory): the choice rests on the memory target. Rows measured hours "
+    "apart differ by up to 2x on this shared machine even at a steady GEMM roof (the step is "
+    "memory-bound, the GEMM is not), so compare rows by their measurement dates with care. "
     "Whether nn.remat saves memory on TPU/GPU is not measurable here.",
     "- Compile time: most of it is XLA:CPU's LLVM code generation, not tracing (the figure in "
     "brackets) nor XLA's HLO passes; measured with perf and per part with "

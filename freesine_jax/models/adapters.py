@@ -476,10 +476,12 @@ def apply_prepared_kernels(x: jax.Array, prepared: jax.Array, task_conv: str,
   raise ValueError(f"model.compute.task_conv={task_conv!r} is not one of {TASK_CONVS}")
 
 
-def apply_task_kernels(x: jax.Array, kernels: jax.Array, task_conv: str = "gemm") -> jax.Array:
-  """Per-task kernels (T, k, k, C_in, C_out) on stacked task streams (T, B, H, W, C_in)."""
-  return apply_prepared_kernels(x, prepare_task_kernels(kernels, task_conv), task_conv,
-                                kernels.shape[1])
+def apply_task_kernels(x: jax.Array, kernels: jax.Array, task_conv: str = "gemm",
+                       layout: str = "uvio") -> jax.Array:
+  """Per-task kernels (T, k, k, C_in, C_out) (or (T, *layout)) on stacked task streams
+  (T, B, H, W, C_in)."""
+  k = kernels.shape[layout_axes(layout, "u", kernels.ndim)[0]]
+  return apply_prepared_kernels(x, prepare_task_kernels(kernels, task_conv, layout), task_conv, k)
 
 
 def apply_kernel(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -549,9 +551,7 @@ def task_path(path_in: jax.Array, factors, omegas: jax.Array, spec: SineAwbSpec,
 
     def conv(x, kernels):
       with jax.named_scope("kernel_apply"):
-        prepared = prepare_task_kernels(kernels, lowering.task_conv, layout)
-        return apply_prepared_kernels(x, prepared, lowering.task_conv,
-                                      kernels.shape[layout_axes(layout, "u", kernels.ndim)[0]])
+        return apply_task_kernels(x, kernels, lowering.task_conv, layout)
 
     if lowpass_on_activations(spec, lowering, modulated.shape, path_in.shape):
       blur = lambda z: channel_blur(z, spec.sine.lowpass_size, spec.sine.lowpass_sigma)
