@@ -2,16 +2,20 @@
 
   python -m freesine_jax.main --config=configs/synthetic.py --workdir=/tmp/freesine_synthetic
 
-A small Swin (random init: no pretrained weights ship with the project) with all six tasks at
-64x64. Everything else (adapters, Clock Net, shared decoder group, losses) is the paper's setup.
+A small Swin with all six tasks at 64x64. Its frozen weights are the proxy backbone
+('proxy:synthetic': pretrained by freesine_jax/pretrain.py on upstream images no split contains,
+on first use, a few minutes on 2 cores, then cached), as the paper's come from ImageNet;
+--config.model.backbone_weights='' adapts a randomly initialised one instead. Everything else
+(adapters, Clock Net, shared decoder group, losses) is the paper's setup.
 The arg is a comma-separated list: 'tiny' shrinks it further for tests and demos (32x32 images,
-24 training examples, r=4) and the paper's ablation names switch ablations on
+24 training examples, r=4, a randomly initialised backbone) and the paper's ablation names switch ablations on
 (configs/common.py), e.g. --config=configs/synthetic.py:no_sine or :tiny,no_lcn.
 """
 import ml_collections
 
 from configs import base
 from configs import common
+from freesine_jax import pretrain
 from freesine_jax.data import synthetic
 
 
@@ -31,12 +35,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.input.eval_batch_size = 8 if tiny else 32
   config.input.num_workers = 0
 
-  config.model.variant = "custom"
-  config.model.embed_dim = 16
-  config.model.depths = (2, 2, 2, 2)
-  config.model.num_heads = (1, 2, 2, 4)
-  config.model.window_size = 4
-  config.model.patch_size = 2 if tiny else 4
+  # The Swin of the proxy preset (freesine_jax/pretrain.py), so its weights fit.
+  proxy = pretrain.get_config("tiny" if tiny else "synthetic")
+  for key in pretrain.ARCHITECTURE_KEYS:
+    config.model[key] = proxy.model[key]
+  config.model.backbone_weights = "" if tiny else pretrain.PREFIX + proxy.preset
   config.model.drop_path_rate = 0.1
   config.model.lora.rank = 4 if tiny else 8
   config.model.decoder.head_channels = 32 if tiny else 64

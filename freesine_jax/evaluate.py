@@ -43,6 +43,7 @@ from freesine_jax import models
 from freesine_jax import sharding as sharding_lib
 from freesine_jax import tasks as tasks_lib
 from freesine_jax import visualize
+from freesine_jax.data import registry
 from freesine_jax.models import adapters
 
 PyTree = Any
@@ -153,7 +154,6 @@ def draw_examples(forward: Callable, variables: Mapping[str, PyTree], batches: S
   With `merge` (make_inference_merge), predicted from the merged weights as `evaluate` does, so
   pictures and metrics run one compiled forward program, not a second one on unmerged weights.
   """
-  from freesine_jax.data import registry  # pylint: disable=g-import-not-at-top
   tasks = tuple(config.tasks)
   names = registry.class_names(config.dataset.name)
   variables = model_variables(variables, mesh)
@@ -212,9 +212,11 @@ def format_verdict(final: Mapping[str, Mapping[str, Any]],
   return "\n".join(lines)
 
 
-def format_report(results: Mapping[str, Mapping[str, Any]], delta: float | None) -> str:
-  """The per-task metrics table, then Δm (or why there is none)."""
-  table = metrics_lib.format_table(results)
+def format_report(results: Mapping[str, Mapping[str, Any]], delta: float | None,
+                  class_names: Mapping[str, Sequence[str]] | None = None) -> str:
+  """The per-task metrics table (per-class IoU named by `class_names`), then Δm (or why there
+  is none)."""
+  table = metrics_lib.format_table(results, class_names)
   if delta is None:
     return table + "\nΔm: no config.eval.reference for these tasks"
   return table + f"\nΔm vs config.eval.reference: {delta:+.2f}%"
@@ -373,7 +375,8 @@ def main(argv: Sequence[str]) -> None:
   if jax.process_index() == 0:
     out = f.out or default_out(f.workdir, report["step"], f.weights)
     print(f"step {report['step']} of {f.workdir} on {report['dataset']}/{report['split']}:")
-    print(format_report(report["results"], report["delta_m"]))
+    print(format_report(report["results"], report["delta_m"],
+                        registry.class_names(f.config.dataset.name)))
     print(f"wrote {os.path.join(out, 'metrics.json')} and {len(report['images'])} example "
           f"picture(s) in {os.path.join(out, 'examples')}")
 

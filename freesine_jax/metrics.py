@@ -20,7 +20,7 @@ post-processing and the meter of each task kind.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -480,12 +480,21 @@ def delta_m(results: Mapping[str, Mapping[str, Any]],
   return 100.0 * float(np.mean(terms))
 
 
-def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-  """Plain-text table of scalar metrics per task; the headline metric is marked (↑/↓)."""
+def format_table(results: Mapping[str, Mapping[str, Any]],
+                 class_names: Mapping[str, Sequence[str]] | None = None) -> str:
+  """Plain-text table of scalar metrics per task; the headline metric is marked (↑/↓). A
+  classification task's per-class IoU follows as one row per class ('IoU <name>', class ids
+  where `class_names` has none)."""
   rows = []
   for task, metrics in results.items():
     spec = tasks_lib.TASKS.get(task)
     for key, value in metrics.items():
+      if key == "per_class_IoU":
+        names = list((class_names or {}).get(task, ()))
+        for c, iou in enumerate(value):
+          name = names[c] if c < len(names) else str(c)
+          rows.append((task, f"  IoU {name}", "nan" if iou is None else f"{float(iou):.2f}"))
+        continue
       if isinstance(value, (list, tuple, np.ndarray)):
         continue
       mark = ""

@@ -4,7 +4,8 @@
 config.model.factory names one, a custom linen model that follows the same contract: variable
 collections 'backbone' (frozen), 'params' (trained) and 'batch_stats', outputs
 {task: (B, H, W, C)}. `init_variables` initialises it from config.seed and loads the pretrained
-backbone named by config.model.backbone_weights.
+backbone named by config.model.backbone_weights (a file, a converted directory, or
+'proxy:<preset>', the proxy backbone of freesine_jax/pretrain.py).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from freesine_jax import errors
 from freesine_jax import models
+from freesine_jax import pretrain
 from freesine_jax.models import pretrained
 
 PyTree = Any
@@ -57,9 +59,10 @@ def init_variables(model: nn.Module, config: ml_collections.ConfigDict) -> dict[
       {"params": k_params, "dropout": k_dropout, "drop_path": k_path}, images)
   variables = flax.core.unfreeze(variables)
   if config.model.backbone_weights:
+    # 'proxy:<preset>' names the proxy backbone (pretrained on first use, then cached).
+    path = pretrain.resolve_weights(config.model.backbone_weights)
     variables = flax.core.unfreeze(pretrained.load_pretrained(
-        config.model.backbone_weights, variables, models.swin_spec(config.model),
-        config.model.backbone_layout or None))
+        path, variables, models.swin_spec(config.model), config.model.backbone_layout or None))
   unexpected = sorted(set(variables) - set(COLLECTIONS))
   if unexpected:
     raise ValueError(f"model.init returned unexpected variable collections {unexpected}; a "

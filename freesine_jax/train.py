@@ -42,6 +42,7 @@ from freesine_jax import nonfinite
 from freesine_jax import optimizer as optimizer_lib
 from freesine_jax import sharding as sharding_lib
 from freesine_jax import tasks as tasks_lib
+from freesine_jax.data import registry
 
 PyTree = Any
 FREQUENCY_PREFIX = "frequency/"
@@ -293,7 +294,7 @@ def _flat_eval(results: Mapping[str, Mapping[str, Any]], prefix: str) -> dict[st
   return flat
 
 
-def _fmt_duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
   if not math.isfinite(seconds):
     return "?"
   seconds = int(round(seconds))
@@ -405,7 +406,7 @@ def progress_line(step: int, total_steps: int, summary: Mapping[str, float],
   return (f"step {step:>{len(str(total_steps))}}/{total_steps} "
           f"[{100.0 * step / total_steps:5.1f}%] | loss {summary['loss']:.4f} ({per_task}) | "
           f"lr {summary['lr']:.3e}{freq_text} | {summary['steps_per_sec']:.2f} steps/s, "
-          f"{summary['examples_per_sec']:.1f} examples/s | ETA {_fmt_duration(eta_seconds)}")
+          f"{summary['examples_per_sec']:.1f} examples/s | ETA {format_duration(eta_seconds)}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -630,7 +631,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                        config, mesh, merge)
   writer.scalars(step, {**_flat_eval(final, "eval"),
                         **({} if delta is None else {"eval/delta_m": delta})})
-  writer.print(f"\nfinal evaluation at step {step}:\n{evaluate_lib.format_report(final, delta)}")
+  report = evaluate_lib.format_report(final, delta, registry.class_names(config.dataset.name))
+  writer.print(f"\nfinal evaluation at step {step}:\n{report}")
   verdict = None
   if untrained is not None:
     verdict = evaluate_lib.beats_untrained(final, untrained)

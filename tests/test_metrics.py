@@ -366,3 +366,11 @@ def test_format_table_lists_scalars():
   assert any("semseg" in l and "mIoU ↑" in l and "44.4444" in l for l in lines)
   assert any("depth" in l and "rmse ↓" in l and "0.5000" in l for l in lines)
   assert "per_class_IoU" not in text
+
+
+def test_format_table_names_each_class_iou():
+  results = {"semseg": {"mIoU": 50.0, "per_class_IoU": [100.0, None, 0.0]}}
+  lines = metrics.format_table(results, {"semseg": ("background", "cat")}).splitlines()
+  rows = [line.split() for line in lines if "IoU" in line and "mIoU" not in line]
+  assert rows == [["IoU", "background", "100.00"], ["IoU", "cat", "nan"],
+                  ["IoU", "2", "0.00"]]  # under the task's mIoU row; no name given: the class id

@@ -22,11 +22,13 @@ DOCUMENTS = ("README.md", os.path.join("docs", "quickstart.md"))
 # Set up an environment or run everything: not run here (they install packages, or run the suite).
 NOT_RUN = ("scripts/setup.sh", "scripts/demo.sh", "scripts/test.sh", "source .venv/bin/activate")
 TINY_TRAINING = ["--config.dataset.builder_config=tiny", "--config.dataset.image_size=(32, 32)",
-                 f"--config.model.factory={TINY_FACTORY}", "--config.train.max_steps=2",
+                 f"--config.model.factory={TINY_FACTORY}", "--config.model.backbone_weights=",
+                 "--config.train.max_steps=2",
                  "--config.train.log_every_steps=1", "--config.train.image_every_steps=2",
                  "--config.eval.max_batches=1"]
 TINY_EVALUATION = ["--config.dataset.builder_config=tiny", "--config.dataset.image_size=(32, 32)",
-                   f"--config.model.factory={TINY_FACTORY}", "--config.eval.max_batches=1"]
+                   f"--config.model.factory={TINY_FACTORY}", "--config.model.backbone_weights=",
+                   "--config.eval.max_batches=1"]
 # A Swin small enough to initialise in seconds, for the command that loads pretrained weights.
 MINIMAL_SWIN = dict(embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window=2,
                     patch_size=2)

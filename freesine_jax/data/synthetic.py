@@ -64,10 +64,14 @@ HUMAN_PARTS_NAMES = ("none", "head", "torso", "upper_arm", "lower_arm", "upper_l
 # Class names per classification task (legends of freesine_jax.visualize; data/registry.py).
 CLASS_NAMES = {"semseg": SEMSEG_CLASS_NAMES, "human_parts": HUMAN_PARTS_NAMES}
 WALL, FLOOR, SPHERE, BOX, CYLINDER, PERSON = range(6)
+# Only in the upstream (pretraining) mix, never in the dataset's scenes: class id 6.
+ELLIPSOID = 6
+UPSTREAM_CLASS_NAMES = SEMSEG_CLASS_NAMES + ("ellipsoid",)
 SPLITS = ("train", "val")
 TASK_KEYS = ("semseg", "human_parts", "sal", "edge", "normals", "depth")
 
-_SPLIT_CODE = {"train": 0, "val": 1}
+# "upstream" is the pretraining stream (freesine_jax/pretrain.py): never a split of the dataset.
+_SPLIT_CODE = {"train": 0, "val": 1, "upstream": 2}
 _FOCAL_FRACTION = 1.0      # focal length in units of the image width
 _PRINCIPAL_ROW_FRACTION = 0.4  # the horizon sits above the image centre, so the floor is visible
 
@@ -161,6 +165,28 @@ def _hit_box(d, centre: np.ndarray, half: np.ndarray, yaw: float):
   return np.where(hit, t_near, np.inf), n_local @ rot.T
 
 
+def _hit_ellipsoid(d, centre: np.ndarray, half: np.ndarray, yaw: float):
+  """Solid ellipsoid with semi-axes `half` (object frame), rotated by `yaw` about its vertical axis.
+
+  The ray is mapped to the frame where the ellipsoid is the unit sphere; the normal is the
+  gradient of the implicit function, R diag(1/half^2) R^T (P - centre).
+  """
+  rot = _yaw_matrix(yaw)
+  dl = (d @ rot) / half  # rot^T d, scaled
+  ol = -(rot.T @ centre) / half
+  a = np.einsum("ij,ij->i", dl, dl)
+  b = 2.0 * dl @ ol
+  c = ol @ ol - 1.0
+  disc = b * b - 4 * a * c
+  t = (-b - np.sqrt(np.maximum(disc, 0.0))) / (2 * a)
+  hit = (disc >= 0) & (t > 0)
+  t = np.where(hit, t, np.inf)
+  local = np.where(hit, t, 0.0)[:, None] * dl + ol  # on the unit sphere where hit
+  normal = (local / half) @ rot.T
+  norm = np.linalg.norm(normal, axis=-1, keepdims=True)
+  return t, normal / np.where(norm > 0, norm, 1.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Scene description.
 
@@ -188,11 +214,15 @@ _SHIRT = ((0.85, 0.15, 0.55), (0.95, 0.85, 0.2), (0.2, 0.75, 0.85), (0.95, 0.5, 
 _PANTS = ((0.12, 0.15, 0.35), (0.3, 0.3, 0.3), (0.35, 0.25, 0.15))
 
 
-def _person(rng, instance: int, x: float, z: float, floor_y: float, height: float, yaw: float):
+def _person(rng, instance: int, x: float, z: float, floor_y: float, height: float, yaw: float,
+            random_colours: bool = False):
   """A standing person made of a sphere (head), a box (torso) and vertical cylinders (limbs)."""
   skin = _jitter(rng, _SKIN[rng.integers(len(_SKIN))], 0.04)
-  shirt = _jitter(rng, _SHIRT[rng.integers(len(_SHIRT))])
-  pants = _jitter(rng, _PANTS[rng.integers(len(_PANTS))], 0.05)
+  if random_colours:
+    shirt, pants = rng.uniform(0.08, 0.92, 3), rng.uniform(0.05, 0.6, 3)
+  else:
+    shirt = _jitter(rng, _SHIRT[rng.integers(len(_SHIRT))])
+    pants = _jitter(rng, _PANTS[rng.integers(len(_PANTS))], 0.05)
   c, s = np.cos(yaw), np.sin(yaw)
 
   def place(lateral: float) -> tuple[float, float]:
@@ -227,7 +257,24 @@ def _person(rng, instance: int, x: float, z: float, floor_y: float, height: floa
   return prims
 
 
-def _sample_scene(rng: np.random.Generator, height: int, width: int):
+@dataclasses.dataclass(frozen=True)
+class SceneMix:
+  """What a scene holds. DATASET_MIX renders the dataset; UPSTREAM_MIX the pretraining images
+  (freesine_jax/pretrain.py), another object mix whose objects have random colours."""
+  person_probs: tuple[float, ...] = (0.45, 0.4, 0.15)  # P(0, 1, 2, ... persons)
+  object_kinds: tuple[int, ...] = (SPHERE, BOX, CYLINDER)
+  num_objects: tuple[int, int] = (2, 5)  # non-person objects drawn from [lo, hi)
+  random_colours: bool = False  # False: each kind its colour (red spheres, blue boxes, ...)
+
+
+DATASET_MIX = SceneMix()
+UPSTREAM_MIX = SceneMix(person_probs=(0.3, 0.4, 0.3),
+                        object_kinds=(SPHERE, BOX, CYLINDER, ELLIPSOID), num_objects=(1, 6),
+                        random_colours=True)
+
+
+def _sample_scene(rng: np.random.Generator, height: int, width: int,
+                  mix: SceneMix = DATASET_MIX):
   """Random scene: returns (primitives, light direction in the internal camera frame)."""
   focal, cx, _ = camera_intrinsics(height, width)
   cam_h = rng.uniform(1.3, 1.7)  # camera height above the floor; the floor is the plane Y = cam_h
@@ -255,8 +302,8 @@ def _sample_scene(rng: np.random.Generator, height: int, width: int):
                  floor_tex),
   ]
 
-  kinds = [PERSON] * int(rng.choice(3, p=[0.45, 0.4, 0.15]))
-  kinds += list(rng.choice([SPHERE, BOX, CYLINDER], size=int(rng.integers(2, 5))))
+  kinds = [PERSON] * int(rng.choice(len(mix.person_probs), p=list(mix.person_probs)))
+  kinds += list(rng.choice(list(mix.object_kinds), size=int(rng.integers(*mix.num_objects))))
   rng.shuffle(kinds)
   placed: list[tuple[float, float, float]] = []  # footprints (x, z, radius)
   instance = 2
@@ -270,6 +317,9 @@ def _sample_scene(rng: np.random.Generator, height: int, width: int):
     elif kind == BOX:
       half = np.array([rng.uniform(0.25, 0.5), rng.uniform(0.25, 0.6), rng.uniform(0.25, 0.5)])
       foot = float(np.hypot(half[0], half[2]))
+    elif kind == ELLIPSOID:
+      half = np.array([rng.uniform(0.2, 0.5), rng.uniform(0.25, 0.7), rng.uniform(0.1, 0.3)])
+      foot = float(max(half[0], half[2]))
     else:
       radius = rng.uniform(0.2, 0.4)
       c_height = rng.uniform(0.6, 1.4)
@@ -286,19 +336,25 @@ def _sample_scene(rng: np.random.Generator, height: int, width: int):
       continue
     placed.append((x, z, foot))
     yaw = rng.uniform(-np.pi / 4, np.pi / 4)
+    colour_of = ((lambda base: rng.uniform(0.08, 0.92, 3)) if mix.random_colours
+                 else (lambda base: _jitter(rng, base, 0.1)))
     if kind == PERSON:
-      prims += _person(rng, instance, x, z, cam_h, p_height, yaw * 0.4)
+      prims += _person(rng, instance, x, z, cam_h, p_height, yaw * 0.4, mix.random_colours)
     elif kind == SPHERE:
       centre = np.array([x, cam_h - radius, z])
       prims.append(_Primitive(lambda d, c=centre, r=radius: _hit_sphere(d, c, r), instance,
-                              SPHERE, 0, _solid(_jitter(rng, (0.85, 0.2, 0.15), 0.1))))
+                              SPHERE, 0, _solid(colour_of((0.85, 0.2, 0.15)))))
     elif kind == BOX:
       centre = np.array([x, cam_h - half[1], z])
-      colour = _jitter(rng, (0.2, 0.3, 0.85), 0.1)
+      colour = colour_of((0.2, 0.3, 0.85))
       prims.append(_Primitive(lambda d, c=centre, h=half, w=yaw: _hit_box(d, c, h, w), instance,
                               BOX, 0, _solid(colour)))
+    elif kind == ELLIPSOID:
+      centre = np.array([x, cam_h - half[1], z])
+      prims.append(_Primitive(lambda d, c=centre, h=half, w=yaw: _hit_ellipsoid(d, c, h, w),
+                              instance, ELLIPSOID, 0, _solid(colour_of((0.6, 0.3, 0.7)))))
     else:
-      colour = _jitter(rng, (0.2, 0.7, 0.25), 0.1)
+      colour = colour_of((0.2, 0.7, 0.25))
       band = rng.uniform(0.15, 0.3)
 
       def cyl_tex(p, colour=colour, band=band):
@@ -325,9 +381,10 @@ def instance_boundaries(instance: np.ndarray) -> np.ndarray:
   return edge.astype(np.uint8)
 
 
-def render_scene(rng: np.random.Generator, height: int, width: int) -> dict[str, np.ndarray]:
+def render_scene(rng: np.random.Generator, height: int, width: int,
+                 mix: SceneMix = DATASET_MIX) -> dict[str, np.ndarray]:
   """Renders one random scene: the stored features plus int32 'instance' and 'primitive' ids."""
-  prims, light = _sample_scene(rng, height, width)
+  prims, light = _sample_scene(rng, height, width, mix)
   d = ray_directions(height, width)
   hits = [p.hit(d) for p in prims]
   ts = np.stack([h[0] for h in hits])  # (P, N)
@@ -388,6 +445,16 @@ def generate_example(seed: int, split: str, index: int, height: int, width: int)
   out = render_scene(example_rng(seed, split, index), height, width)
   del out["instance"], out["primitive"]
   return out
+
+
+def upstream_example(seed: int, index: int, height: int, width: int) -> dict[str, np.ndarray]:
+  """Pretraining image `index` (UPSTREAM_MIX) with its class map (UPSTREAM_CLASS_NAMES ids).
+
+  Drawn from the 'upstream' stream of example_rng, which no split of the dataset uses: the
+  pretraining images are disjoint from every train and val scene, whatever the seeds.
+  """
+  out = render_scene(example_rng(seed, "upstream", index), height, width, UPSTREAM_MIX)
+  return {"image": out["image"], "classes": out["semseg"]}
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -380,6 +380,33 @@ def _to_flax(ours: str, value: np.ndarray) -> np.ndarray:
   return value
 
 
+def to_state_dict(flat: Flat) -> dict[str, np.ndarray]:
+  """The inverse of reading: our flat weights under their canonical (Microsoft release / timm)
+  names in PyTorch conventions, a state dict that `read_checkpoint` reads back unchanged (as a
+  .safetensors file: freesine_jax/pretrain.py writes its backbone this way)."""
+  names = {v: k for k, v in _PATCH_EMBED_NAMES.items()}
+  block_names = {v: k for k, v in _BLOCK_NAMES.items()}
+  merge_names = {v: k for k, v in _MERGE_NAMES.items()}
+  out = {}
+  for ours, value in flat.items():
+    stage, _, rest = ours.partition("/")
+    if ours in names:
+      canonical = names[ours]
+    elif (m := re.match(r"^layers_(\d+)_blocks_(\d+)$", stage)) and rest in block_names:
+      canonical = f"layers.{m.group(1)}.blocks.{m.group(2)}.{block_names[rest]}"
+    elif (m := re.match(r"^layers_(\d+)_downsample$", stage)) and rest in merge_names:
+      canonical = f"layers.{m.group(1)}.downsample.{merge_names[rest]}"
+    else:
+      raise ValueError(f"{ours} is not a pretrained Swin weight")
+    value = np.asarray(value, np.float32)
+    if ours == "patch_embed_proj/kernel":
+      value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    elif ours.endswith("/kernel"):
+      value = value.T
+    out[canonical] = np.ascontiguousarray(value)
+  return out
+
+
 def _check_index_buffer(key: str, index: np.ndarray, table_len: int | None) -> None:
   """A stored relative_position_index must be the standard one (else our tables would be misread)."""
   n = int(round(math.sqrt(index.shape[0]))) if index.ndim == 2 else 0
