@@ -172,9 +172,8 @@ class ConfusionMatrixMeter(Meter):
   MTLoRA (eval_semseg.py / eval_human_parts.py: tp / max(tp+fp+fn, 1e-8)) a class absent from
   both prediction and target over the whole split gets IoU 0 and still counts in the mean over
   all `num_classes` classes. Images whose target is entirely 255 (human_parts: no person)
-  contribute nothing. Note: MTLoRA's streaming loader labels person-free images all-0
-  (background) and so counts them; MTI-Net's file-based evaluator skips them, as we do when
-  the pipeline marks them 255 (docs/design.md §4).
+  contribute nothing. MTLoRA skips them too: its validation transforms (AddIgnoreRegions) turn
+  a person-free parts map all-255 before its meter sees it (docs/evaluation.md).
   Result values are percentages.
   """
 
@@ -370,33 +369,44 @@ class NormalsMeter(Meter):
     return out
 
 
+# MTLoRA's clamp of depth predictions before its errors (evaluation/eval_depth.py).
+DEPTH_MIN_PREDICTION = 1e-9
+
+
 class DepthMeter(Meter):
   """Depth RMSE and log-RMSE over valid pixels (target > 0), pooled over the whole split.
 
-  As in MTI-Net / MTLoRA (eval_depth.py): squared errors are summed over every valid pixel
-  of the split and divided by the pixel count (not a per-image average). log_rmse uses the
-  natural log with predictions clamped to >= 1e-9.
+  As in MTI-Net / MTLoRA (evaluation/eval_depth.py): predictions are clamped to >= 1e-9 (no
+  depth is negative) before *both* errors; squared errors are summed over every valid pixel of
+  the split and divided by the pixel count (not a per-image average); log_rmse uses the natural
+  log. 'rmse' is therefore comparable with published tables. 'rmse_raw' is the RMSE of the
+  unclamped predictions: it differs from 'rmse' only while the (unbounded) depth head
+  predicts negative depths, early in training or in a diverging run.
   """
 
   def _zero_state(self):
-    return {"count": np.zeros((), np.int64), "sum_sq": np.zeros(()), "sum_log_sq": np.zeros(())}
+    return {"count": np.zeros((), np.int64), "sum_sq": np.zeros(()), "sum_log_sq": np.zeros(()),
+            "sum_sq_raw": np.zeros(())}
 
   def _accumulate(self, pred, target):
     _check_same_shape(self.task, pred, target, 3)
     valid = target > 0
     t = target[valid].astype(np.float64)
-    p = pred[valid].astype(np.float64)
+    raw = pred[valid].astype(np.float64)
+    p = np.maximum(raw, DEPTH_MIN_PREDICTION)
     self._state["count"] += t.size
     self._state["sum_sq"] += np.square(p - t).sum()
-    self._state["sum_log_sq"] += np.square(np.log(np.maximum(p, 1e-9)) - np.log(t)).sum()
+    self._state["sum_log_sq"] += np.square(np.log(p) - np.log(t)).sum()
+    self._state["sum_sq_raw"] += np.square(raw - t).sum()
 
   def result(self):
     n = int(self._state["count"])
     if n == 0:
-      return {"rmse": math.nan, "log_rmse": math.nan, "num_pixels": 0}
+      return {"rmse": math.nan, "log_rmse": math.nan, "rmse_raw": math.nan, "num_pixels": 0}
     return {
         "rmse": float(np.sqrt(self._state["sum_sq"] / n)),
         "log_rmse": float(np.sqrt(self._state["sum_log_sq"] / n)),
+        "rmse_raw": float(np.sqrt(self._state["sum_sq_raw"] / n)),
         "num_pixels": n,
     }
 

@@ -297,6 +297,25 @@ def test_depth_closed_form_with_invalid_pixels():
       res["log_rmse"], math.sqrt((math.log(1.5)**2 + math.log(2.0)**2) / 4), rtol=1e-6)
 
 
+def test_depth_clamps_negative_predictions_before_both_errors_as_mtlora():
+  """MTLoRA clamps predictions to >= 1e-9 before RMSE and log-RMSE; 'rmse_raw' does not."""
+  target = np.array([[[1.0, 2.0], [4.0, 0.0]]], np.float32)
+  pred = np.array([[[-1.0, 2.5], [4.0, -3.0]]], np.float32)  # the last pixel is invalid
+  meter = metrics.make_meter("depth")
+  meter.update(pred, target)
+  res = meter.result()
+  assert res["num_pixels"] == 3
+  # clamped: errors (1e-9 - 1), 0.5, 0; raw: errors -2, 0.5, 0.
+  np.testing.assert_allclose(res["rmse"], math.sqrt(((1 - 1e-9)**2 + 0.25) / 3), rtol=1e-9)
+  np.testing.assert_allclose(res["rmse_raw"], math.sqrt((4.0 + 0.25) / 3), rtol=1e-9)
+  np.testing.assert_allclose(
+      res["log_rmse"], math.sqrt((math.log(1e-9)**2 + math.log(1.25)**2) / 3), rtol=1e-6)
+  # With no negative prediction the two RMSEs are one number.
+  positive = metrics.make_meter("depth")
+  positive.update(np.abs(pred), target)
+  assert positive.result()["rmse"] == positive.result()["rmse_raw"]
+
+
 def test_depth_pools_pixels_over_split_not_images():
   # Image 1: 1 valid pixel, error 3. Image 2: 3 valid pixels, error 1 each.
   t = np.array([[[5.0, 0, 0, 0]], [[1.0, 1.0, 1.0, 0]]])
