@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from absl import flags
@@ -103,9 +104,13 @@ def delta_m(results: Mapping[str, Mapping[str, Any]],
 def evaluate(forward: Callable, variables: Mapping[str, PyTree], loader: Iterable,
              config: ml_collections.ConfigDict,
              mesh: jax.sharding.Mesh,
-             merge: Callable | None = None) -> tuple[dict[str, dict], float | None]:
+             merge: Callable | None = None,
+             log: Callable[[str], None] | None = None) -> tuple[dict[str, dict], float | None]:
   """Jitted forward over `loader` (at most config.eval.max_batches batches) + streaming
   meters; returns (results per task, Δm or None).
+
+  `log` gets one line with the time of the first batch (where the forward compiles): pass it
+  for a process's first evaluation.
 
   With `merge` (make_inference_merge), the variables are merged for inference once, at the
   first batch: the same outputs without rebuilding the task kernels for every batch.
@@ -116,6 +121,7 @@ def evaluate(forward: Callable, variables: Mapping[str, PyTree], loader: Iterabl
   tasks = tuple(config.tasks)
   meters = make_meters(config)
   variables = model_variables(variables, mesh)
+  t_first = time.perf_counter()
   for i, batch in enumerate(loader):
     if config.eval.max_batches is not None and i >= config.eval.max_batches:
       break
@@ -123,6 +129,9 @@ def evaluate(forward: Callable, variables: Mapping[str, PyTree], loader: Iterabl
       variables = merge(variables, image_shape=(1, *np.shape(batch["image"])[1:]))
       merge = None
     predictions = predict(forward, variables, batch, tasks, mesh)
+    if i == 0 and log is not None:
+      log(f"eval step compiled and run on its first batch in "
+          f"{time.perf_counter() - t_first:.0f} s")
     for t in tasks:
       meters[t].update(predictions[t], batch[t], valid=batch["valid"])
   if jax.process_count() > 1:

@@ -376,15 +376,19 @@ class Writer:
 
 
 def window_summary(pending: Sequence[Mapping[str, Any]], seconds: float,
-                   global_batch: int) -> dict[str, float]:
+                   global_batch: int, timed_steps: int | None = None) -> dict[str, float]:
   """Scalars of a logging window: step metrics averaged over its steps (the task frequencies
-  at its last step), seconds per step, steps and examples per second."""
+  at its last step), seconds per step, steps and examples per second.
+
+  timed_steps: how many of the window's steps `seconds` covers (default all; the train loop
+  leaves the compiled first step out of the speed, not out of the loss average)."""
   summary = {k: float(pending[-1][k]) if k.startswith(FREQUENCY_PREFIX)
              else float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
   seconds = max(seconds, 1e-9)
-  summary["step_time_sec"] = seconds / len(pending)
-  summary["steps_per_sec"] = len(pending) / seconds
-  summary["examples_per_sec"] = global_batch * len(pending) / seconds
+  steps = len(pending) if timed_steps is None else timed_steps
+  summary["step_time_sec"] = seconds / steps
+  summary["steps_per_sec"] = steps / seconds
+  summary["examples_per_sec"] = global_batch * steps / seconds
   return summary
 
 
@@ -530,9 +534,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if cached.get("key") == baseline_key:
         untrained = cached["results"]
     if untrained is None:
-      writer.print("evaluating the untrained model (baseline)...")
+      writer.print("evaluating the untrained model (baseline; its first batch compiles the "
+                   "eval step)...")
       untrained, _ = evaluate_lib.evaluate(forward, variables, eval_loader, config, mesh,
-                                             merge)
+                                             merge, log=writer.print)
       if writer.enabled:
         untrained_path.write_text(json.dumps(
             evaluate_lib.jsonable({"key": baseline_key, "results": untrained})))
@@ -568,6 +573,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   t_start, step_start = time.perf_counter(), step
   t_log = t_start
   t_rate, step_rate = t_start, step  # the ETA's rate: from the end of the compiled first step
+  untimed, compile_seconds = 0, 0.0  # the window's steps its speed leaves out (the compiled one)
+  if step < total_steps:
+    writer.print("compiling the train step (its first run; once per process)...")
   while step < total_steps:
     try:
       batch = next(train_iter)
@@ -581,14 +589,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       jax.block_until_ready(step_metrics)
       distributed.release_freed_host_memory()
       t_rate, step_rate = time.perf_counter(), step + 1
+      untimed, compile_seconds, t_log = 1, t_rate - t_log, t_rate
+      writer.print(f"train step compiled and run once in {compile_seconds:.0f} s "
+                   "(left out of the steps/s and the ETA)")
     step += 1
     pending.append(monitor.after_step(step, step_metrics, ckpt))  # NaN/Inf: stop or skip
 
     if step % log_every == 0 or step == total_steps:
       pending = jax.device_get(pending)
       now = time.perf_counter()
-      summary = window_summary(pending, now - t_log, global_batch)
-      pending, t_log = [], now
+      if untimed and len(pending) > untimed:  # the speed from the end of the compiled step
+        summary = window_summary(pending, now - t_log, global_batch, len(pending) - untimed)
+      else:  # a window of the compiled step alone: its time is all there is
+        summary = window_summary(pending, now - t_log + untimed * compile_seconds, global_batch)
+      pending, t_log, untimed = [], now, 0
       writer.scalars(step, {f"train/{k}": v for k, v in summary.items()})
       writer.print(progress_line(step, total_steps, summary, tasks, estimated_seconds_left(
           total_steps - step, step - step_rate, now - t_rate, summary["steps_per_sec"])))

@@ -238,3 +238,22 @@ def test_interrupted_build_is_not_used(tmp_path, monkeypatch):
   ex = again.as_data_source("val")[0]
   want = real(TINY.seed, "val", int(ex["id"].decode().rsplit("_", 1)[1]), 16, 16)
   np.testing.assert_array_equal(ex["depth"], want["depth"])
+
+
+def test_rendering_says_what_it_does_and_not_downloading(tmp_path, capfd, caplog):
+  """The console shows the project's line and per-split progress; TFDS's "Downloading and
+  preparing" wording, its "Variant folder" warnings and the OpenCV notice stay off it (the
+  last two demoted to DEBUG, where the log keeps them at a verbose level)."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  builder = synthetic.ensure_built(str(tmp_path), config=TINY)
+  logging.warning("OpenCV is not installed. (what TFDS says when decoding an image)")
+  logging.warning("an unrelated warning stays")
+  out, err = capfd.readouterr()
+  shown = [r.getMessage() for r in caplog.records if r.levelno > 10]
+  assert builder.is_prepared()
+  assert "rendering the synthetic multi-task dataset (test16)" in out
+  assert "rendered 6/6 train scenes" in out and "rendered 3/3 val scenes" in out
+  for hidden in ("Download", "downloaded", "Variant folder", "OpenCV"):
+    assert hidden not in out + err, (hidden, out, err)
+    assert not any(hidden in message for message in shown), (hidden, shown)
+  assert "an unrelated warning stays" in shown

@@ -6,6 +6,7 @@ a model that compiles in seconds (TINY_FACTORY).
 import json
 import math
 import os
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -473,3 +474,35 @@ def test_bfloat16_compute_trains_with_float32_state():
   difference = abs(first_losses["bfloat16"] - first_losses["float32"])
   # bfloat16 keeps 8 significant bits: ~0.4% per rounding, averaged over many pixels.
   assert 0 < difference < 0.02 * first_losses["float32"], first_losses
+
+
+def test_window_speed_leaves_the_compiled_step_out():
+  # 5 steps in the window, the first one compiled: 4 timed steps in 2 s -> 2 steps/s.
+  pending = [{"loss": float(i)} for i in range(5)]
+  summary = train.window_summary(pending, 2.0, global_batch=8, timed_steps=4)
+  assert summary["loss"] == pytest.approx(2.0)  # the loss still averages all five
+  assert summary["steps_per_sec"] == pytest.approx(2.0)
+  assert summary["examples_per_sec"] == pytest.approx(16.0)
+  assert summary["step_time_sec"] == pytest.approx(0.5)
+  assert train.window_summary(pending, 2.0, global_batch=8)["steps_per_sec"] == pytest.approx(2.5)
+
+
+def test_console_says_when_it_compiles(tmp_path, capsys):
+  """One line before the train step's compile and one after it with its time; one for the
+  eval step's first batch; all before the first progress line."""
+  config = tiny_config(max_steps=4)
+  train.train_and_evaluate(config, str(tmp_path / "run"), create_train_loader=FakeTrainLoader,
+                           create_eval_loader=lambda c: eval_batches(c))
+  lines = capsys.readouterr().out.splitlines()
+
+  def index(prefix):
+    found = [i for i, line in enumerate(lines) if line.startswith(prefix)]
+    assert len(found) == 1, (prefix, lines)
+    return found[0]
+
+  first_progress = min(i for i, line in enumerate(lines) if line.startswith("step "))
+  eval_compiled = index("eval step compiled and run on its first batch in ")
+  compiling = index("compiling the train step")
+  compiled = index("train step compiled and run once in ")
+  assert eval_compiled < compiling < compiled < first_progress
+  assert re.search(r"in \d+ s \(left out of the steps/s and the ETA\)$", lines[compiled])

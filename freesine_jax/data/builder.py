@@ -16,9 +16,11 @@ from __future__ import annotations
 import abc
 import io
 import json
+import logging
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
+from absl import logging as absl_logging
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
@@ -27,6 +29,24 @@ from tensorflow_datasets.core import utils as tfds_utils
 from freesine_jax import tasks as tasks_lib
 
 _MAX_LISTED_PROBLEMS = 20
+
+# TFDS notices that tell our users nothing: "OpenCV is not installed" (PIL decodes our PNGs
+# well), "Variant folder ... has no dataset_info.json" (a set not built yet, which the builders
+# say in their own words). Demoted to DEBUG: in the log at a verbose level, off the console.
+QUIET_TFDS_NOTICES = ("OpenCV is not installed", "Variant folder ")
+
+
+class _DemoteTfdsNotices(logging.Filter):
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno > logging.DEBUG and str(record.msg).startswith(QUIET_TFDS_NOTICES):
+      record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+      return absl_logging.get_absl_logger().isEnabledFor(logging.DEBUG)
+    return True
+
+
+if not any(isinstance(f, _DemoteTfdsNotices) for f in absl_logging.get_absl_logger().filters):
+  absl_logging.get_absl_logger().addFilter(_DemoteTfdsNotices())
 
 
 class DatasetError(Exception):

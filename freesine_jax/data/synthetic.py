@@ -47,8 +47,10 @@ import dataclasses
 import fcntl
 import io
 import os
+import time
 from typing import Callable, Iterator
 
+from absl import logging
 from etils import epath
 import numpy as np
 from PIL import Image
@@ -518,12 +520,25 @@ class SyntheticMultiTask(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split: str, count: int) -> Iterator[tuple[str, dict]]:
     cfg = self.builder_config
+    every = max(count // 4, 1)  # a few progress lines per split (TFDS's bar is off: see below)
+    t0 = time.time()
     for index in range(count):
       ex = generate_example(cfg.seed, split, index, cfg.height, cfg.width)
       key = f"{split}_{index:06d}"
       ex["id"] = key
       ex["image"] = encode_png(ex["image"])
       yield key, ex
+      if (index + 1) % every == 0 or index + 1 == count:
+        print(f"  rendered {index + 1}/{count} {split} scenes ({time.time() - t0:.0f} s)",
+              flush=True)
+
+  # Nothing is downloaded: ensure_built says what happens in its own line. TFDS's "Downloading
+  # and preparing ..." / "... downloaded and prepared to ..." go to the log at INFO instead.
+  def _log_download_bytes(self) -> None:
+    logging.info("TFDS: preparing %s in %s", self.name, self.data_dir)
+
+  def _log_download_done(self) -> None:
+    logging.info("TFDS: %s prepared in %s", self.name, self.data_dir)
 
 
 @contextlib.contextmanager
