@@ -206,18 +206,50 @@ def beats_untrained(final: Mapping[str, Mapping[str, Any]],
   return verdict
 
 
+# An added task's run (config.train.new_tasks) leaves the old tasks' outputs unchanged up to a
+# few float32 ulps (the new prompt's exact-zero attention terms can change summation order): a
+# headline metric within this relative tolerance (and 1e-6 absolute) counts as unchanged.
+UNCHANGED_RTOL = 1e-4
+
+
+def unchanged_tasks(final: Mapping[str, Mapping[str, Any]],
+                    start: Mapping[str, Mapping[str, Any]]) -> dict[str, bool]:
+  """Per task of `final`: is its headline metric the starting run's, within UNCHANGED_RTOL?"""
+  out = {}
+  for task, metrics in final.items():
+    key = tasks_lib.get_task(task).headline_metric
+    m = float(metrics[key])
+    s = float(start.get(task, {}).get(key, math.nan))
+    out[task] = (math.isnan(m) and math.isnan(s)) or abs(m - s) <= 1e-6 + UNCHANGED_RTOL * abs(s)
+  return out
+
+
 def format_verdict(final: Mapping[str, Mapping[str, Any]],
                    untrained: Mapping[str, Mapping[str, Any]],
-                   verdict: Mapping[str, bool]) -> str:
-  """One line per task (headline metric vs the untrained model's) and the overall YES/NO."""
+                   verdict: Mapping[str, bool],
+                   unchanged: Mapping[str, bool] | None = None) -> str:
+  """One line per task (headline metric vs the untrained model's) and the overall YES/NO.
+
+  unchanged: for a run that adds tasks, the old tasks (`unchanged_tasks`): their step-0
+  baseline is the starting run, so they are checked to be unchanged, not to beat it."""
   lines = []
+  for task, same in (unchanged or {}).items():
+    key = tasks_lib.get_task(task).headline_metric
+    lines.append(f"  {task:<12} {key} {final[task][key]:.4f} vs the starting run "
+                 f"{untrained[task][key]:.4f}: "
+                 f"{'unchanged, as intended' if same else 'CHANGED, though it should not'}")
   for task, beats in verdict.items():
     spec = tasks_lib.get_task(task)
     key = spec.headline_metric
     lines.append(f"  {task:<12} {key} {final[task][key]:.4f} vs untrained "
                  f"{untrained[task][key]:.4f} ({'higher' if spec.higher_is_better else 'lower'}"
                  f" is better): {'beats' if beats else 'does NOT beat'} the untrained model")
-  lines.append(f"all tasks beat the untrained model: {'YES' if all(verdict.values()) else 'NO'}")
+  if unchanged:
+    lines.append(f"the added tasks beat the untrained model: "
+                 f"{'YES' if all(verdict.values()) else 'NO'}; the old tasks are unchanged: "
+                 f"{'YES' if all(unchanged.values()) else 'NO'}")
+  else:
+    lines.append(f"all tasks beat the untrained model: {'YES' if all(verdict.values()) else 'NO'}")
   return "\n".join(lines)
 
 

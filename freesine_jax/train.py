@@ -647,10 +647,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                         **({} if delta is None else {"eval/delta_m": delta})})
   report = evaluate_lib.format_report(final, delta, registry.class_names(config.dataset.name))
   writer.print(f"\nfinal evaluation at step {step}:\n{report}")
-  verdict = None
+  verdict = unchanged = None
   if untrained is not None:
-    verdict = evaluate_lib.beats_untrained(final, untrained)
-    writer.print(evaluate_lib.format_verdict(final, untrained, verdict))
+    # A run that adds tasks starts from a trained one: its step-0 model is that run for the old
+    # tasks, which must stay unchanged; only the added tasks start untrained.
+    added = tasks_lib.added_tasks(config)
+    verdict = evaluate_lib.beats_untrained(
+        {t: m for t, m in final.items() if not added or t in added}, untrained)
+    if added:
+      unchanged = evaluate_lib.unchanged_tasks(
+          {t: m for t, m in final.items() if t not in added}, untrained)
+    writer.print(evaluate_lib.format_verdict(final, untrained, verdict, unchanged))
 
   results = evaluate_lib.jsonable({
       "step": step,
@@ -659,6 +666,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       "untrained": untrained,
       "beats_untrained": verdict,
       "all_beat_untrained": None if verdict is None else all(verdict.values()),
+      "old_tasks_unchanged": unchanged,  # a run adding tasks: the others vs the starting run
       "trainable_parameters": num_trainable,
       "train_time_sec": time.perf_counter() - t_start,
   })

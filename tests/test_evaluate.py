@@ -220,6 +220,24 @@ def test_format_verdict_says_per_task_and_overall():
       "all tasks beat the untrained model: NO"]
 
 
+def test_verdict_of_a_run_adding_tasks_checks_the_old_ones_unchanged():
+  """The old tasks' step-0 baseline is the starting run: equal within UNCHANGED_RTOL is the
+  intended outcome, named as such; only the added task is judged against an untrained start."""
+  start = {"semseg": {"mIoU": 26.0856}, "normals": {"mean": 20.0}, "depth": {"rmse": 5.0}}
+  final = {"semseg": {"mIoU": 26.0856 * (1 + 0.5 * evaluate.UNCHANGED_RTOL)},
+           "normals": {"mean": 19.0}, "depth": {"rmse": 1.0}}
+  unchanged = evaluate.unchanged_tasks({t: final[t] for t in ("semseg", "normals")}, start)
+  assert unchanged == {"semseg": True, "normals": False}
+  verdict = evaluate.beats_untrained({"depth": final["depth"]}, start)
+  lines = evaluate.format_verdict(final, start, verdict, unchanged).splitlines()
+  assert lines == [
+      "  semseg       mIoU 26.0869 vs the starting run 26.0856: unchanged, as intended",
+      "  normals      mean 19.0000 vs the starting run 20.0000: CHANGED, though it should not",
+      "  depth        rmse 1.0000 vs untrained 5.0000 (lower is better): beats the untrained "
+      "model",
+      "the added tasks beat the untrained model: YES; the old tasks are unchanged: NO"]
+
+
 def test_grid_draws_each_task_kind_in_its_panels():
   rng = np.random.default_rng(0)
   tasks = ("semseg", "sal", "normals", "edge", "depth")

@@ -159,6 +159,9 @@ def test_the_new_tasks_loss_goes_down(runs):
   with open(os.path.join(new_dir, "results.json"), encoding="utf-8") as f:
     results = json.load(f)
   assert results["beats_untrained"]["depth"], results  # the eval split's metric improved too
+  # Only the added task is judged against an untrained start; the old ones are checked unchanged.
+  assert set(results["beats_untrained"]) == set(NEW)
+  assert results["old_tasks_unchanged"] == {t: True for t in OLD}
   # The old tasks evaluate exactly as at step 0: their outputs never changed.
   for task in OLD:
     for key, value in results["untrained"][task].items():
