@@ -30,6 +30,7 @@ import time
 from typing import Callable, Sequence
 
 from absl import flags
+from absl import logging
 
 from freesine_jax import cli
 from freesine_jax import errors
@@ -298,6 +299,7 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  logging.set_verbosity(logging.WARNING)  # the runs' own logs are in <out>/<row>/seed<k>.log
   f = flags.FLAGS
   if not f.plan or not f.out:
     raise errors.UserError("give --plan=<name or file> and --out=<directory>")
