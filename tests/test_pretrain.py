@@ -33,8 +33,9 @@ def micro_config(steps=4, num_train=32, num_val=16):
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
-  """(config, flat backbone weights, report) of one micro pretraining."""
-  config = micro_config()
+  """(config, flat backbone weights, report) of one micro pretraining: 30 steps on 128
+  upstream images, enough to beat random features (test_pretrained_features_beat_...)."""
+  config = micro_config(steps=30, num_train=128, num_val=16)
   flat, report = pretrain.pretrain(config, log=None)
   return config, flat, report
 
@@ -147,7 +148,7 @@ def test_same_config_same_weights(micro):
   config, flat, _ = micro
   again, _ = pretrain.pretrain(config, log=None)
   assert checkpointing.backbone_hash(again) == checkpointing.backbone_hash(flat)
-  other = micro_config()
+  other = micro_config(steps=30, num_train=128, num_val=16)  # the fixture's, but the seed
   other.seed = 1
   assert pretrain.config_hash(other) != pretrain.config_hash(config)
   moved, _ = pretrain.pretrain(other, log=None)
@@ -310,3 +311,50 @@ def test_default_job_reads_the_proxy_through_backbone_weights():
   for key in pretrain.ARCHITECTURE_KEYS:
     assert config.model[key] == proxy.model[key], key
   assert synthetic_config.get_config("tiny").model.backbone_weights == ""
+
+
+# ------------------------------------------------------------------------------ it helps
+
+
+def test_pretrained_features_beat_random_ones_for_a_decoder_only_probe(micro):
+  """Decoder-only at its optimum: a ridge-regression head (closed form) from the frozen stage-1
+  features to each cell's class fractions, fitted on downstream train scenes and scored on val
+  scenes. The micro proxy (30 steps) must give a lower validation loss than a random backbone
+  of every seed tried. Measured (2026-12-06): micro proxy 0.0177 (the tiny preset's 60 steps:
+  0.0178), random seeds 0-3 0.0199 to 0.0218 (mean squared error of the fractions)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from freesine_jax.data import augment  # pylint: disable=g-import-not-at-top
+  from freesine_jax.models import swin  # pylint: disable=g-import-not-at-top
+  config, flat, _ = micro
+  backbone = swin.SwinBackbone(pretrain.swin_spec(config), swin.AdapterSpec(), policy="all")
+
+  def scenes(split, count):
+    examples = [synthetic.generate_example(7, split, i, 32, 32) for i in range(count)]
+    images = augment.normalize_image(np.stack([e["image"] for e in examples]))
+    classes = np.stack([e["semseg"] for e in examples])
+    return images, classes
+
+  (train_x, train_c), (val_x, val_c) = scenes("train", 48), scenes("val", 24)
+
+  stage1 = jax.jit(lambda params, images: backbone.apply({"params": params}, images)[0][0])
+  init = jax.jit(lambda key: backbone.init({"params": key}, jnp.zeros((1, 32, 32, 3)))["params"])
+
+  def probe_loss(params):
+    def features_and_targets(images, classes):
+      x = np.asarray(stage1(params, images))
+      stride = images.shape[1] // x.shape[1]
+      fractions = pretrain.composition_targets(classes, stride, synthetic.ELLIPSOID)
+      return x.reshape(-1, x.shape[-1]), fractions.reshape(-1, fractions.shape[-1])
+    x, y = features_and_targets(train_x, train_c)
+    xv, yv = features_and_targets(val_x, val_c)
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    x = np.c_[(x - mu) / sd, np.ones(len(x))]
+    xv = np.c_[(xv - mu) / sd, np.ones(len(xv))]
+    w = np.linalg.solve(x.T @ x + np.eye(x.shape[1]), x.T @ y)
+    return float(np.mean((xv @ w - yv) ** 2))
+
+  proxy = probe_loss(traverse_util.unflatten_dict(
+      {tuple(k.split("/")): v for k, v in flat.items()}))
+  randoms = [probe_loss(init(jax.random.PRNGKey(s))) for s in range(3)]
+  assert proxy < min(randoms), (proxy, randoms)
