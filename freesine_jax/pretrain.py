@@ -30,8 +30,6 @@ nothing that could be mistaken for a finished one. docs/pretrained.md, "The prox
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -478,16 +476,6 @@ def damage(directory: str) -> str | None:
   return None
 
 
-@contextlib.contextmanager
-def _lock(path: str):
-  with open(path, "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def ensure_pretrained(config: ml_collections.ConfigDict, root: str | None = None,
                       log=print) -> str:
   """The converted weights of `config`'s proxy, pretrained first if not cached yet.
@@ -503,7 +491,7 @@ def ensure_pretrained(config: ml_collections.ConfigDict, root: str | None = None
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
   name = os.path.basename(directory)
-  with _lock(os.path.join(parent, f".{name}.lock")):
+  with synthetic.file_lock(os.path.join(parent, f".{name}.lock")):
     if os.path.exists(directory):
       reason = damage(directory)
       if reason is None:

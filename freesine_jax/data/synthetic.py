@@ -542,7 +542,9 @@ class SyntheticMultiTask(tfds.core.GeneratorBasedBuilder):
 
 
 @contextlib.contextmanager
-def _file_lock(path: str):
+def file_lock(path: str):
+  """Holds an exclusive lock on `path` (created if needed): concurrent first uses of a cached
+  artefact on one host (this dataset, pretrain.py's proxy) wait for each other."""
   with open(path, "a") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
     try:
@@ -563,7 +565,7 @@ def ensure_built(data_dir: str | None = None,
   if builder.is_prepared():
     return builder
   os.makedirs(builder.data_dir_root, exist_ok=True)
-  with _file_lock(os.path.join(builder.data_dir_root, ".synthetic_multitask.lock")):
+  with file_lock(os.path.join(builder.data_dir_root, ".synthetic_multitask.lock")):
     builder = SyntheticMultiTask(data_dir=data_dir, config=config)
     if not builder.is_prepared():
       print(f"rendering the synthetic multi-task dataset ({builder.builder_config.name}) into "
