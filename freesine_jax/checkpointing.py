@@ -21,6 +21,8 @@ hosts), and Orbax's primary process writes the JSON items.
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -52,6 +54,82 @@ class CheckpointDamaged(errors.UserError):
     super().__init__(f"checkpoint step {step} in {directory} is damaged: {self.reason}")
 
 
+class StorageFault(errors.UserError):
+  """A checkpoint that could not be written: no space, a read-only or forbidden directory.
+
+  Command lines exit at once on it (cli.fail): background writers of the failing disk
+  (TensorBoard's event queue, whose writer thread died of the same fault) would otherwise block
+  the exit handlers forever."""
+  exit_at_once = True
+
+
+# What a failed write's errno, or the text TensorStore wraps it in, means for the user.
+_STORAGE_ERRNOS = {errno.ENOSPC: "no space left on the device",
+                   errno.EDQUOT: "the disk quota is exceeded",
+                   errno.EROFS: "the file system is read-only",
+                   errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+
+
+def storage_fault_reason(exc: BaseException) -> str | None:
+  """What `exc` (or an exception it was raised from) says about the storage, or None when it is
+  not a storage fault (Orbax/TensorStore raise ValueError('RESOURCE_EXHAUSTED: ... [OS error
+  28: No space left on device]') from their writer threads)."""
+  seen = exc
+  for _ in range(10):
+    if seen is None:
+      return None
+    if isinstance(seen, OSError) and seen.errno in _STORAGE_ERRNOS:
+      return _STORAGE_ERRNOS[seen.errno]
+    text = str(seen)
+    for code, reason in _STORAGE_ERRNOS.items():
+      if os.strerror(code) in text:
+        return reason
+    seen = seen.__cause__ or seen.__context__
+  return None
+
+
+def storage_fault(directory: Any, step: int | None, reason: str, *,
+                  written: bool = True) -> StorageFault:
+  """Removes unfinished saves in the checkpoint `directory` (when `written`: something was
+  being written), then says what failed, why, which checkpoints are intact and what to do.
+  step None: not a particular checkpoint (metrics.jsonl, TensorBoard, ... on that disk)."""
+  removed = _remove_unfinished_saves(directory) if written else []
+  kept = sorted(int(p.name) for p in epath.Path(str(directory)).iterdir()
+                if p.name.isdigit()) if epath.Path(str(directory)).is_dir() else []
+  if step is not None:
+    what = f"checkpoint step {step} {'could not be' if written else 'was not'} written to " \
+           f"{directory}"
+  elif written:
+    what = f"training stopped: writing in {os.path.dirname(str(directory).rstrip('/'))} failed"
+  else:
+    what = f"no checkpoint can be written to {directory}"
+  left = f" (its unfinished {', '.join(removed)} removed)" if removed else ""
+  resume = (f"the intact checkpoints are steps {', '.join(map(str, kept))}; a rerun resumes "
+            f"from step {kept[-1]}" if kept else "no checkpoint is kept; a rerun starts over")
+  return StorageFault(f"{what}: {reason}{left}; {resume}; free space there or rerun with a "
+                      "--workdir on another disk (docs/reliability.md)")
+
+
+def _remove_unfinished_saves(directory: Any) -> list[str]:
+  """Deletes Orbax's temporary save directories (<step>.orbax-checkpoint-tmp...)."""
+  removed = []
+  directory = epath.Path(str(directory))
+  if jax.process_index() != 0 or not directory.is_dir():
+    return removed
+  for path in sorted(directory.iterdir()):
+    if ".orbax-checkpoint-tmp" in path.name:
+      try:
+        path.rmtree(missing_ok=True)
+        removed.append(path.name)
+      except OSError:
+        continue
+  return removed
+
+
+def _megabytes(n: float) -> str:
+  return f"{n / 2 ** 20:.1f} MiB"
+
+
 def is_url(path: Any) -> bool:
   """gs://... and other object-store URLs (no appending, no os.path)."""
   return "://" in str(path)
@@ -60,6 +138,27 @@ def is_url(path: Any) -> bool:
 def absolute(path: str) -> str:
   """A local path made absolute; a URL (gs://...) as given (os.path would mangle it)."""
   return str(path) if is_url(path) else os.path.abspath(path)
+
+
+def ensure_workdir(workdir: str) -> None:
+  """Creates a local workdir and checks a file can be written in it, so a path naming a file,
+  a read-only or full file system, or missing permissions is one UserError naming the path
+  before any data or model is built. URLs (gs://...) are left to their client."""
+  if is_url(workdir):
+    return
+  path = os.path.expanduser(str(workdir))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise errors.UserError(f"--workdir={workdir} is a file, not a directory; name a directory "
+                           "(created if missing)")
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".write_check-{os.getpid()}")
+    with open(probe, "wb") as f:
+      f.write(b"x")
+    os.remove(probe)
+  except OSError as e:
+    raise errors.UserError(f"--workdir={workdir}: cannot write there ({e.strerror or e}); "
+                           "name a writable directory") from None
 
 
 def checkpoint_directory(workdir: str) -> str:
@@ -186,6 +285,7 @@ class Checkpointer:
     )
     self._manager = ocp.CheckpointManager(directory, options=options,
                                           item_names=(_STATE, _DATA, _META))
+    self._writing_step = None  # the step of the save in progress or last started
     self._purge_trash()
 
   @property
@@ -202,9 +302,20 @@ class Checkpointer:
            metadata: dict | None = None, force: bool = False) -> bool:
     """Starts an (async) save if `step` is due (or `force`); returns whether it saved.
 
-    The metadata gets the state's digest (`state_digest`), checked on restore."""
+    The metadata gets the state's digest (`state_digest`), checked on restore. A save that
+    cannot be written (no space, read-only, forbidden; found now, or when the background write
+    of an earlier save ends) raises StorageFault after removing its unfinished directory; a
+    save that cannot fit the free space is refused before anything is written."""
     if not (force or self._manager.should_save(int(step))):
       return False
+    with self._writing():  # an earlier save still writing: its failure is its step's
+      self._manager.wait_until_finished()
+    self._writing_step = int(step)
+    with self._writing():
+      self.check_space(state, step)
+      return self._save(step, state, data_iter_state, metadata, force)
+
+  def _save(self, step, state, data_iter_state, metadata, force) -> bool:
     self._purge_trash()
     metadata = dict(metadata or {})
     digest = state_digest(state)
@@ -330,8 +441,9 @@ class Checkpointer:
     return target
 
   def _purge_trash(self) -> None:
-    """Deletes the steps Orbax moved to TRASH_DIR, unless a save (whose last act may be such a
-    move) is still running; a purge killed halfway leaves nothing that looks like a step."""
+    """Deletes the steps Orbax moved to TRASH_DIR, and the folder once empty, unless a save (whose
+    last act may be such a move) is still running; a purge killed halfway leaves nothing that
+    looks like a step."""
     trash = epath.Path(str(self.directory)) / TRASH_DIR  # (Orbax uses none on gs://)
     if jax.process_index() != 0 or not trash.is_dir() or self._manager.is_saving_in_progress():
       return
@@ -340,14 +452,60 @@ class Checkpointer:
         step_dir.rmtree(missing_ok=True)
       except OSError:  # left for the next purge, as a partly deleted step is
         continue
+    try:  # no empty folder left behind (Orbax creates it again when it next deletes a step)
+      trash.rmdir()
+    except OSError:
+      pass
 
   def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
+    with self._writing():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    with self._writing():
+      self._manager.wait_until_finished()
     self._purge_trash()
     self._manager.close()
+
+  def free_bytes(self) -> int | None:
+    """Free bytes on the device holding the checkpoints (None for a URL)."""
+    if is_url(self.directory):
+      return None
+    return shutil.disk_usage(str(self.directory)).free
+
+  def check_space(self, state: Any, step: int | None = None) -> None:
+    """StorageFault when the state's arrays alone (a lower bound of a checkpoint's size;
+    measured: the files take ~1.35x the arrays for the tiny model's many small leaves) exceed
+    the free space: before training (step None) and before each save. One process only: with
+    several, each writes its own shards."""
+    if jax.process_count() > 1:
+      return
+    free = self.free_bytes()
+    need = sum(int(getattr(leaf, "nbytes", 0)) for leaf in jax.tree_util.tree_leaves(state))
+    if free is not None and need > free:
+      raise self._fault(step, f"a checkpoint of this run needs at least {_megabytes(need)} and "
+                              f"the device has {_megabytes(free)} free", written=False)
+
+  @contextlib.contextmanager
+  def _writing(self):
+    """Turns a storage fault raised inside into one StorageFault naming the step and path."""
+    try:
+      yield
+    except StorageFault:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      reason = storage_fault_reason(e)
+      if reason is None:
+        raise
+      raise self._fault(self._writing_step, reason) from e
+
+  def _fault(self, step: int | None, reason: str, written: bool = True) -> StorageFault:
+    fault = storage_fault(self.directory, step, reason, written=written)
+    try:  # the unfinished save is gone: Orbax must not look for it
+      self._manager.reload()
+    except Exception:  # pylint: disable=broad-except
+      pass
+    return fault
 
 
 class _DamageReported:
@@ -362,8 +520,16 @@ class _DamageReported:
   def __exit__(self, kind, exc, tb):
     if exc is None or isinstance(exc, errors.UserError) or not isinstance(exc, Exception):
       return False
-    text = str(exc).strip()
-    raise CheckpointDamaged(self._directory, self._step, f"cannot be read back ({kind.__name__}: "
+    # The deepest cause says what is wrong (TensorStore: 'OUT_OF_RANGE: Error reading "<array>"
+    # ...'); the outer ones wrap it in pages of specs.
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:
+      chain.append(seen)
+      seen = seen.__cause__ or seen.__context__
+    root = next((e for e in reversed(chain) if str(e).strip()), exc)
+    text = str(root).strip()
+    raise CheckpointDamaged(self._directory, self._step, f"cannot be read back "
+                            f"({type(root).__name__}: "
                             f"{text.splitlines()[0][:300] if text else 'no message'})") from exc
 
 

@@ -4,7 +4,8 @@
   together (two tools defining --out would otherwise collide).
 * A user's mistake ends with ONE line on stderr, `<command>: <what is wrong; what would work>`,
   and exit code 2: a flag that does not parse, a --config file that does not exist, a config
-  arg its get_config() rejects, a --config.<key> the config does not declare, and every
+  arg its get_config() rejects, a --config.<key> the config does not declare, a value out of
+  its range (freesine_jax/config_checks.py), and every
   `errors.UserError` the command raises. Anything else is a bug and keeps its traceback.
 
   def define_flags():
@@ -18,28 +19,44 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import logging
 import os
 import re
 import sys
+import threading
+import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 import ml_collections
 from ml_collections import config_flags
 
+from freesine_jax import config_checks
 from freesine_jax import errors
 
 EXIT_CODE = 2
+# Set (to anything) to print a UserError's traceback before its line (e.g. to see which library
+# call failed under a storage fault).
+VERBOSE_ENV = "FREESINE_VERBOSE"
 CONFIG_FLAG = "config"
 CONFIG_HELP = "Config file and optional arg: configs/<file>.py[:<arg>]; override keys with " \
               "--config.<key>=<value> (docs/configuration.md)."
 
 
 def fail(prog: str, message: Any) -> NoReturn:
-  """Prints `prog: message` as one line on stderr and exits with EXIT_CODE."""
+  """Prints `prog: message` as one line on stderr and exits with EXIT_CODE.
+
+  An error whose `exit_at_once` is set (a storage fault) ends the process without running the
+  exit handlers: writers of a failing disk (TensorBoard's queue, Orbax) would block them
+  forever."""
   text = " ".join(str(message).split("\n"))
   print(f"{prog}: {text}", file=sys.stderr, flush=True)
+  if getattr(message, "exit_at_once", False):
+    sys.stdout.flush()
+    absl_logging.flush()
+    os._exit(EXIT_CODE)  # pylint: disable=protected-access
   sys.exit(EXIT_CODE)
 
 
@@ -55,12 +72,67 @@ def define_run_flags(what: str) -> None:
   flags.DEFINE_integer("step", None, f"Checkpoint step to {what} (default: the latest).")
 
 
+def start_log_file(prog: str, workdir: str | None = None) -> str | None:
+  """Sends absl's log lines (and those of jax, Orbax, TFDS, ...) to a file instead of stderr.
+
+  The file gets INFO and up (--verbosity changes that); the console gets FATAL lines only
+  (absl's default --stderrthreshold; --alsologtostderr copies everything, --logtostderr keeps
+  the old behaviour: no file): the command's own lines and errors are printed, not logged. The folder is --log_dir if given, else `<workdir>/logs` for a
+  local workdir, else absl's default (the temporary directory). Returns the file's path, or
+  None when logging stays on stderr.
+  """
+  f = flags.FLAGS
+  if f["logtostderr"].value:
+    return None
+  if not f["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.INFO)
+  # A log line that cannot be written (the log's disk is full) is dropped, not followed by
+  # Python's '--- Logging error ---' traceback on stderr.
+  logging.raiseExceptions = False
+  folders = [f.log_dir] if f.log_dir else []
+  if workdir and "://" not in workdir:
+    folders.append(os.path.join(os.path.expanduser(workdir), "logs"))
+  handler = absl_logging.get_absl_handler()
+  for folder in folders + [None]:  # None: absl's default folder
+    try:
+      if folder is not None:
+        os.makedirs(folder, exist_ok=True)
+      handler.start_logging_to_file(program_name=prog, log_dir=folder)
+      return handler.python_handler.stream.name
+    except OSError:
+      continue
+  return None
+
+
+def _thread_failed(prog: str, log_path: str | None):
+  """threading.excepthook: a background thread's exception goes to the log file; the console
+  gets one line, or none for a storage fault (a checkpoint or TensorBoard writer on a full
+  disk), which the command itself reports when it next saves (checkpointing.StorageFault)."""
+  def hook(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+      return
+    absl_logging.error("thread %s failed", getattr(args.thread, "name", "?"),
+                       exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+    from freesine_jax import checkpointing  # pylint: disable=g-import-not-at-top
+    if checkpointing.storage_fault_reason(args.exc_value) is not None:
+      return
+    text = " ".join(str(args.exc_value).split())[:300]
+    print(f"{prog}: background thread {getattr(args.thread, 'name', '?')} failed: "
+          f"{args.exc_type.__name__}: {text} (traceback in {log_path})", file=sys.stderr,
+          flush=True)
+  return hook
+
+
 def run(prog: str, define_flags: Callable[[], None], main: Callable[[list[str]], None], *,
-        positional_args: bool = False) -> None:
+        positional_args: bool = False, log_file: bool | Callable[[], bool] = True,
+        workdir_flag: str | None = None) -> None:
   """Defines the flags, parses argv (one-line errors), runs main (UserError -> one line).
 
   main gets argv with the program name first; arguments that are not flags are refused unless
-  `positional_args`.
+  `positional_args`. With `log_file` the log lines go to a file (`start_log_file`; in the
+  folder `<--workdir_flag>/logs` when that flag names a local directory) and the first line of
+  the output says where; commands whose output is itself a document (a Markdown table) pass
+  False (or a function of argv, the flags parsed, saying whether this run writes one).
   """
   define_flags()
 
@@ -68,7 +140,10 @@ def run(prog: str, define_flags: Callable[[], None], main: Callable[[list[str]],
     try:
       if CONFIG_FLAG in flags.FLAGS:
         check_config_args(argv)
-      return flags.FLAGS(argv)
+      rest = flags.FLAGS(argv)
+      if CONFIG_FLAG in flags.FLAGS and flags.FLAGS[CONFIG_FLAG].value is not None:
+        config_checks.check_values(flags.FLAGS[CONFIG_FLAG].value)
+      return rest
     except errors.UserError as e:
       fail(prog, e)
     except flags.Error as e:
@@ -77,9 +152,16 @@ def run(prog: str, define_flags: Callable[[], None], main: Callable[[list[str]],
   def guarded(argv: list[str]) -> None:
     if len(argv) > 1 and not positional_args:
       fail(prog, f"unexpected arguments {' '.join(argv[1:])!r}; every option is a --flag=value")
+    if log_file(argv) if callable(log_file) else log_file:
+      path = start_log_file(prog, flags.FLAGS[workdir_flag].value if workdir_flag else None)
+      if path:
+        print(f"full log: {path} (--alsologtostderr also prints it here)", flush=True)
+        threading.excepthook = _thread_failed(prog, path)
     try:
       main(argv)
     except errors.UserError as e:
+      if os.environ.get(VERBOSE_ENV):
+        traceback.print_exc()
       fail(prog, e)
 
   app.run(guarded, flags_parser=parse)

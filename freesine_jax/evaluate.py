@@ -27,7 +27,6 @@ import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from absl import flags
-from absl import logging
 from etils import epath
 import flax.linen as nn
 import jax
@@ -410,7 +409,6 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   report = evaluate_run(f.config, f.workdir, step=f.step, weights=f.weights, out=f.out)
   if jax.process_index() == 0:

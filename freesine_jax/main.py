@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 
 from absl import flags
-from absl import logging
 import jax
 
 from freesine_jax import cli
@@ -53,7 +52,6 @@ def main(argv):
   distributed.initialize(distributed.initialize_args(
       coordinator_address=f.coordinator_address, num_processes=f.num_processes,
       process_id=f.process_id, multihost=f.multihost, environ=os.environ))
-  logging.set_verbosity(logging.WARNING)
   if f.compilation_cache_dir and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(f.compilation_cache_dir))
   with distributed.preemption_watch() as stop_requested:
@@ -62,7 +60,7 @@ def main(argv):
 
 def run():
   """Console-script entry point (`freesine-train`)."""
-  cli.run(PROG, define_flags, main)
+  cli.run(PROG, define_flags, main, workdir_flag="workdir")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -32,6 +33,7 @@ import numpy as np
 import optax
 
 from freesine_jax import checkpointing
+from freesine_jax import config_checks
 from freesine_jax import distributed
 from freesine_jax import errors
 from freesine_jax import evaluate as evaluate_lib
@@ -315,6 +317,34 @@ class JsonLines:
       self._lines = self.path.read_text().splitlines(keepends=True)
     self._file = None if rewrite else self.path.open("a")
 
+  def drop_after(self, step: int) -> int:
+    """Drops the rows past `step` (and a last line cut short by a kill), rewriting the file
+    atomically, so a resumed run's file reads as one run. Returns how many rows it dropped."""
+    if not self.path.exists():
+      return 0
+    lines = self.path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) == len(lines) and all(line.endswith("\n") for line in lines):
+      return 0
+    if self._file is not None:
+      self._file.close()
+    if self.rewrite:
+      self.path.write_text("".join(kept))
+    else:
+      partial = self.path.with_name(self.path.name + ".partial")
+      partial.write_text("".join(kept))
+      os.replace(partial, self.path)
+      self._file = self.path.open("a")
+    self._lines = kept if self.rewrite else []
+    return len(lines) - len(kept)
+
   def write(self, record: Mapping[str, Any]) -> None:
     line = json.dumps(evaluate_lib.jsonable(record)) + "\n"
     if self.rewrite:
@@ -345,6 +375,18 @@ class Writer:
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
       self._jsonl = JsonLines(f"{workdir}/metrics.jsonl", rewrite=checkpointing.is_url(workdir))
       self._tb = SummaryWriter(f"{workdir}/tb")
+      self._tb_dir = f"{workdir}/tb"
+
+  def continue_from(self, step: int) -> None:
+    """Training goes on from `step` (a resume, or a restart with no checkpoint): rows logged past
+    it by the interrupted run are dropped from metrics.jsonl, and TensorBoard is told to hide
+    its events past it (tensorboardX purge_step), so neither shows a doubled segment."""
+    if not self.enabled:
+      return
+    if self._jsonl.drop_after(step):
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb.close()
+      self._tb = SummaryWriter(self._tb_dir, purge_step=step + 1)
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -466,8 +508,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   loaders default to freesine_jax.data.pipeline.create_{train,eval}_loader(config).
   stop_requested(step), asked after every step on every host (distributed.preemption_watch),
   True: save a checkpoint and return {'step', 'preempted': True} without evaluating.
-  Returns the dict written to results.json.
+  Returns the dict written to results.json. Anything that cannot be written for lack of space,
+  a read-only file system or permissions (a checkpoint, metrics.jsonl, TensorBoard) ends it
+  with one checkpointing.StorageFault naming the workdir and the intact checkpoints.
   """
+  opened = []  # the run's Checkpointer, once made
+  try:
+    return _train_and_evaluate(config, workdir, create_train_loader=create_train_loader,
+                               create_eval_loader=create_eval_loader,
+                               stop_requested=stop_requested, opened=opened)
+  except errors.UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    reason = checkpointing.storage_fault_reason(e)
+    if reason is None:
+      raise
+    for ckpt in opened:  # a save still writing may well finish: it is not "unfinished"
+      try:
+        ckpt.wait_until_finished()
+      except Exception:  # pylint: disable=broad-except
+        pass  # it failed too: its directory is removed below
+    raise checkpointing.storage_fault(checkpointing.checkpoint_directory(workdir), None,
+                                      f"{reason} ({_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
+
+
+def _train_and_evaluate(config, workdir, *, create_train_loader, create_eval_loader,
+                        stop_requested, opened: list) -> dict[str, Any]:
+  """train_and_evaluate's body; appends its Checkpointer to `opened`."""
+  config_checks.check_values(config)
   tasks = tuple(config.tasks)
   for t in tasks:
     tasks_lib.get_task(t)
@@ -482,6 +555,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   sharding_lib.check_batch_size(global_batch, mesh, microbatches=microbatches)
   sharding_lib.check_batch_size(int(config.input.eval_batch_size), mesh,
                                 "config.input.eval_batch_size")
+  checkpointing.ensure_workdir(workdir)
   writer = Writer(workdir)
 
   # Data.
@@ -549,6 +623,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       save_interval_steps=config.train.checkpoint_every_steps,
       max_to_keep=config.train.max_checkpoints_to_keep,
       async_save=config.train.async_checkpointing)
+  opened.append(ckpt)
   train_iter = iter(train_loader)
   metadata = {"backbone_hash": backbone_hash, "config": config.to_json_best_effort()}
   if ckpt.latest_step() is not None:
@@ -561,9 +636,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       train_iter.set_state(iter_state)
     writer.print(f"resumed from {ckpt.directory} step {latest}")
 
+  ckpt.check_space(state)  # a disk too full for one checkpoint: said now, not after steps
+
   # Train.
   batch_keys = ("image",) + tasks
   step = int(jax.device_get(state.step))
+  writer.continue_from(step)  # rows an interrupted run logged past `step` go
   log_every = max(int(config.train.log_every_steps), 1)
   image_every = int(config.train.image_every_steps)
   examples = (evaluate_lib.qualitative_batches(eval_loader, config.eval.qualitative_examples)

@@ -16,6 +16,7 @@ import pytest
 from freesine_jax import checkpointing
 from freesine_jax import errors
 from freesine_jax import train
+from conftest import TINY_FACTORY, run_cli
 from test_train import FakeTrainLoader, eval_batches, tiny_config
 
 EVERY, FIRST, FINAL = 4, 12, 16
@@ -190,8 +191,36 @@ def test_old_steps_are_renamed_away_before_they_are_deleted(tmp_path):
   assert os.listdir(trash) == ["1"]  # moved whole, not yet deleted
   shutil.rmtree(os.path.join(trash, "1", "metadata"))  # a deletion killed halfway
   ckpt = checkpointing.Checkpointer(directory, max_to_keep=2, async_save=False)  # a restart
-  assert ckpt.all_steps() == [2, 3] and os.listdir(trash) == []
+  assert ckpt.all_steps() == [2, 3] and not os.path.exists(trash)  # emptied, then removed
   ckpt.save(4, state, force=True)
   ckpt.close()
-  assert os.listdir(trash) == []
+  assert not os.path.exists(trash)  # step 2 moved there, deleted, the empty folder removed
   assert sorted(n for n in os.listdir(directory) if n.isdigit()) == ["3", "4"]
+
+
+def test_command_line_damaged_checkpoints_print_no_tracebacks(tiny_run, cli_env, tmp_path):
+  """The command line, on a copy of conftest.tiny_run (checkpoints 3 and 6): a damaged latest
+  checkpoint leaves stderr empty (the warning is one stdout line; TensorStore's tracebacks go to
+  the log file), every checkpoint damaged is one stderr line and exit code 2."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(tiny_run, workdir)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  argv = ["-m", "freesine_jax.main", "--config=configs/synthetic.py:tiny",
+          f"--workdir={workdir}", f"--config.model.factory={TINY_FACTORY}"]
+  _truncate(os.path.join(checkpoints, "6"))
+  proc = run_cli(argv, cli_env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stderr == ""
+  warnings = [line for line in proc.stdout.splitlines() if line.startswith("WARNING: ")]
+  assert len(warnings) == 1 and "checkpoint step 6 in" in warnings[0], proc.stdout
+  assert "cannot be read back (ValueError: OUT_OF_RANGE: Error reading" in warnings[0]
+  assert proc.stdout.splitlines()[0].startswith(f"full log: {workdir}/logs/freesine_jax.main.")
+  for step in sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit()):
+    _truncate(os.path.join(checkpoints, str(step)))
+  proc = run_cli(argv, cli_env)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = proc.stderr.splitlines()
+  assert len(lines) == 1, proc.stderr[-3000:]
+  assert lines[0].startswith(f"freesine_jax.main: every checkpoint in {checkpoints} is damaged")
+  assert lines[0].endswith("; rerun to start over in this workdir, or resume from a copy of the "
+                           "run")

@@ -2,7 +2,9 @@
 work, and exit code 2 — never a traceback. The commands run concurrently (each is a fresh
 process) on conftest.tiny_run where they need a trained run."""
 import os
+import shutil
 
+import numpy as np
 import pytest
 
 from conftest import TINY_FACTORY, run_clis_in_pairs
@@ -59,6 +61,24 @@ def cases(run, tmp):
           EVALUATE + [TINY, f"--workdir={run}"],
           [f"{run} step 6 was trained with another config: model.factory is "
            f"'{TINY_FACTORY}' there, '' here", f"use the run's config (e.g. {FACTORY})"]),
+      "negative batch size": (
+          TRAIN + [TINY, f"--workdir={tmp}/h", "--config.input.batch_size=-8"],
+          ["config.input.batch_size=-8: expected a positive global batch size"]),
+      "workdir is a file": (
+          TRAIN + [TINY, f"--workdir={tmp}/a_file", FACTORY],
+          [f"--workdir={tmp}/a_file is a file, not a directory"]),
+      "damaged dataset shard": (
+          TRAIN + [TINY, f"--workdir={tmp}/i", FACTORY,
+                   f"--config.dataset.data_dir={tmp}/damaged_data"],
+          ["dataset 'synthetic': shard synthetic_multitask-train.array_record-00000-of-00001 of "
+           "split 'train' cannot be read (Corrupted Riegeli/records file",
+           f"the folder {tmp}/damaged_data/synthetic_multitask/tiny/1.0.0 is damaged: delete it",
+           "rendered again on first use"]),
+      "dataset without dataset_info.json": (
+          TRAIN + [TINY, f"--workdir={tmp}/j", FACTORY,
+                   f"--config.dataset.data_dir={tmp}/incomplete_data"],
+          [f"{tmp}/incomplete_data/synthetic_multitask/tiny/1.0.0 is incomplete (it has no "
+           "dataset_info.json", "delete it (rm -r"]),
       "export weights that were never written": (
           EVALUATE + [TINY, f"--workdir={run}", FACTORY, f"--weights={tmp}/export"],
           [f"{tmp}/export/export.json: not found", "python -m freesine_jax.tools.export --out"]),
@@ -66,9 +86,20 @@ def cases(run, tmp):
 
 
 @pytest.fixture(scope="module")
-def outcomes(tiny_run, cli_env, tmp_path_factory):
+def outcomes(tiny_run, cli_env, synthetic_data_dir, tmp_path_factory):
   """name -> (argv, fragments, exit code, stderr) of every case, run two at a time."""
   tmp = str(tmp_path_factory.mktemp("cli_errors"))
+  with open(os.path.join(tmp, "a_file"), "w", encoding="utf-8") as f:
+    f.write("not a directory")
+  version = os.path.join("synthetic_multitask", "tiny", "1.0.0")
+  for name in ("damaged_data", "incomplete_data"):  # copies: never the shared dataset
+    shutil.copytree(os.path.join(synthetic_data_dir, version), os.path.join(tmp, name, version))
+  shard = os.path.join(tmp, "damaged_data", version,
+                       "synthetic_multitask-train.array_record-00000-of-00001")
+  with open(shard, "r+b") as f:  # random bytes a third of the way in
+    f.seek(os.path.getsize(shard) // 3)
+    f.write(np.random.default_rng(0).bytes(4096))
+  os.remove(os.path.join(tmp, "incomplete_data", version, "dataset_info.json"))
   runs = cases(tiny_run, tmp)
   codes = run_clis_in_pairs({name: argv for name, (argv, _) in runs.items()}, cli_env)
   return {name: (argv, fragments, *codes[name]) for name, (argv, fragments) in runs.items()}

@@ -22,7 +22,6 @@ import os
 from typing import Iterable, Mapping, Sequence
 
 from absl import flags
-from absl import logging
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
@@ -351,7 +350,6 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   config, params, step = load_run(f.workdir, f.step)
   out = f.out or os.path.join(f.workdir, "analysis")

@@ -15,7 +15,6 @@ import os
 from typing import Sequence
 
 from absl import flags
-from absl import logging
 
 from freesine_jax import cli
 from freesine_jax import errors
@@ -32,7 +31,6 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   config = f.config
   if f.out:

@@ -30,7 +30,6 @@ import time
 from typing import Callable, Sequence
 
 from absl import flags
-from absl import logging
 
 from freesine_jax import cli
 from freesine_jax import errors
@@ -299,7 +298,6 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  logging.set_verbosity(logging.WARNING)  # the runs' own logs are in <out>/<row>/seed<k>.log
   f = flags.FLAGS
   if not f.plan or not f.out:
     raise errors.UserError("give --plan=<name or file> and --out=<directory>")
@@ -321,7 +319,8 @@ def main(argv: Sequence[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (freesine-study)."""
-  cli.run(PROG, define_flags, main)
+  # --table prints the tables themselves (Markdown to redirect into a file): no log line.
+  cli.run(PROG, define_flags, main, log_file=lambda argv: not flags.FLAGS.table)
 
 
 if __name__ == "__main__":

@@ -70,13 +70,19 @@ def headline(results: dict, task: str) -> float:
   return math.nan if value is None else float(value)
 
 
+def _fixed(value: float, digits: int) -> str:
+  """`value` with `digits` decimals; never '-0.00' (a reference row's Δm of -1e-17)."""
+  text = f"{value:.{digits}f}"
+  return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
 def _mean_std(values: Sequence[float], digits: int) -> str:
   values = [v for v in values if v is not None and math.isfinite(v)]
   if not values:
     return "–"
   if len(values) == 1:
-    return f"{values[0]:.{digits}f}"
-  return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+    return _fixed(values[0], digits)
+  return f"{_fixed(np.mean(values), digits)} ± {_fixed(np.std(values, ddof=1), digits)}"
 
 
 def table(rows: Sequence[Row], reference: str | None = None) -> str:
@@ -151,7 +157,8 @@ def main(argv):
 
 
 def run():
-  cli.run("freesine_jax.tools.table", define_flags, main, positional_args=True)
+  cli.run("freesine_jax.tools.table", define_flags, main, positional_args=True,
+          log_file=False)
 
 
 if __name__ == "__main__":
