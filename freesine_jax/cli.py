@@ -123,6 +123,15 @@ def _thread_failed(prog: str, log_path: str | None):
   return hook
 
 
+def _unraisable_to_log(unraisable) -> None:
+  """sys.unraisablehook: "Exception ignored in ..." reports (e.g. Orbax's restore coroutines
+  abandoned after a damaged checkpoint failed to read, each with a page of TensorStore spec)
+  go to the log file; the command reports what matters itself."""
+  absl_logging.warning("exception ignored in %r: %s", unraisable.object, unraisable.err_msg or "",
+                       exc_info=(unraisable.exc_type, unraisable.exc_value,
+                                 unraisable.exc_traceback))
+
+
 def run(prog: str, define_flags: Callable[[], None], main: Callable[[list[str]], None], *,
         positional_args: bool = False, log_file: bool | Callable[[], bool] = True,
         workdir_flag: str | None = None) -> None:
@@ -157,6 +166,7 @@ def run(prog: str, define_flags: Callable[[], None], main: Callable[[list[str]],
       if path:
         print(f"full log: {path} (--alsologtostderr also prints it here)", flush=True)
         threading.excepthook = _thread_failed(prog, path)
+        sys.unraisablehook = _unraisable_to_log
     try:
       main(argv)
     except errors.UserError as e:

@@ -39,6 +39,9 @@ from freesine_jax.models import adapters
 from freesine_jax.models import decoders
 from freesine_jax.models import layers
 
+# benchmarks/device_check.sh runs the lowerings against the direct form on the device.
+pytestmark = pytest.mark.accelerator
+
 EPS32 = float(np.finfo(np.float32).eps)
 U32 = EPS32 / 2  # unit roundoff
 T, B, H, W, C_IN, C_OUT, RANK = 3, 2, 7, 6, 24, 40, 8  # H odd: Winograd's padded last tile

@@ -94,6 +94,7 @@ def features_and_shared_streams(model):
 
 
 @pytest.mark.parametrize("w_mode", ["full", "depthwise"])
+@pytest.mark.accelerator
 def test_zero_init_adapters_leave_frozen_features_unchanged(w_mode):
   cfg = tiny_config(prompts=False)
   cfg.model.sine_awb.w_mode = w_mode
@@ -216,6 +217,7 @@ def _random_factors(key, c_in=6, c_out=5, r=3, k=3, depthwise=False):
 
 
 @pytest.mark.parametrize("depthwise", [False, True])
+@pytest.mark.accelerator
 def test_fuse_then_sine_matches_independent_computation(depthwise):
   a, w, b = _random_factors(jax.random.key(0), depthwise=depthwise)
   omega = 0.7
@@ -337,6 +339,7 @@ def test_prop2_frequencies_decorrelate_task_weights():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.accelerator
 def test_output_shapes_and_dtypes_under_jit(dtype):
   cfg = tiny_config(dtype=dtype)
   if dtype == "bfloat16":  # one 6-task compile is enough; bf16 is checked on a task subset

@@ -57,6 +57,7 @@ def test_mesh_shape_takes_the_rest_and_refuses_what_does_not_fit():
       sharding.mesh_shape(mesh_config(data, fsdp), 8)
 
 
+@pytest.mark.accelerator
 def test_logical_axes_and_partition_specs():
   assert sharding.logical_axes(()) == ()
   assert sharding.logical_axes((7,)) == ("vector",)
@@ -230,6 +231,7 @@ EIGHT_DEVICES = textwrap.dedent("""
     """)
 
 
+@pytest.mark.accelerator
 def test_8_devices_match_one_device():
   """(8,) data and (4, 2) data x fsdp meshes give one device's loss and update, with the
   parameters where the rules put them."""

@@ -265,6 +265,7 @@ def test_gradient_clipping_at_global_norm():
     assert not np.allclose(unclipped[k], first_update(tx, big)[k], rtol=1e-3)
 
 
+@pytest.mark.accelerator
 def test_train_step_leaves_backbone_unchanged_and_updates_params():
   config = tiny_config()
   model, variables, state, backbone, step_fn, mesh = _setup(config)
@@ -424,6 +425,7 @@ def test_train_and_evaluate_writes_outputs(tmp_path):
   assert steps == [8, 16, 24]
 
 
+@pytest.mark.accelerator
 def test_gradient_accumulation_2_x_b_equals_one_step_of_2b():
   """One step on a batch of 8 in 2 micro-batches of 4 = one step on the whole batch: same loss,
   per-task losses, gradient norm and updated parameters. The model has no batch statistics and
@@ -451,6 +453,7 @@ def test_gradient_accumulation_2_x_b_equals_one_step_of_2b():
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.accelerator
 def test_bfloat16_compute_trains_with_float32_state():
   """config.model.dtype='bfloat16': the loss decreases, parameters, optimizer state and
   BatchNorm statistics stay float32, and the first loss differs from float32's by bfloat16

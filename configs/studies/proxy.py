@@ -6,7 +6,9 @@
 Setting (STUDY_ARGS): configs/synthetic.py adapting the proxy backbone ('proxy:synthetic'), the
 four PASCAL-Context tasks (semseg, human_parts, sal, normals) at 64x64, 288 steps of batch 8, no
 untrained-baseline evaluation (not a row's result). Rows: Free Sinewich, its ablations and sine
-parametrisations, the baselines; 3 seeds each (config.seed: initialisation and data order).
+parametrisations, the baselines, and diagnostic rows asking why Free Sinewich trails (its decoder
+group's sine, the low-pass, a larger ω₀, the sine with per-task heads); 3 seeds each
+(config.seed: initialisation and data order).
 """
 from freesine_jax.tools import study
 
@@ -33,6 +35,14 @@ def get_plan() -> study.Plan:
       study.Row("lora", "LoRA", f"{SYNTHETIC}:lora"),
       study.Row("decoder_only", "decoder-only", f"{SYNTHETIC}:decoder_only"),
       study.Row("full_ft", "full fine-tuning", f"{SYNTHETIC}:full_ft"),
+      # Diagnostics: why Free Sinewich trails here (issue 33, point 5).
+      study.Row("decoder_no_sine", "decoder group w/o sine", SYNTHETIC,
+                ("--config.model.decoder.modulation=linear",)),
+      study.Row("no_lowpass", "no low-pass", SYNTHETIC,
+                ("--config.model.sine_awb.lowpass=none", "--config.model.decoder.lowpass=none")),
+      study.Row("omega4", "ω₀ = 4", SYNTHETIC, OMEGA(4)),
+      study.Row("independent_decoder_no_sine", "independent decoder, w/o sine",
+                f"{SYNTHETIC}:independent_decoder,no_sine"),
   )
   tables = (
       study.Table("Free Sinewich and its sine (Δm vs w/o sine)", reference="no_sine",
@@ -41,5 +51,8 @@ def get_plan() -> study.Plan:
       study.Table("Against the baselines (Δm vs decoder-only)", reference="decoder_only",
                   rows=("free_sinewich", "mtlora", "tadformer", "lora", "decoder_only",
                         "full_ft")),
+      study.Table("Diagnostics (Δm vs Free Sinewich)", reference="free_sinewich",
+                  rows=("free_sinewich", "decoder_no_sine", "no_lowpass", "omega2", "omega4",
+                        "independent_decoder", "independent_decoder_no_sine")),
   )
   return study.Plan("proxy", rows, seeds=(0, 1, 2), common_args=STUDY_ARGS, tables=tables)
