@@ -74,17 +74,13 @@ def storage_fault_reason(exc: BaseException) -> str | None:
   """What `exc` (or an exception it was raised from) says about the storage, or None when it is
   not a storage fault (Orbax/TensorStore raise ValueError('RESOURCE_EXHAUSTED: ... [OS error
   28: No space left on device]') from their writer threads)."""
-  seen = exc
-  for _ in range(10):
-    if seen is None:
-      return None
+  for seen in errors.causes(exc):
     if isinstance(seen, OSError) and seen.errno in _STORAGE_ERRNOS:
       return _STORAGE_ERRNOS[seen.errno]
     text = str(seen)
     for code, reason in _STORAGE_ERRNOS.items():
       if os.strerror(code) in text:
         return reason
-    seen = seen.__cause__ or seen.__context__
   return None
 
 
@@ -522,15 +518,9 @@ class _DamageReported:
       return False
     # The deepest cause says what is wrong (TensorStore: 'OUT_OF_RANGE: Error reading "<array>"
     # ...'); the outer ones wrap it in pages of specs.
-    chain, seen = [], exc
-    while seen is not None and len(chain) < 10:
-      chain.append(seen)
-      seen = seen.__cause__ or seen.__context__
-    root = next((e for e in reversed(chain) if str(e).strip()), exc)
-    text = str(root).strip()
+    root = next((e for e in reversed(errors.causes(exc)) if str(e).strip()), exc)
     raise CheckpointDamaged(self._directory, self._step, f"cannot be read back "
-                            f"({type(root).__name__}: "
-                            f"{text.splitlines()[0][:300] if text else 'no message'})") from exc
+                            f"({type(root).__name__}: {errors.first_line(root)[:300]})") from exc
 
 
 def _leaf_layout(tree: Any) -> list[tuple[tuple[int, ...], str]]:

@@ -77,9 +77,10 @@ def start_log_file(prog: str, workdir: str | None = None) -> str | None:
 
   The file gets INFO and up (--verbosity changes that); the console gets FATAL lines only
   (absl's default --stderrthreshold; --alsologtostderr copies everything, --logtostderr keeps
-  the old behaviour: no file): the command's own lines and errors are printed, not logged. The folder is --log_dir if given, else `<workdir>/logs` for a
-  local workdir, else absl's default (the temporary directory). Returns the file's path, or
-  None when logging stays on stderr.
+  the old behaviour: no file): the command's own lines and errors are printed, not logged.
+  The folder is --log_dir if given, else `<workdir>/logs` for a local workdir, else absl's
+  default (the temporary directory). Returns the file's path, or None when logging stays on
+  stderr.
   """
   f = flags.FLAGS
   if f["logtostderr"].value:

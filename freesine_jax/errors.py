@@ -19,6 +19,23 @@ class UserError(ValueError):
     super().__init__(message)
 
 
+def first_line(exc: BaseException) -> str:
+  """The first line of an exception's message ('no message' when it has none): what a one-line
+  error quotes of a library's multi-line message."""
+  text = str(exc).strip()
+  return text.splitlines()[0] if text else "no message"
+
+
+def causes(exc: BaseException, limit: int = 10) -> list[BaseException]:
+  """`exc` and the exceptions it was raised from or during (__cause__, else __context__),
+  outermost first, at most `limit`."""
+  chain = []
+  while exc is not None and len(chain) < limit:
+    chain.append(exc)
+    exc = exc.__cause__ or exc.__context__
+  return chain
+
+
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
   """' (did you mean 'x'?)' for the closest candidate, or '' when none is close."""
   close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)

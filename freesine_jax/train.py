@@ -529,12 +529,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       except Exception:  # pylint: disable=broad-except
         pass  # it failed too: its directory is removed below
     raise checkpointing.storage_fault(checkpointing.checkpoint_directory(workdir), None,
-                                      f"{reason} ({_first_line(e)})") from e
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
+                                      f"{reason} ({type(e).__name__}: "
+                                      f"{errors.first_line(e)[:300]})") from e
 
 
 def _train_and_evaluate(config, workdir, *, create_train_loader, create_eval_loader,

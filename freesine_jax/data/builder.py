@@ -26,6 +26,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
+from freesine_jax import errors
 from freesine_jax import tasks as tasks_lib
 
 _MAX_LISTED_PROBLEMS = 20
@@ -51,6 +52,24 @@ if not any(isinstance(f, _DemoteTfdsNotices) for f in absl_logging.get_absl_logg
 
 class DatasetError(Exception):
   """A dataset folder is missing, incomplete or holds a file that cannot be used."""
+
+
+def rebuild_advice(name: str, folder: str, data_dir: str) -> str:
+  """What to do about a damaged or incomplete prepared folder of dataset `name`: delete it and
+  make it again (the synthetic set renders itself; the others are prepared from their files)."""
+  if name == "synthetic":
+    return (f"delete it (rm -r {folder}) and rerun: the synthetic set is rendered again on "
+            "first use")
+  return (f"delete it (rm -r {folder}) and prepare it again: python -m freesine_jax.data.prepare "
+          f"--dataset={name} --manual_dir=<folder> --data_dir={data_dir} (docs/datasets.md)")
+
+
+def incomplete_error(name: str, folder: str, data_dir: str) -> errors.UserError:
+  """A prepared folder without dataset_info.json (TFDS writes it last; TFDS itself would
+  'reuse' such a folder and find no splits)."""
+  return errors.UserError(
+      f"dataset {name!r}: {folder} is incomplete (it has no dataset_info.json, which TFDS "
+      f"writes last); {rebuild_advice(name, folder, data_dir)}")
 
 
 # ----------------------------------------------------------------------------- readers

@@ -33,24 +33,16 @@ import numpy as np
 from freesine_jax import errors
 from freesine_jax import tasks as tasks_lib
 from freesine_jax.data import augment as augment_lib
+from freesine_jax.data import builder as builder_lib
 from freesine_jax.data import registry
 
 
-def rebuild_advice(config, folder: str) -> str:
-  """What to do about a damaged or incomplete dataset folder: delete it and make it again."""
-  name = config.dataset.name
-  if name == "synthetic":
-    return (f"delete it (rm -r {folder}) and rerun: the synthetic set is rendered again on "
-            "first use")
-  return (f"delete it (rm -r {folder}) and prepare it again: python -m freesine_jax.data.prepare "
-          f"--dataset={name} --manual_dir=<folder> --data_dir={config.dataset.data_dir} "
-          "(docs/datasets.md)")
+def _advice(config, folder: str) -> str:
+  return builder_lib.rebuild_advice(config.dataset.name, folder, config.dataset.data_dir)
 
 
 def _incomplete(config, folder: str) -> errors.UserError:
-  return errors.UserError(
-      f"dataset {config.dataset.name!r}: {folder} is incomplete (it has no dataset_info.json, "
-      f"which TFDS writes last); {rebuild_advice(config, folder)}")
+  return builder_lib.incomplete_error(config.dataset.name, folder, config.dataset.data_dir)
 
 
 def _builder(config):
@@ -121,28 +113,25 @@ def check_shards(config, builder, split: str) -> list[tuple[str, int]]:
         finally:
           reader.close()
       except (RuntimeError, OSError, ValueError) as e:
-        problem = f"cannot be read ({_first_line(e)})"
+        problem = f"cannot be read ({errors.first_line(e)})"
     if problem:
       raise errors.UserError(
           f"dataset {config.dataset.name!r}: shard {path.name} of split {split!r} {problem}; "
-          f"the folder {folder} is damaged: {rebuild_advice(config, folder)}")
+          f"the folder {folder} is damaged: {_advice(config, folder)}")
     shards.append((str(path), int(expected)))
   return shards
 
 
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0] if text else type(e).__name__
-
-
 class CheckedSource:
   """A TFDS data source whose read failures (a damaged shard) raise a one-line UserError
-  naming the shard holding the record and what to do, instead of array_record's traceback."""
+  naming the record, its shard and what to do, instead of array_record's traceback."""
 
-  def __init__(self, source, shards: Sequence[tuple[str, int]], message: str):
+  def __init__(self, source, shards: Sequence[tuple[str, int]], dataset: str, split: str,
+               advice: str):
     self.source = source
-    self.shards = tuple(shards)
-    self.message = message  # '... {shard} ... {error}' (rebuild advice included)
+    self.shards = tuple(shards)  # (path, records) in record order
+    self.dataset, self.split = dataset, split
+    self.advice = advice  # "the folder ... is damaged: delete it ..."
 
   def __len__(self) -> int:
     return len(self.source)
@@ -162,8 +151,10 @@ class CheckedSource:
     try:
       return self.source[index]
     except (RuntimeError, OSError) as e:
-      raise errors.UserError(self.message.format(
-          shard=self.shard_of(int(index)), index=int(index), error=_first_line(e))) from None
+      index = int(index)
+      raise errors.UserError(
+          f"dataset {self.dataset!r}: reading record {index} of split {self.split!r} failed in "
+          f"shard {self.shard_of(index)} ({errors.first_line(e)}); {self.advice}") from None
 
 
 def get_data_source(config, split: str):
@@ -186,10 +177,8 @@ def get_data_source(config, split: str):
         f"{', '.join(sorted(stored - {'image', 'id'}))}); remove them from config.tasks")
   shards = check_shards(config, builder, split)
   folder = str(builder.data_dir)
-  message = (f"dataset {config.dataset.name!r}: reading record {{index}} of split {split!r} "
-             f"failed in shard {{shard}} ({{error}}); the folder {folder} is damaged: "
-             + rebuild_advice(config, folder).replace("{", "{{").replace("}", "}}"))
-  return CheckedSource(builder.as_data_source(split), shards, message)
+  return CheckedSource(builder.as_data_source(split), shards, config.dataset.name, split,
+                       f"the folder {folder} is damaged: {_advice(config, folder)}")
 
 
 def _shard(shard_index, shard_count) -> tuple[int, int]:

@@ -56,7 +56,6 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from freesine_jax import errors
 from freesine_jax import tasks as tasks_lib
 from freesine_jax.data import builder as builder_lib
 
@@ -570,10 +569,7 @@ def ensure_built(data_dir: str | None = None,
     builder = SyntheticMultiTask(data_dir=data_dir, config=config)
     if not builder.is_prepared():
       if os.path.isdir(builder.data_dir):  # TFDS would "reuse" it, finding no splits
-        raise errors.UserError(
-            f"dataset 'synthetic': {builder.data_dir} is incomplete (it has no "
-            f"dataset_info.json, which TFDS writes last); delete it (rm -r {builder.data_dir}) "
-            "and rerun: the synthetic set is rendered again on first use")
+        raise builder_lib.incomplete_error("synthetic", builder.data_dir, data_dir)
       print(f"rendering the synthetic multi-task dataset ({builder.builder_config.name}) into "
             f"{builder.data_dir} (first use only)...", flush=True)
       tfds.disable_progress_bar()  # TFDS's nested bars garble a plain log; one line is enough

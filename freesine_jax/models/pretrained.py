@@ -153,13 +153,8 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
           out[key] = f.get_tensor(key)
   except Exception as e:  # safetensors.SafetensorError and what numpy raises on a bad layout
     raise errors.UserError(f"{path}: not a readable .safetensors file ({type(e).__name__}: "
-                           f"{_first_line(e)})") from None
+                           f"{errors.first_line(e)})") from None
   return out
-
-
-def _first_line(exc: BaseException) -> str:
-  text = str(exc).strip()
-  return text.splitlines()[0] if text else "no message"
 
 
 def _safetensors_header(path: str) -> tuple[int, dict]:
@@ -184,7 +179,7 @@ def _safetensors_header(path: str) -> tuple[int, dict]:
     header = json.loads(raw)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise errors.UserError(f"{path}: not a .safetensors file: its {header_len}-byte header is "
-                           f"not JSON ({_first_line(e)})") from None
+                           f"not JSON ({errors.first_line(e)})") from None
   if not isinstance(header, dict):
     raise errors.UserError(f"{path}: not a .safetensors file: its header is a "
                            f"{type(header).__name__}, not a JSON object")
@@ -228,8 +223,8 @@ def _check_torch_container(path: str) -> None:
     except (zipfile.BadZipFile, OSError) as e:
       raise errors.UserError(
           f"{path}: truncated or damaged PyTorch checkpoint: a zip archive (torch.save's format) "
-          f"whose directory cannot be read ({_first_line(e)}; {size} bytes); download or copy it "
-          "again") from None
+          f"whose directory cannot be read ({errors.first_line(e)}; {size} bytes); download or "
+          "copy it again") from None
   elif not head.startswith(_PICKLE_OPCODE):
     raise errors.UserError(
         f"{path}: not a PyTorch checkpoint: it starts with {head!r}, neither a zip archive "
@@ -238,7 +233,7 @@ def _check_torch_container(path: str) -> None:
 
 def _torch_load_refusal(path: str, exc: Exception) -> errors.UserError:
   """The one-line error for a file torch.load(weights_only=True) could not read."""
-  detail = f"{type(exc).__name__}: {_first_line(exc)}"
+  detail = f"{type(exc).__name__}: {errors.first_line(exc)}"
   if "weights only" in str(exc).lower() or "weights_only" in str(exc):
     return errors.UserError(
         f"{path}: torch.load(weights_only=True) refused the file ({detail[:300]}). Only plain "
@@ -257,7 +252,7 @@ def _read_converted(path: str) -> tuple[Flat, dict]:
     with open(meta_path) as f:
       meta = json.load(f)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise errors.UserError(f"{meta_path}: not valid JSON ({_first_line(e)}); convert the "
+    raise errors.UserError(f"{meta_path}: not valid JSON ({errors.first_line(e)}); convert the "
                            "weights again") from None
   weights = os.path.join(os.path.abspath(path), WEIGHTS_DIR)
   if not os.path.isdir(weights):
@@ -266,7 +261,7 @@ def _read_converted(path: str) -> tuple[Flat, dict]:
     tree = ocp.StandardCheckpointer().restore(weights)
   except Exception as e:  # Orbax/TensorStore errors of a damaged directory vary
     raise errors.UserError(f"{weights}: cannot be restored ({type(e).__name__}: "
-                           f"{_first_line(e)[:300]}); convert the weights again") from None
+                           f"{errors.first_line(e)[:300]}); convert the weights again") from None
   flat = {"/".join(k): np.asarray(v, np.float32)
           for k, v in traverse_util.flatten_dict(tree).items()}
   return flat, meta
