@@ -40,6 +40,12 @@ _SHAPE = re.compile(r"^[a-z]\w*\[([\d,]*)\]")
 _PARAM = re.compile(r"([\w.\-]+): ([a-z]\w*\[[\d,]*\])")
 
 
+# op_name scopes of jax.random's bit generation (the primitives and the jitted helpers that
+# draw a dropout or drop-path mask).
+RNG_SCOPES = ("threefry2x32", "rng_bit_generator", "random_bits", "jit(_uniform)",
+              "jit(_bernoulli)")
+
+
 @dataclasses.dataclass
 class Instruction:
   opcode: str
@@ -142,6 +148,12 @@ class Module:
     return {i.op_name.rsplit("/", 1)[-1] for i in self._inside(name) if i.op_name} or {
         self.instructions[name].opcode}
 
+  def draws_random_bits(self, name: str) -> bool:
+    """Whether the instruction computes random bits (or fuses their computation): any of its
+    ops traced inside jax.random's bit generation (threefry2x32 / rng_bit_generator, under
+    _uniform / _bernoulli) — the dropout and drop-path masks in a train step."""
+    return any(marker in i.op_name for i in self._inside(name) for marker in RNG_SCOPES)
+
   def matmul_op_name(self, name: str) -> str | None:
     """op_name of the dot / convolution an instruction computes (itself or fused), if any."""
     for instruction in self._inside(name):
@@ -242,6 +254,7 @@ def profile_ops(call: Callable[[], Any], hlo_text: str, reps: int,
   flops, summed = collections.Counter(), collections.Counter()
   gemms = collections.defaultdict(collections.Counter)
   intervals = []  # (start ns, end ns, group)
+  kinds = []  # (start ns, end ns, 'matmul' | 'random bits' | 'other')
   for plane in data.planes:
     for line in plane.lines:
       for event in line.events:
@@ -250,6 +263,7 @@ def profile_ops(call: Callable[[], Any], hlo_text: str, reps: int,
           continue  # not an op, or a loop / call whose body's ops are traced themselves
         key = group(module, event.name)
         intervals.append((event.start_ns, event.end_ns, key))
+        kinds.append((event.start_ns, event.end_ns, op_kind(module, event.name)))
         summed[key] += event.duration_ns * 1e-9 / reps
         flops[key] += module.flops(event.name) / reps
         gemms[key].update(module.gemms(event.name))
@@ -257,7 +271,17 @@ def profile_ops(call: Callable[[], Any], hlo_text: str, reps: int,
   groups = sorted((Group(k, seconds[k], flops[k], {s: n // reps for s, n in gemms[k].items()},
                          summed[k]) for k in seconds), key=lambda g: -g.seconds)
   return {"wall_s": wall, "op_s": sum(seconds.values()), "summed_s": sum(summed.values()),
-          "flops": sum(flops.values()), "groups": groups}
+          "flops": sum(flops.values()), "groups": groups,
+          "kinds": {k: v / reps for k, v in time_sliced(kinds).items()}}
+
+
+def op_kind(module: Module, name: str) -> str:
+  """'matmul' (a dot or convolution, with what XLA fused into it), 'random bits'
+  (Module.draws_random_bits) or 'other': the split whose shares benchmarks.run reports, so that
+  a regression in the non-matmul or the RNG work shows."""
+  if module.matmul_op_name(name) is not None:
+    return "matmul"
+  return "random bits" if module.draws_random_bits(name) else "other"
 
 
 CONTROL_FLOW = ("while", "conditional", "call")
@@ -317,7 +341,7 @@ def swin_forward(size: int, batch: int = 2):
 def as_json(result: dict[str, Any]) -> dict[str, Any]:
   """profile_ops' result as plain JSON (what benchmarks.run records)."""
   return {"wall_s": result["wall_s"], "op_s": result["op_s"], "summed_s": result["summed_s"],
-          "flops": result["flops"],
+          "flops": result["flops"], "kinds": result["kinds"],
           "groups": [{"name": g.name, "seconds": g.seconds, "flops": g.flops, "summed": g.summed}
                      for g in result["groups"]]}
 

@@ -70,7 +70,7 @@ CASES = (
          note="Free Sinewich r64, depthwise W (r x 3 x 3)"),
     Case("k1", "r64", STACKED + (("model.sine_awb.kernel_size", 1),),
          note="Free Sinewich r64, k = 1"),
-    Case("mtlora", "mtlora,r64", STACKED, note="MTLoRA r64 baseline config"),
+    Case("mtlora", "mtlora,r64", STACKED, op_profile=True, note="MTLoRA r64 baseline config"),
     Case("full_ft", "r64", STACKED + FULL_FINE_TUNING,
          note="full fine-tuning: all of Swin-T trained, per-task decoders, no adapters"),
     # Compute choices (model.compute), each against free_sinewich above.
@@ -594,8 +594,15 @@ def op_profile_tables(results: dict[str, Any]) -> list[str]:
     else:  # traced before op_profile sliced overlapping ops (2026-12-04 08:50 UTC)
       op_time = (f"{profile['op_s']:.3f} s of op durations added up (this trace predates the "
                  "time slicing: overlapping ops count in full, shares are of that sum)")
+    kinds = profile.get("kinds")  # traced before 2026-12-07: not split
+    split = (" Of the op time: matrix products (with what XLA fused into them) "
+             f"{100 * kinds.get('matmul', 0) / profile['op_s']:.0f} %, the rest (non-matmul) "
+             f"{100 * (profile['op_s'] - kinds.get('matmul', 0)) / profile['op_s']:.0f} %, of "
+             f"which ops computing random bits (dropout / drop-path masks, with what is fused "
+             f"into them) {100 * kinds.get('random bits', 0) / profile['op_s']:.0f} %."
+             if kinds else "")
     lines += ["", f"{title}: {profile['wall_s']:.3f} s per call under the profiler, {op_time}, "
-              f"{profile['flops'] / 1e9:.1f} GFLOP.", "",
+              f"{profile['flops'] / 1e9:.1f} GFLOP.{split}", "",
               "| share of op time | ms | GFLOP | GFLOP/s | % of roof | what |",
               "|---|---|---|---|---|---|"]
     for g in profile["groups"]:

@@ -132,6 +132,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.lora.rank = 64  # rank r of A (C_in x r) and B (r x C_out); 0 disables LoRA
   config.model.lora.scale = 4.0  # fixed output scale of the LoRA product (not alpha / r)
   config.model.lora.dropout = 0.05  # dropout on the LoRA input while training
+  # Random bits per entry of that dropout mask: 32 (jax.random.bernoulli), 16 or 8 (4x fewer
+  # random words, keep probability rounded to 1/256; docs/method.md, "Random masks").
+  config.model.lora.dropout_bits = 32
   # The linear layers carrying LoRA: any of qkv, proj, fc1, fc2 (every block) and reduction
   # (the patch-merging reductions, MTLoRA+).
   config.model.lora.modules = ("qkv", "proj", "fc1", "fc2")
@@ -244,6 +247,10 @@ def get_config() -> ml_collections.ConfigDict:
   # statistics the update equals the full batch's; BatchNorm sees micro-batches). Activation
   # memory of batch_size / N.
   config.train.grad_accum_steps = 1
+  # PRNG implementation of the dropout and drop-path masks: 'threefry' (jax's default),
+  # 'rbg' or 'unsafe_rbg' (XLA's RngBitGenerator, cheaper bits; docs/method.md, "Random masks").
+  # Parameter initialisation and the checkpointed key stay threefry whatever this is.
+  config.train.dropout_rng = "threefry"
   # Orbax checkpoint every N steps, at the end, and when SIGTERM stops training (preemption).
   config.train.checkpoint_every_steps = 500
   config.train.max_checkpoints_to_keep = 3  # older checkpoints are deleted

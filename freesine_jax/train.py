@@ -127,14 +127,45 @@ def split_microbatches(batch: Mapping[str, jax.Array], count: int,
   return {k: split(v) for k, v in batch.items()}
 
 
-def _training_forward(model: nn.Module, mesh: jax.sharding.Mesh) -> Callable:
+# PRNG implementations for the dropout and drop-path masks (config.train.dropout_rng).
+DROPOUT_RNGS = ("threefry", "rbg", "unsafe_rbg")
+
+
+def dropout_rng(config: ml_collections.ConfigDict) -> str:
+  """config.train.dropout_rng, checked."""
+  impl = config.train.dropout_rng
+  if impl not in DROPOUT_RNGS:
+    raise errors.UserError(f"config.train.dropout_rng={impl!r}"
+                           f"{errors.did_you_mean(str(impl), DROPOUT_RNGS)}"
+                           f" (one of {', '.join(DROPOUT_RNGS)})")
+  return impl
+
+
+def mask_key(key: jax.Array, impl: str) -> jax.Array:
+  """The key the dropout / drop-path masks are drawn from: `key` itself ('threefry'), or a key
+  of PRNG implementation `impl` seeded with 128 bits drawn from `key`.
+
+  The state's key stays a threefry key whatever impl is (checkpoints keep their format, and a
+  run's parameter initialisation does not depend on impl); only the mask bits, the bulk of the
+  step's random numbers, come from `impl`. Deterministic: the same state key gives the same
+  masks, so a resumed run stays bit-identical to an uninterrupted one.
+  """
+  if impl == "threefry":
+    return key
+  return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl=impl)
+
+
+def _training_forward(model: nn.Module, mesh: jax.sharding.Mesh,
+                      impl: str = "threefry") -> Callable:
   """forward(params, batch_stats, backbone, images, k_dropout, k_path) -> ({task: output},
-  mutated variables): the training forward pass, parameters and backbone gathered (FSDP)."""
+  mutated variables): the training forward pass, parameters and backbone gathered (FSDP), the
+  random masks drawn with PRNG implementation `impl` (mask_key)."""
 
   def forward(params, batch_stats, backbone, images, k_dropout, k_path):
     gathered = sharding_lib.gathered({"backbone": backbone, "params": params}, mesh)
     return model.apply({**gathered, "batch_stats": batch_stats}, images, train=True,
-                       rngs={"dropout": k_dropout, "drop_path": k_path},
+                       rngs={"dropout": mask_key(k_dropout, impl),
+                             "drop_path": mask_key(k_path, impl)},
                        mutable=["batch_stats"])
 
   return forward
@@ -150,7 +181,7 @@ def task_leaves(model: nn.Module, config: ml_collections.ConfigDict, mesh: jax.s
   inside it, the whole forward would be traced once more at every trace of the step.
   """
   tasks = tuple(config.tasks)
-  forward = _training_forward(model, mesh)
+  forward = _training_forward(model, mesh, dropout_rng(config))
   rows = int(config.input.batch_size) // int(config.train.grad_accum_steps)
   images = jax.ShapeDtypeStruct((rows, *config.dataset.image_size, 3), np.float32)
   return nonfinite.task_parameter_leaves(
@@ -193,7 +224,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   microbatches = int(config.train.grad_accum_steps)
   skip_nonfinite = nonfinite.check_mode(config) == "skip"
 
-  forward = _training_forward(model, mesh)
+  forward = _training_forward(model, mesh, dropout_rng(config))
 
   def gradients(params, batch_stats, backbone, batch, totals, k_dropout, k_path):
     """(loss, per-task losses, updated batch_stats, grads) of one (micro-)batch."""

@@ -56,3 +56,28 @@ def test_train_group_finds_the_task_paths_named_scopes():
   for what in ("task kernels: build", "task kernels: apply"):
     for direction in ("forward", "backward"):
       assert any(g.startswith(what) and g.endswith(direction) for g in groups), (what, groups)
+
+
+def test_kinds_split_matmuls_random_bits_and_the_rest():
+  """op_kind: a dropout mask drawn with threefry or rbg (train.mask_key) is 'random bits', every
+  matrix product 'matmul' (whatever XLA fuses into it); the kinds' time-sliced seconds, as
+  profile_ops reports them, add up to op_s."""
+  from freesine_jax import train  # pylint: disable=g-import-not-at-top
+
+  def program(key, x, y):
+    keep = jax.random.bernoulli(key, 0.9, x.shape)
+    return jnp.tanh(jnp.where(keep, x / 0.9, 0) @ y) + 1.0
+
+  x, y = jnp.ones((256, 128)), jnp.ones((128, 64))
+  for impl in ("threefry", "rbg"):
+    key = train.mask_key(jax.random.PRNGKey(0), impl)
+    compiled = jax.jit(program).lower(key, x, y).compile()
+    module = op_profile.Module(compiled.as_text())
+    kinds = {name: op_profile.op_kind(module, name) for name in module.instructions}
+    assert "random bits" in kinds.values() and "matmul" in kinds.values(), (impl, kinds)
+    dots = [n for n, i in module.instructions.items() if i.opcode == "dot"]
+    assert dots and all(kinds[n] == "matmul" for n in dots)
+    jax.block_until_ready(compiled(key, x, y))
+    result = op_profile.profile_ops(lambda: compiled(key, x, y), compiled.as_text(), 2)
+    assert result["kinds"].get("random bits", 0) > 0, (impl, result["kinds"])
+    np.testing.assert_allclose(sum(result["kinds"].values()), result["op_s"], rtol=1e-9)

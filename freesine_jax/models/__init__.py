@@ -46,7 +46,8 @@ def task_path_spec(mc):
 def adapter_spec(mc, num_tasks: int, generations: tuple[int, ...] = ()) -> swin.AdapterSpec:
   lora = None
   if mc.lora.rank and mc.lora.rank > 0:
-    lora = adapters.LoraSpec(mc.lora.rank, mc.lora.scale, mc.lora.dropout)
+    lora = adapters.LoraSpec(mc.lora.rank, mc.lora.scale, mc.lora.dropout,
+                             int(mc.lora.dropout_bits))
   if mc.task_frozen_input not in TASK_FROZEN_INPUTS:
     raise ValueError(f"model.task_frozen_input={mc.task_frozen_input!r} is not one of "
                      f"{TASK_FROZEN_INPUTS}")

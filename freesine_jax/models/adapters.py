@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from freesine_jax.models.layers import backbone_weight, recompute_in_backward
+from freesine_jax.models.layers import MASK_BITS, Dropout, backbone_weight, recompute_in_backward
 
 
 MODULATIONS = ("sine", "linear")
@@ -56,6 +56,10 @@ class LoraSpec:
   rank: int
   scale: float = 4.0
   dropout: float = 0.05
+  dropout_bits: int = 32  # random bits per dropout-mask entry (layers.bernoulli_mask)
+
+  def __post_init__(self):
+    _check_choice("model.lora", "dropout_bits", self.dropout_bits, MASK_BITS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -731,7 +735,7 @@ class AdaptedDense(nn.Module):
       elif merged:
         y_shared = jnp.dot(x.astype(self.dtype), w_merged) + bias_0
       else:
-        xd = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
+        xd = Dropout(self.lora.dropout, self.lora.dropout_bits)(x, deterministic=deterministic)
         y_shared = y_frozen + self.lora.scale * jnp.dot(jnp.dot(xd, a.astype(self.dtype)),
                                                         b.astype(self.dtype))
     if task_inputs is None:
