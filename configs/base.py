@@ -132,9 +132,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.lora.rank = 64  # rank r of A (C_in x r) and B (r x C_out); 0 disables LoRA
   config.model.lora.scale = 4.0  # fixed output scale of the LoRA product (not alpha / r)
   config.model.lora.dropout = 0.05  # dropout on the LoRA input while training
-  # Random bits per entry of that dropout mask: 32 (jax.random.bernoulli), 16 or 8 (4x fewer
-  # random words, keep probability rounded to 1/256; docs/method.md, "Random masks").
-  config.model.lora.dropout_bits = 32
+  # Random bits per entry of that dropout mask: 8 (4x fewer random words than 32, the keep
+  # probability rounded to 1/256), 16, or 32 (jax.random.bernoulli, nn.Dropout bitwise);
+  # docs/method.md, "The train step's non-matmul work on the CPU".
+  config.model.lora.dropout_bits = 8
   # The linear layers carrying LoRA: any of qkv, proj, fc1, fc2 (every block) and reduction
   # (the patch-merging reductions, MTLoRA+).
   config.model.lora.modules = ("qkv", "proj", "fc1", "fc2")

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from freesine_jax.models.layers import MASK_BITS, Dropout, backbone_weight, recompute_in_backward
+from freesine_jax.models.layers import (MASK_BITS, Dropout, backbone_weight, dense, per_task_dense,
+                                       recompute_in_backward)
 
 
 MODULATIONS = ("sine", "linear")
@@ -56,7 +57,7 @@ class LoraSpec:
   rank: int
   scale: float = 4.0
   dropout: float = 0.05
-  dropout_bits: int = 32  # random bits per dropout-mask entry (layers.bernoulli_mask)
+  dropout_bits: int = 8  # random bits per dropout-mask entry (layers.bernoulli_mask)
 
   def __post_init__(self):
     _check_choice("model.lora", "dropout_bits", self.dropout_bits, MASK_BITS)
@@ -455,8 +456,8 @@ def _gemm_apply(x: jax.Array, prepared: jax.Array, k: int) -> jax.Array:
   t, bsz, h, w, ci = x.shape
   if prepared.shape[1] == k * k * ci:  # im2col layout (prepare_task_kernels)
     patches = gather_taps(x, k).reshape(t, bsz, h, w, k * k * ci)
-    return jnp.einsum("tbhwc,tco->tbhwo", patches, prepared)
-  z = jnp.einsum("tbhwc,tcn->tbhwn", x, prepared)
+    return per_task_dense(patches, prepared)
+  z = per_task_dense(x, prepared)
   return sum_taps(z.reshape(t, bsz, h, w, k * k, -1), k)
 
 
@@ -465,7 +466,7 @@ def apply_prepared_kernels(x: jax.Array, prepared: jax.Array, task_conv: str,
   """Stacked task streams (T, B, H, W, Ci) through prepared task kernels -> (T, B, H, W, Co)."""
   prepared = prepared.astype(x.dtype)
   if kernel_size == 1:
-    return jnp.einsum("tbhwc,tco->tbhwo", x, prepared)
+    return per_task_dense(x, prepared)
   if task_conv == "gemm":
     return _gemm_apply(x, prepared, kernel_size)
   if task_conv == "conv":
@@ -492,7 +493,7 @@ def apply_kernel(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Applies one (k, k, C_in, C_out) kernel to (..., H, W, C_in) tokens ('same' zero padding)."""
   kernel = kernel.astype(x.dtype)
   if kernel.shape[0] == 1:
-    return jnp.dot(x, kernel[0, 0])
+    return dense(x, kernel[0, 0])
   lead = x.shape[:-3]
   flat = x.reshape(1, -1, *x.shape[-3:])
   return apply_task_kernels(flat, kernel[None])[0].reshape(*lead, *x.shape[-3:-1], -1)
@@ -562,7 +563,7 @@ def task_path(path_in: jax.Array, factors, omegas: jax.Array, spec: SineAwbSpec,
       with jax.named_scope("kernel_apply"):
         y = spec.scale * blur(conv(blur(path_in), modulated))
       if frozen is not None:
-        y = y + (jnp.dot(path_in, frozen[0].astype(path_in.dtype)) + frozen[1])
+        y = y + (dense(path_in, frozen[0].astype(path_in.dtype)) + frozen[1])
       return y
     with jax.named_scope("kernel_build"):
       kernels = finished_kernels(modulated, spec, None if frozen is None else frozen[0], layout)
@@ -711,7 +712,7 @@ class AdaptedDense(nn.Module):
                                (c_in, self.features), "linear", self.policy).astype(self.dtype)
     bias_0 = (backbone_weight(self, "bias", nn.initializers.zeros, (self.features,), "linear",
                               self.policy).astype(self.dtype) if self.use_bias else 0.0)
-    frozen = lambda z: jnp.dot(z.astype(self.dtype), kernel_0) + bias_0
+    frozen = lambda z: dense(z.astype(self.dtype), kernel_0) + bias_0
     a = b = None
     if self.lora is not None:
       rank = self.lora.rank
@@ -733,11 +734,11 @@ class AdaptedDense(nn.Module):
       if a is None:
         y_shared = y_frozen
       elif merged:
-        y_shared = jnp.dot(x.astype(self.dtype), w_merged) + bias_0
+        y_shared = dense(x.astype(self.dtype), w_merged) + bias_0
       else:
         xd = Dropout(self.lora.dropout, self.lora.dropout_bits)(x, deterministic=deterministic)
-        y_shared = y_frozen + self.lora.scale * jnp.dot(jnp.dot(xd, a.astype(self.dtype)),
-                                                        b.astype(self.dtype))
+        y_shared = y_frozen + self.lora.scale * dense(dense(xd, a.astype(self.dtype)),
+                                                      b.astype(self.dtype))
     if task_inputs is None:
       return y_shared, None
 

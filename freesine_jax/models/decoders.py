@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from freesine_jax.models import adapters
+from freesine_jax.models import layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +94,7 @@ class ScaleProjections(nn.Module):
     for i, (f, ch) in enumerate(zip(features, self.channels)):
       y = nn.Conv(ch, (1, 1), use_bias=False, dtype=self.dtype, name=f"proj_{i}")(f)
       if matrix is not None:
-        y = jnp.dot(y, matrix[start:start + ch].astype(y.dtype))
+        y = layers.dense(y, matrix[start:start + ch].astype(y.dtype))
         start += ch
       outs.append(resize_bilinear(y, size))
     if matrix is not None:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from freesine_jax.models.adapters import lora_a_init
+from freesine_jax.models.layers import dense, per_task_dense
 
 
 def stacked_lora_a_init(key, shape, dtype=jnp.float32):
@@ -45,8 +46,8 @@ class TaskLora(nn.Module):
     c_in = path_in.shape[-1]
     task_a = self.param("a", stacked_lora_a_init, (self.num_tasks, c_in, self.rank))
     task_b = self.param("b", nn.initializers.zeros, (self.num_tasks, self.rank, self.features))
-    low = jnp.einsum("t...i,tir->t...r", path_in.astype(self.dtype), task_a.astype(self.dtype))
-    return self.scale * jnp.einsum("t...r,tro->t...o", low, task_b.astype(self.dtype))
+    low = per_task_dense(path_in.astype(self.dtype), task_a.astype(self.dtype))
+    return self.scale * per_task_dense(low, task_b.astype(self.dtype))
 
 
 def depthwise_filter(z: jax.Array, filters: jax.Array) -> jax.Array:
@@ -81,7 +82,7 @@ class DynamicTaskFilter(nn.Module):
   def __call__(self, path_in, a, b):
     rank, k = a.shape[1], self.kernel_size
     taps = k * k
-    z = jnp.dot(path_in.astype(self.dtype), a.astype(self.dtype))  # (T, B, H, W, r)
+    z = dense(path_in.astype(self.dtype), a.astype(self.dtype))  # (T, B, H, W, r)
     pooled = jnp.mean(z.astype(jnp.float32), axis=(-3, -2))  # (T, B, r)
     bound = 1.0 / math.sqrt(rank)  # PyTorch's Conv2d default init
     uniform = lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)
@@ -96,7 +97,7 @@ class DynamicTaskFilter(nn.Module):
     g = g * tap_std.reshape(rank, taps) + tap_mean.reshape(rank, taps)
     filters = jnp.moveaxis(g.reshape(*g.shape[:-1], k, k), -3, -1)  # (T, B, k, k, r)
     filtered = depthwise_filter(z, filters.astype(self.dtype))
-    return self.scale * jnp.dot(filtered, b.astype(self.dtype))
+    return self.scale * dense(filtered, b.astype(self.dtype))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from freesine_jax.models.adapters import apply_task_kernels
+from freesine_jax.models.layers import dense
 
 
 class MergedTaskPath(nn.Module):
@@ -34,7 +35,7 @@ class MergedTaskPath(nn.Module):
     y = apply_task_kernels(path_in.astype(self.dtype), kernels) + bias.astype(self.dtype)
     if frozen_in is not path_in:  # the frozen linear reads another input: kept apart
       frozen_kernel = self.param("frozen_kernel", nn.initializers.zeros, (c_in, self.features))
-      y = y + jnp.dot(frozen_in.astype(self.dtype), frozen_kernel.astype(self.dtype))
+      y = y + dense(frozen_in.astype(self.dtype), frozen_kernel.astype(self.dtype))
     return y
 
 
