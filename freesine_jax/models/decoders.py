@@ -92,7 +92,7 @@ class ScaleProjections(nn.Module):
     outs = []
     start = 0
     for i, (f, ch) in enumerate(zip(features, self.channels)):
-      y = nn.Conv(ch, (1, 1), use_bias=False, dtype=self.dtype, name=f"proj_{i}")(f)
+      y = layers.Conv1x1(ch, use_bias=False, dtype=self.dtype, name=f"proj_{i}")(f)
       if matrix is not None:
         y = layers.dense(y, matrix[start:start + ch].astype(y.dtype))
         start += ch
@@ -115,10 +115,10 @@ class HRNetHead(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     if self.input_conv:
-      x = nn.Conv(self.head_channels, (1, 1), dtype=self.dtype, name="conv_in")(x)
+      x = layers.Conv1x1(self.head_channels, dtype=self.dtype, name="conv_in")(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
                      name="bn")(x)
-    return nn.Conv(self.num_outputs, (1, 1), dtype=self.dtype, name="conv_out")(nn.relu(x))
+    return layers.Conv1x1(self.num_outputs, dtype=self.dtype, name="conv_out")(nn.relu(x))
 
 
 class MultiTaskDecoder(nn.Module):

@@ -114,6 +114,25 @@ def per_task_dense(x: jax.Array, kernels: jax.Array) -> jax.Array:
   return y.reshape(*x.shape[:-1], kernels.shape[-1])
 
 
+class Conv1x1(nn.Module):
+  """nn.Conv(features, (1, 1)) with the same parameters ('kernel' (1, 1, C_in, features),
+  lecun-normal; 'bias' zeros) and values, computed as a `dense` product: XLA:CPU computes the
+  kernel gradient of a 1x1 nn.Conv as a convolution whose window is the whole feature map, on
+  transposed copies (measured: 0.15 s per HRNet-head conv_in at 448, batch 2, ~8x its GEMM)."""
+  features: int
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (1, 1, x.shape[-1], self.features))
+    y = dense(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+    return y
+
+
 MASK_BITS = (8, 16, 32)
 
 
