@@ -249,7 +249,8 @@ def get_config() -> ml_collections.ConfigDict:
   # memory of batch_size / N.
   config.train.grad_accum_steps = 1
   # PRNG implementation of the dropout and drop-path masks: 'threefry' (jax's default),
-  # 'rbg' or 'unsafe_rbg' (XLA's RngBitGenerator, cheaper bits; docs/method.md, "Random masks").
+  # 'rbg' or 'unsafe_rbg' (XLA's RngBitGenerator, what the JAX TPU codebases use; no faster on
+  # XLA:CPU, measured: docs/method.md, "The train step's non-matmul work on the CPU").
   # Parameter initialisation and the checkpointed key stay threefry whatever this is.
   config.train.dropout_rng = "threefry"
   # Orbax checkpoint every N steps, at the end, and when SIGTERM stops training (preemption).

@@ -99,7 +99,8 @@ def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
   computes the kernel's gradient (a contraction over every leading axis) after copying the
   (..., C_out) cotangent and the input transposed, element by element: measured on the shared
   LoRA of a stage-1 layer at 448 (x (2, 12544, 96), rank 64, C_out 384), 0.24 s per
-  forward + backward against 0.065 s with x flattened (docs/method.md, "Matrix products").
+  forward + backward against 0.065 s with x flattened (docs/method.md, "The train step's
+  non-matmul work on the CPU").
   The reshape is free (row-major), and the values are those of jnp.dot.
   """
   y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel)
@@ -144,7 +145,8 @@ def bernoulli_mask(key: jax.Array, keep: float, shape: Sequence[int],
   entry). bits = 8 or 16: each 32-bit word gives 32 / bits entries (its bytes / half-words),
   each compared with round(keep * 2^bits), so p = that / 2^bits, within 2^-(bits+1) of keep:
   4x / 2x fewer random words, whose generation is what a dropout mask costs (threefry or
-  Philox: ~10 ns per word on a CPU core, 6x a memory pass; docs/method.md, "Random masks").
+  Philox: ~10 ns per word on a CPU core, 6x a memory pass; docs/method.md, "The train step's
+  non-matmul work on the CPU").
   """
   if bits not in MASK_BITS:
     raise ValueError(f"mask bits {bits!r} is not one of {MASK_BITS}")
