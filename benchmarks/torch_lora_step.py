@@ -27,8 +27,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks import run as bench  # noqa: E402  pylint: disable=g-import-not-at-top
 
-RANK, SCALE, DROPOUT, BATCH, GEMM_N = 64, 4.0, 0.05, 2, 2048
+RANK, SCALE, DROPOUT = 64, 4.0, 0.05
 
 
 def jax_step(size: int):
@@ -36,7 +37,6 @@ def jax_step(size: int):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from benchmarks import run as bench  # pylint: disable=g-import-not-at-top
   from freesine_jax import models  # pylint: disable=g-import-not-at-top
   from freesine_jax import modeling  # pylint: disable=g-import-not-at-top
   config = bench.case_config(bench.Case("lora", "lora,r64", bench.STACKED + (
@@ -51,7 +51,7 @@ def jax_step(size: int):
       variables["params"]["backbone"])
   fixed = {"params": {"head": variables["params"]["head"]}, "backbone": variables["backbone"],
            "batch_stats": variables["batch_stats"]}
-  images = jax.random.normal(jax.random.key(2), (BATCH, size, size, 3))
+  images = jax.random.normal(jax.random.key(2), (bench.BATCH, size, size, 3))
   tx = optax.adamw(1e-4, weight_decay=0.05)
 
   def loss_fn(params, key):
@@ -119,7 +119,7 @@ def torch_step(size: int):
   model.train()
   trained = [p for p in model.parameters() if p.requires_grad]
   optimizer = torch.optim.AdamW(trained, lr=1e-4, weight_decay=0.05)
-  images = torch.randn(BATCH, 3, size, size)
+  images = torch.randn(bench.BATCH, 3, size, size)
 
   def run():
     optimizer.zero_grad(set_to_none=True)
@@ -132,28 +132,11 @@ def torch_step(size: int):
   return run, sum(p.numel() for p in trained), float(counter.get_total_flops())
 
 
-def jax_roof() -> float:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  a = jax.random.normal(jax.random.key(0), (GEMM_N, GEMM_N))
-  matmul = jax.jit(jnp.dot)
-  return _roof(lambda: jax.block_until_ready(matmul(a, a)))
-
-
 def torch_roof() -> float:
+  """PyTorch's dense GEMM roof, measured as benchmarks.run.measure_gemm measures JAX's."""
   import torch  # pylint: disable=g-import-not-at-top
-  a = torch.randn(GEMM_N, GEMM_N)
-  return _roof(lambda: torch.mm(a, a))
-
-
-def _roof(call) -> float:
-  call()
-  times = []
-  for _ in range(20):
-    start = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - start)
-  return 2.0 * GEMM_N ** 3 / statistics.median(times)
+  a = torch.randn(bench.GEMM_N, bench.GEMM_N)
+  return 2.0 * bench.GEMM_N ** 3 / statistics.median(bench.timed(lambda: torch.mm(a, a), 20))
 
 
 def main():
@@ -172,7 +155,7 @@ def main():
     raise SystemExit(f"trainable counts differ: ours {ours_count:,}, PyTorch {theirs_count:,}")
   ours()  # warm-up (the compiled program's first run)
   theirs()
-  roofs = {"jax_start": jax_roof(), "torch_start": torch_roof()}
+  roofs = {"jax_start": bench.measure_gemm(5)["flops_per_s"], "torch_start": torch_roof()}
   times = {"ours": [], "torch": []}
   for r in range(args.rounds):
     for name in ("ours", "torch") if r % 2 == 0 else ("torch", "ours"):
@@ -182,10 +165,10 @@ def main():
       times[name].append(time.perf_counter() - tic)
     print(f"round {r + 1} (load {os.getloadavg()[0]:.2f}): ours {times['ours'][-1]:.2f} s, "
           f"PyTorch {times['torch'][-1]:.2f} s", flush=True)
-  roofs.update(jax_end=jax_roof(), torch_end=torch_roof())
+  roofs.update(jax_end=bench.measure_gemm(5)["flops_per_s"], torch_end=torch_roof())
   ratios = [a / b for a, b in zip(times["ours"], times["torch"])]
   result = {
-      "size": args.size, "batch": BATCH, "rounds": args.rounds, "trainable": ours_count,
+      "size": args.size, "batch": bench.BATCH, "rounds": args.rounds, "trainable": ours_count,
       "times": times, "ratios": ratios, "ratio_median": statistics.median(ratios),
       "flops": {"ours_xla": ours_flops, "torch_counter": theirs_flops},
       "roofs_gflops": {k: v / 1e9 for k, v in roofs.items()},
