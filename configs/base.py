@@ -271,6 +271,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.new_tasks = ""
   # Workdir of the trained run that train.new_tasks starts from ('' with new_tasks: an error).
   config.train.init_from = ""
+  # FAAR's performance-driven rank selection (freesine_jax/pdrs.py; docs/method.md,
+  # "Baselines"): every LoRA pair trains with nested rank dropout, its ranks are scored from the
+  # gradients, and its kept rank count (cap) shrinks at every interval. Set by the 'faar' arg.
+  config.train.pdrs = ml_collections.ConfigDict()
+  config.train.pdrs.enabled = False  # True: rank selection on every LoRA pair
+  config.train.pdrs.rho = 0.95  # share of the score the kept ranks reach (paper 0.95; code 0.2)
+  config.train.pdrs.beta = 0.98  # EMA factor of the per-rank scores
+  config.train.pdrs.clip = 100.0  # a step's scores clipped at clip x their median
+  config.train.pdrs.margin = 1  # ranks kept beyond the K that reach rho (FAAR's main.py: 1)
+  config.train.pdrs.floor = 2  # never fewer ranks than this per set (FAAR's main.py: 2)
+  config.train.pdrs.explore = 0.0  # probability of a step drawing from all R ranks, not cap
+  config.train.pdrs.shrink_every_steps = 0  # steps between shrinks; 0: once per epoch (FAAR)
 
   config.eval = ml_collections.ConfigDict()  # evaluation
   # Single-task reference metrics {task: {headline metric: value}} for delta_m; None: no delta_m.

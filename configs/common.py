@@ -25,6 +25,9 @@ heads (model.decoder.kind = independent) and no Clock Net:
   mtlora_plus   MTLoRA+: as mtlora, with LoRA on the (frozen) patch-merging reductions
   tadformer     TADFormer: the shared LoRA, task prompts with prompt-conditioned task inputs and
                 a dynamic task filter in the LoRA's rank space, per stage gates
+  faar          FAAR's rank selection (PDRS): as mtlora_plus with each task's LoRA at the shared
+                rank, every LoRA's ranks chosen while training (config.train.pdrs); its DoRA
+                form and TS-PD decoder are not built yet (docs/method.md, "Baselines")
 e.g. --config=configs/pascal_context.py:mtlora,r32 or --config=configs/synthetic.py:tadformer
 """
 from __future__ import annotations
@@ -36,7 +39,7 @@ from freesine_jax import errors
 ABLATIONS = ("no_lcn", "no_lowpass", "no_sine", "independent_bases", "independent_decoder",
              "depthwise", "taps_full")
 BASELINES = ("single_task", "full_ft", "decoder_only", "lora", "mtlora", "mtlora_plus",
-             "tadformer")
+             "tadformer", "faar")
 RANK_EXAMPLES = ("r16", "r32", "r64")  # any r<int> is a rank
 
 
@@ -134,10 +137,13 @@ def apply_baseline(config: ml_collections.ConfigDict, tokens: tuple[str, ...]) -
   elif name == "mtlora":
     model.task_path = "task_lora"
     model.trainable_backbone = "mtlora"
-  elif name == "mtlora_plus":  # LoRA on the reductions, which then stay frozen (MTLoRA's main.py)
+  elif name in ("mtlora_plus", "faar"):  # LoRA on the reductions, which then stay frozen
     model.task_path = "task_lora"
     model.lora.modules = tuple(model.lora.modules) + ("reduction",)
     model.trainable_backbone = "norms_relpos_embed"
+    if name == "faar":  # FAAR's configs: every task's LoRA at the shared rank, then PDRS
+      model.task_lora.rank = model.lora.rank
+      config.train.pdrs.enabled = True
   elif name == "tadformer":
     model.task_path = "dynamic_filter"
     model.prompts = True

@@ -34,6 +34,7 @@ from etils import epath
 import flax
 from flax import traverse_util
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -521,6 +522,32 @@ class _DamageReported:
     root = next((e for e in reversed(errors.causes(exc)) if str(e).strip()), exc)
     raise CheckpointDamaged(self._directory, self._step, f"cannot be read back "
                             f"({type(root).__name__}: {errors.first_line(root)[:300]})") from exc
+
+
+def load_saved_run(workdir: str, step: int | None = None) -> tuple[Any, dict, int]:
+  """(config, saved TrainState as nested dicts, step) of a training run's checkpoint (`step`,
+  default the latest), for the offline tools; a one-line UserError if there is none."""
+  directory = checkpoint_directory(workdir)
+  if not os.path.isdir(directory):
+    raise errors.UserError(f"{workdir}: no checkpoints/ directory (is it a training --workdir?)")
+  ckpt = Checkpointer(directory, async_save=False)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise errors.UserError(f"{directory}: no checkpoint saved yet")
+    step = max(steps) if step is None else int(step)
+    if step not in steps:
+      raise errors.UserError(f"{directory}: no checkpoint at step {step} (saved: "
+                             f"{sorted(steps)})")
+    metadata = ckpt.read_metadata(step)
+    if not metadata.get("config"):
+      raise errors.UserError(f"{directory} step {step}: the checkpoint's metadata holds no "
+                             "config")
+    config = ml_collections.ConfigDict(json.loads(metadata["config"]))
+    saved = ckpt.restore_saved_state(step)
+  finally:
+    ckpt.close()
+  return config, saved, step
 
 
 def _leaf_layout(tree: Any) -> list[tuple[tuple[int, ...], str]]:

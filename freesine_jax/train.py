@@ -42,12 +42,16 @@ from freesine_jax import modeling
 from freesine_jax import new_tasks as new_tasks_lib
 from freesine_jax import nonfinite
 from freesine_jax import optimizer as optimizer_lib
+from freesine_jax import pdrs
 from freesine_jax import sharding as sharding_lib
 from freesine_jax import tasks as tasks_lib
 from freesine_jax.data import registry
 
 PyTree = Any
 FREQUENCY_PREFIX = "frequency/"
+# fold_in of the step's dropout key that draws FAAR's nested rank masks (pdrs.nested_masks); a
+# micro-batch's dropout key folds in its index, 0..K-1, so this stays clear of them.
+PDRS_KEY = 2**31 - 1
 
 
 @flax.struct.dataclass
@@ -225,11 +229,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   skip_nonfinite = nonfinite.check_mode(config) == "skip"
 
   forward = _training_forward(model, mesh, dropout_rng(config))
+  with_pdrs = pdrs.find_state(state.opt_state) is not None
 
-  def gradients(params, batch_stats, backbone, batch, totals, k_dropout, k_path):
+  def gradients(params, batch_stats, backbone, batch, totals, k_dropout, k_path, rank_masks):
     """(loss, per-task losses, updated batch_stats, grads) of one (micro-)batch."""
 
     def loss_fn(params):
+      if rank_masks is not None:  # FAAR's nested rank dropout (pdrs.py)
+        params = pdrs.masked(params, rank_masks)
       outputs, mutated = forward(params, batch_stats, backbone, batch["image"], k_dropout,
                                  k_path)
       total, per_task = losses.multitask_loss(outputs, batch, tasks, weights, totals)
@@ -241,14 +248,21 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   def train_step(state: TrainState, batch: Mapping[str, jax.Array], backbone: PyTree):
     rng, k_dropout, k_path = jax.random.split(state.rng, 3)
     totals = losses.label_totals(batch, tasks)  # of the whole global batch
+    rank_masks = None
+    if with_pdrs:  # one draw per step, all micro-batches alike; its key is dropout's, folded
+      rank_masks = pdrs.nested_masks(pdrs.find_state(state.opt_state).ranks,
+                                     jax.random.fold_in(k_dropout, PDRS_KEY),
+                                     float(config.train.pdrs.explore))
     if microbatches == 1:
       total, per_task, batch_stats, grads = gradients(
-          state.params, state.batch_stats, backbone, batch, totals, k_dropout, k_path)
+          state.params, state.batch_stats, backbone, batch, totals, k_dropout, k_path,
+          rank_masks)
     else:
       def accumulate(sums, xs):
         index, micro = xs
         out = gradients(state.params, state.batch_stats, backbone, micro, totals,
-                        jax.random.fold_in(k_dropout, index), jax.random.fold_in(k_path, index))
+                        jax.random.fold_in(k_dropout, index), jax.random.fold_in(k_path, index),
+                        rank_masks)
         return jax.tree_util.tree_map(jnp.add, sums, out), None
 
       micro = split_microbatches(batch, microbatches, mesh)
@@ -256,7 +270,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       zeros = jax.tree_util.tree_map(
           lambda x: jnp.zeros(x.shape, x.dtype),
           jax.eval_shape(gradients, state.params, state.batch_stats, backbone, first, totals,
-                         k_dropout, k_path))
+                         k_dropout, k_path, rank_masks))
       (total, per_task, stats_sum, grads), _ = jax.lax.scan(
           accumulate, zeros, (jnp.arange(microbatches), micro))
       batch_stats = jax.tree_util.tree_map(lambda x: x / microbatches, stats_sum)
@@ -279,6 +293,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     out.update({f"loss/{t}": v for t, v in per_task.items()})
     out.update(flags)
     out.update(task_frequencies(model, params))
+    if with_pdrs:  # FAAR: the LoRA parameters the rank selection keeps, over training
+      out["lora_params_kept"] = pdrs.kept_count(params, pdrs.find_state(opt_state).ranks)
     return new_state, out
 
   repl = sharding_lib.replicated(mesh)
@@ -300,13 +316,15 @@ class TrainSetup(NamedTuple):
 def build_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                      variables: Mapping[str, PyTree], schedule: optax.Schedule,
                      mesh: jax.sharding.Mesh | None = None, *, donate_state: bool = False,
-                     trainable: PyTree | None = None) -> TrainSetup:
+                     trainable: PyTree | None = None,
+                     steps_per_epoch: int | None = None) -> TrainSetup:
   """The optimizer of config.optim with `schedule`, the train state and backbone of `variables`
   on the mesh (init_train_state) and the jitted step for them (make_train_step): what the
   training loop builds, in one place for the loop, the tests and the benchmarks. `mesh`
-  defaults to sharding.make_mesh(config); donate_state and trainable: make_train_step."""
+  defaults to sharding.make_mesh(config); donate_state and trainable: make_train_step;
+  steps_per_epoch: FAAR's default shrink interval (optimizer.make_optimizer)."""
   mesh = sharding_lib.make_mesh(config) if mesh is None else mesh
-  tx = optimizer_lib.make_optimizer(config, schedule)
+  tx = optimizer_lib.make_optimizer(config, schedule, steps_per_epoch)
   state, backbone = init_train_state(variables, tx, config, mesh)
   step = make_train_step(model, tx, config, schedule, mesh, state, backbone,
                          donate_state=donate_state, trainable=trainable)
@@ -607,7 +625,7 @@ def _train_and_evaluate(config, workdir, *, create_train_loader, create_eval_loa
   backbone_hash = checkpointing.tree_hash(variables["backbone"])
   # The step keeps the state's shardings, which a restored state has too (restored onto them).
   setup = build_train_step(config, model, variables, schedule, mesh, donate_state=True,
-                           trainable=trainable)
+                           trainable=trainable, steps_per_epoch=steps_per_epoch)
   state, backbone, train_step = setup.state, setup.backbone, setup.train_step
   num_trainable = modeling.count_parameters(variables["params"])
   if trainable is not None:
@@ -764,6 +782,16 @@ def _train_and_evaluate(config, workdir, *, create_train_loader, create_eval_loa
           {t: m for t, m in final.items() if t not in added}, untrained)
     writer.print(evaluate_lib.format_verdict(final, untrained, verdict, unchanged))
 
+  ranks = pdrs.find_state(state.opt_state)
+  rank_selection = None
+  if ranks is not None:  # FAAR: what the rank selection kept (tools.analyze: per layer)
+    built, kept = pdrs.trained_count(state.params, ranks.ranks)
+    rank_selection = {"lora_params_built": built, "lora_params_kept": kept,
+                      "trainable_parameters_kept": num_trainable - built + kept}
+    writer.print(f"rank selection kept {kept:,} of {built:,} LoRA parameters: "
+                 f"{num_trainable - built + kept:,} trainable parameters in use "
+                 "(per layer: python -m freesine_jax.tools.analyze --workdir=...)")
+
   results = evaluate_lib.jsonable({
       "step": step,
       "final": final,
@@ -773,6 +801,7 @@ def _train_and_evaluate(config, workdir, *, create_train_loader, create_eval_loa
       "all_beat_untrained": None if verdict is None else all(verdict.values()),
       "old_tasks_unchanged": unchanged,  # a run adding tasks: the others vs the starting run
       "trainable_parameters": num_trainable,
+      "rank_selection": rank_selection,
       "train_time_sec": time.perf_counter() - t_start,
   })
   if writer.enabled:

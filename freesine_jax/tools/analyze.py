@@ -6,7 +6,8 @@ Reads the run's latest checkpoint (or --step) and its metrics.jsonl and writes t
   analysis.json     per Sine-AWB layer (encoder and the decoder group's shared base): how far
                     each task's kernel is from its linear counterpart, numerical ranks of the base
                     and of each task's kernel, and how correlated the tasks' kernels are
-                    (schema: docs/analysis.md)
+                    (schema: docs/analysis.md); for a run with FAAR's rank selection
+                    (config.train.pdrs), the LoRA ranks it kept per layer and task
   spectra.png       singular values of the base vs each task's kernel (centre tap), per layer
   correlations.png  task-by-task |Pearson correlation| of the kernels, per layer
   frequencies.png   the task frequencies over training, from metrics.jsonl
@@ -32,6 +33,7 @@ from freesine_jax import checkpointing
 from freesine_jax import cli
 from freesine_jax import errors
 from freesine_jax import models
+from freesine_jax import pdrs
 from freesine_jax.models import adapters
 
 RANK_RTOL = 1e-3  # numerical rank: singular values >= RANK_RTOL * the largest (float64 SVD)
@@ -168,9 +170,11 @@ def sine_awb_layers(params: Mapping, config: ml_collections.ConfigDict,
   return layers
 
 
-def frequencies_of(params: Mapping, config: ml_collections.ConfigDict) -> np.ndarray:
+def frequencies_of(params: Mapping, config: ml_collections.ConfigDict) -> np.ndarray | None:
+  """The task frequencies omega_t; None for a baseline (no task frequencies)."""
   model = models.build_model(config)
-  return np.asarray(model.apply({"params": params}, method=model.frequencies))
+  omegas = model.apply({"params": params}, method=model.frequencies)
+  return None if omegas is None else np.asarray(omegas)
 
 
 def frequency_history(metrics_path: str, tasks: Sequence[str]) -> dict[str, list]:
@@ -191,22 +195,38 @@ def frequency_history(metrics_path: str, tasks: Sequence[str]) -> dict[str, list
   return history
 
 
+def rank_selection(params: Mapping, saved_opt_state) -> dict | None:
+  """FAAR's ranks as the run's rank selection left them (pdrs.py): per LoRA pair the ranks
+  kept (a list per task for a task LoRA), and the LoRA parameters built and kept; None for a
+  run without it."""
+  ranks = pdrs.saved_ranks(saved_opt_state)
+  if ranks is None:
+    return None
+  built, kept = pdrs.trained_count(params, ranks)
+  return {"kept_ranks": pdrs.kept_ranks(ranks), "lora_params_built": built,
+          "lora_params_kept": kept}
+
+
 def analyze(params: Mapping, config: ml_collections.ConfigDict, step: int,
-            metrics_path: str | None = None) -> tuple[dict, list[Layer], dict]:
+            metrics_path: str | None = None, saved_opt_state=None
+            ) -> tuple[dict, list[Layer], dict]:
   """(analysis.json content, the layers, the frequency history)."""
   tasks = tuple(config.tasks)
   omegas = frequencies_of(params, config)
-  layers = sine_awb_layers(params, config, jnp.asarray(omegas))
+  layers = [] if omegas is None else sine_awb_layers(params, config, jnp.asarray(omegas))
   entries = [layer_stats(layer, tasks) for layer in layers]
   result = {
       "step": int(step),
-      "frequencies": {t: float(o) for t, o in zip(tasks, omegas)},
+      "frequencies": {} if omegas is None else {t: float(o) for t, o in zip(tasks, omegas)},
       "omega_0": {"encoder": float(config.model.sine_awb.omega_0),
                   "decoder": float(config.model.decoder.omega_0)},
       "rank_rtol": RANK_RTOL,
       "layers": entries,
       "summary": summarize(entries, tasks),
   }
+  ranks = rank_selection(params, saved_opt_state)
+  if ranks is not None:
+    result["rank_selection"] = ranks
   history = frequency_history(metrics_path, tasks) if metrics_path else {"step": []}
   return result, layers, history
 
@@ -290,49 +310,28 @@ def plot_frequencies(history: Mapping[str, list], tasks: Sequence[str], path: st
 # ----------------------------------------------------------------------------- command line
 
 
-def load_run(workdir: str, step: int | None = None):
-  """(config, params, step) of a run's checkpoint; a one-line UserError if it has none."""
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.isdir(directory):
-    raise errors.UserError(f"{workdir}: no checkpoints/ directory (is it a training --workdir?)")
-  ckpt = checkpointing.Checkpointer(directory, async_save=False)
-  try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise errors.UserError(f"{directory}: no checkpoint saved yet")
-    step = max(steps) if step is None else int(step)
-    if step not in steps:
-      raise errors.UserError(f"{directory}: no checkpoint at step {step} (saved: "
-                             f"{sorted(steps)})")
-    metadata = ckpt.read_metadata(step)
-    if not metadata.get("config"):
-      raise errors.UserError(f"{directory} step {step}: the checkpoint's metadata holds no "
-                             "config")
-    config = ml_collections.ConfigDict(json.loads(metadata["config"]))
-    if config.model.factory:
-      raise errors.UserError(
-          f"{workdir} trains config.model.factory={config.model.factory!r}, not a Free "
-          "Sinewich model: there are no Sine-AWB layers or task frequencies to analyse")
-    params = ckpt.restore_saved_state(step)["params"]
-  finally:
-    ckpt.close()
-  return config, params, step
-
-
 def _fmt(x) -> str:
   return "nan" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.3f}"
 
 
 def report(result: Mapping) -> str:
   lines = [f"step {result['step']}: frequencies " +
-           ", ".join(f"{t} {o:.3f}" for t, o in result["frequencies"].items())]
-  lines.append(f"{'layer':<40} {'kind':<8} {'nonlin':>7} {'rank base':>9} {'rank task (min)':>15} "
-               f"{'corr':>6} {'corr lin':>8}")
+           (", ".join(f"{t} {o:.3f}" for t, o in result["frequencies"].items()) or
+            "none (a baseline without task frequencies)")]
+  if result["layers"]:
+    lines.append(f"{'layer':<40} {'kind':<8} {'nonlin':>7} {'rank base':>9} "
+                 f"{'rank task (min)':>15} {'corr':>6} {'corr lin':>8}")
   for e in result["layers"]:
     lines.append(f"{e['name'].replace('backbone/', ''):<40} {e['kind']:<8} "
                  f"{_fmt(e['nonlinearity']):>7} {e['rank_base']:>9d} "
                  f"{min(e['rank_task'].values()):>15d} {_fmt(e['task_correlation']):>6} "
                  f"{_fmt(e['task_correlation_linear']):>8}")
+  ranks = result.get("rank_selection")
+  if ranks:
+    lines.append(f"rank selection (FAAR): {ranks['lora_params_kept']:,} of "
+                 f"{ranks['lora_params_built']:,} LoRA parameters kept; ranks kept per layer:")
+    for name, cap in ranks["kept_ranks"].items():
+      lines.append(f"  {name.replace('backbone/', ''):<52} {cap}")
   for kind, s in result["summary"].items():
     lines.append(f"median {kind} layer: nonlinearity {_fmt(s['nonlinearity'])}, rank base "
                  f"{s['rank_base']:g} -> task {min(s['rank_task'].values()):g}..."
@@ -351,11 +350,17 @@ def define_flags() -> None:
 def main(argv):
   del argv
   f = flags.FLAGS
-  config, params, step = load_run(f.workdir, f.step)
+  config, saved, step = checkpointing.load_saved_run(f.workdir, f.step)
+  if config.model.factory:
+    raise errors.UserError(
+        f"{f.workdir} trains config.model.factory={config.model.factory!r}, not a Free "
+        "Sinewich model: there are no Sine-AWB layers or task frequencies to analyse")
+  params = saved["params"]
   out = f.out or os.path.join(f.workdir, "analysis")
   os.makedirs(out, exist_ok=True)
   result, layers, history = analyze(params, config, step,
-                                    os.path.join(f.workdir, "metrics.jsonl"))
+                                    os.path.join(f.workdir, "metrics.jsonl"),
+                                    saved.get("opt_state"))
   with open(os.path.join(out, "analysis.json"), "w", encoding="utf-8") as fh:
     json.dump(result, fh, indent=2, allow_nan=True)
   tasks = tuple(config.tasks)

@@ -3,6 +3,11 @@
 Prints a breakdown of the trainable 'params' collection (TA adapters, TS adapters, Clock Net +
 tokens, decoders, trainable backbone), the frozen 'backbone' size, and as its last line
 `trainable_params=<integer>`. Shapes come from jax.eval_shape: nothing is allocated.
+
+With FAAR's rank selection (config.train.pdrs, the 'faar' arg) that count is the model as built,
+every LoRA at its full rank; `--workdir=<run>` (instead of --config) reads the run's checkpoint
+(--step, default the latest) and also prints the count with only the ranks kept,
+`trainable_params_kept=<integer>`, before the last line.
 """
 from __future__ import annotations
 
@@ -14,8 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from freesine_jax import checkpointing
 from freesine_jax import cli
+from freesine_jax import errors
 from freesine_jax import models
+from freesine_jax import pdrs
 
 GROUPS = ("TA adapters (shared LoRA)", "TS adapters (task path, prompt path, gates)",
           "Clock Net + task tokens", "decoders", "trainable backbone")
@@ -60,7 +68,10 @@ def count(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-def report(config) -> str:
+def report(config, saved: dict | None = None, step: int | None = None) -> str:
+  """The breakdown of `config`'s model; with `saved` (a run's saved TrainState, as
+  checkpointing.load_saved_run gives it) also the count with the LoRA ranks the run's rank
+  selection kept."""
   variables = variable_shapes(config)
   counts = breakdown(variables)
   lines = [f"model: {config.model.name}  backbone: {config.model.variant}  "
@@ -70,18 +81,32 @@ def report(config) -> str:
   lines.append(f"  {'frozen backbone (not trained)':<48s} {count(variables.get('backbone', {})):>12,d}")
   lines.append(f"  {'batch statistics (not trained)':<48s} "
                f"{count(variables.get('batch_stats', {})):>12,d}")
-  lines.append(f"trainable_params={sum(counts.values())}")
+  total = sum(counts.values())
+  ranks = None if saved is None else pdrs.saved_ranks(saved.get("opt_state"))
+  if ranks is not None:
+    built, kept = pdrs.trained_count(variables["params"], ranks)
+    lines.append(f"  {'LoRA ranks kept by rank selection (step ' + str(step) + ')':<48s} "
+                 f"{kept:>12,d} of {built:,}")
+    lines.append(f"trainable_params_kept={total - built + kept}")
+  lines.append(f"trainable_params={total}")
   return "\n".join(lines)
 
 
 def define_flags() -> None:
   cli.define_config_flag()
-  flags.mark_flags_as_required(["config"])
+  cli.define_run_flags("count")
 
 
 def main(argv):
   del argv
-  print(report(flags.FLAGS.config))
+  f = flags.FLAGS
+  if f.workdir:
+    config, saved, step = checkpointing.load_saved_run(f.workdir, f.step)
+    print(report(config, saved, step))
+  elif f.config is None:
+    raise errors.UserError("give --config=<config file> (or --workdir=<training run>)")
+  else:
+    print(report(f.config))
 
 
 def run():
