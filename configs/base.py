@@ -139,6 +139,13 @@ def get_config() -> ml_collections.ConfigDict:
   # The linear layers carrying LoRA: any of qkv, proj, fc1, fc2 (every block) and reduction
   # (the patch-merging reductions, MTLoRA+).
   config.model.lora.modules = ("qkv", "proj", "fc1", "fc2")
+  # 'lora': the layer adds scale * x A B; 'dora': FAAR's DoRA form, x (m V^ - W0) with
+  # V^ = colnorm(colnorm(W0) + scale A B) and a trained magnitude m per output unit, for the
+  # shared LoRA and the task LoRA (models/dora.py). Set by the 'faar' config arg.
+  config.model.lora.form = "lora"
+  # DoRA: weight of FAAR's magnitude regulariser, sum over layers of mean((m / ||W0|| - 1)^2),
+  # added to the training loss (the shared LoRA's magnitudes only, as FAAR).
+  config.model.lora.dora_magnitude_reg = 1e-4
 
   # The task-specific (TS) path of each stage's last block: sine_awb (Free Sinewich) |
   # task_lora (MTLoRA: per-task low-rank A_t B_t) | dynamic_filter (TADFormer: a depthwise filter

@@ -25,9 +25,9 @@ heads (model.decoder.kind = independent) and no Clock Net:
   mtlora_plus   MTLoRA+: as mtlora, with LoRA on the (frozen) patch-merging reductions
   tadformer     TADFormer: the shared LoRA, task prompts with prompt-conditioned task inputs and
                 a dynamic task filter in the LoRA's rank space, per stage gates
-  faar          FAAR's rank selection (PDRS): as mtlora_plus with each task's LoRA at the shared
-                rank, every LoRA's ranks chosen while training (config.train.pdrs); its DoRA
-                form and TS-PD decoder are not built yet (docs/method.md, "Baselines")
+  faar          FAAR: as mtlora_plus with each task's LoRA at the shared rank, in the DoRA form
+                (model.lora.form), every LoRA's ranks chosen while training (config.train.pdrs);
+                its TS-PD decoder is not built yet (docs/method.md, "Baselines")
 e.g. --config=configs/pascal_context.py:mtlora,r32 or --config=configs/synthetic.py:tadformer
 """
 from __future__ import annotations
@@ -141,8 +141,9 @@ def apply_baseline(config: ml_collections.ConfigDict, tokens: tuple[str, ...]) -
     model.task_path = "task_lora"
     model.lora.modules = tuple(model.lora.modules) + ("reduction",)
     model.trainable_backbone = "norms_relpos_embed"
-    if name == "faar":  # FAAR's configs: every task's LoRA at the shared rank, then PDRS
+    if name == "faar":  # FAAR's code: every task's LoRA at the shared rank, DoRA form, PDRS
       model.task_lora.rank = model.lora.rank
+      model.lora.form = "dora"
       config.train.pdrs.enabled = True
   elif name == "tadformer":
     model.task_path = "dynamic_filter"

@@ -46,6 +46,7 @@ from freesine_jax import pdrs
 from freesine_jax import sharding as sharding_lib
 from freesine_jax import tasks as tasks_lib
 from freesine_jax.data import registry
+from freesine_jax.models import dora
 
 PyTree = Any
 FREQUENCY_PREFIX = "frequency/"
@@ -230,6 +231,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
   forward = _training_forward(model, mesh, dropout_rng(config))
   with_pdrs = pdrs.find_state(state.opt_state) is not None
+  magnitude_reg = (float(config.model.lora.dora_magnitude_reg)
+                   if config.model.lora.form == "dora" else 0.0)
 
   def gradients(params, batch_stats, backbone, batch, totals, k_dropout, k_path, rank_masks):
     """(loss, per-task losses, updated batch_stats, grads) of one (micro-)batch."""
@@ -240,6 +243,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       outputs, mutated = forward(params, batch_stats, backbone, batch["image"], k_dropout,
                                  k_path)
       total, per_task = losses.multitask_loss(outputs, batch, tasks, weights, totals)
+      if magnitude_reg:  # FAAR's DoRA magnitude regulariser (models/dora.py)
+        total = total + dora.magnitude_penalty(params, magnitude_reg) / microbatches
       return total, (per_task, mutated.get("batch_stats", batch_stats))
 
     (total, (per_task, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

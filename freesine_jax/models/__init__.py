@@ -37,7 +37,7 @@ def task_path_spec(mc):
         kernel_size=sa.kernel_size, w_mode=sa.w_mode, w_init=sa.w_init, scale=sa.scale,
         independent_bases=sa.independent_bases, sine=sine_spec(sa, "model.sine_awb"))
   if kind == "task_lora":
-    return lora_lib.TaskLoraSpec(mc.task_lora.rank, float(mc.task_lora.scale))
+    return lora_lib.TaskLoraSpec(mc.task_lora.rank, float(mc.task_lora.scale), mc.lora.form)
   if kind == "dynamic_filter":
     return lora_lib.DynamicFilterSpec(mc.dynamic_filter.kernel_size, float(mc.lora.scale))
   return None
@@ -47,7 +47,7 @@ def adapter_spec(mc, num_tasks: int, generations: tuple[int, ...] = ()) -> swin.
   lora = None
   if mc.lora.rank and mc.lora.rank > 0:
     lora = adapters.LoraSpec(mc.lora.rank, mc.lora.scale, mc.lora.dropout,
-                             int(mc.lora.dropout_bits))
+                             int(mc.lora.dropout_bits), mc.lora.form)
   if mc.task_frozen_input not in TASK_FROZEN_INPUTS:
     raise ValueError(f"model.task_frozen_input={mc.task_frozen_input!r} is not one of "
                      f"{TASK_FROZEN_INPUTS}")

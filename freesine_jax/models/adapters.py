@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from freesine_jax.models import dora
 from freesine_jax.models.layers import (MASK_BITS, Dropout, backbone_weight, dense, per_task_dense,
                                        recompute_in_backward)
 
@@ -58,9 +59,11 @@ class LoraSpec:
   scale: float = 4.0
   dropout: float = 0.05
   dropout_bits: int = 8  # random bits per dropout-mask entry (layers.bernoulli_mask)
+  form: str = "lora"  # 'lora': W0 + scale A B; 'dora': FAAR's DoRA form (models/dora.py)
 
   def __post_init__(self):
     _check_choice("model.lora", "dropout_bits", self.dropout_bits, MASK_BITS)
+    _check_choice("model.lora", "form", self.form, dora.FORMS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -713,11 +716,18 @@ class AdaptedDense(nn.Module):
     bias_0 = (backbone_weight(self, "bias", nn.initializers.zeros, (self.features,), "linear",
                               self.policy).astype(self.dtype) if self.use_bias else 0.0)
     frozen = lambda z: dense(z.astype(self.dtype), kernel_0) + bias_0
-    a = b = None
+    a = b = log_m = None
     if self.lora is not None:
       rank = self.lora.rank
       a = self.param("lora_a", lora_a_init, (c_in, rank))
       b = self.param("lora_b", nn.initializers.zeros, (rank, self.features))
+      if self.lora.form == "dora":
+        log_m = self.param(dora.SHARED_MAGNITUDE, nn.initializers.zeros, (self.features,))
+
+    def lora_delta():  # the weight the shared LoRA adds to kernel_0 (merged inference)
+      if log_m is not None:
+        return dora.weight_delta(kernel_0, a, b, self.lora.scale, log_m).astype(self.dtype)
+      return self.lora.scale * jnp.dot(a.astype(self.dtype), b.astype(self.dtype))
 
     merged = a is not None and inference_cache(self, "kernel")
     frozen_in = None if task_inputs is None else task_inputs[0]
@@ -727,8 +737,7 @@ class AdaptedDense(nn.Module):
     frozen_of = lambda z: y_frozen if z is x else frozen(z)
 
     if merged:  # W_0 + scale A B of every LoRA layer, read here or not (tools/export writes all)
-      w_merged = cached_weight(self, "kernel", lambda: kernel_0 + self.lora.scale * jnp.dot(
-          a.astype(self.dtype), b.astype(self.dtype)))
+      w_merged = cached_weight(self, "kernel", lambda: kernel_0 + lora_delta())
     y_shared = None
     if shared_output:
       if a is None:
@@ -737,8 +746,11 @@ class AdaptedDense(nn.Module):
         y_shared = dense(x.astype(self.dtype), w_merged) + bias_0
       else:
         xd = Dropout(self.lora.dropout, self.lora.dropout_bits)(x, deterministic=deterministic)
-        y_shared = y_frozen + self.lora.scale * dense(dense(xd, a.astype(self.dtype)),
-                                                      b.astype(self.dtype))
+        if log_m is not None:  # DoRA: x_drop (m V^ - W0), a C_in x C_out product (as FAAR)
+          y_shared = y_frozen + dense(xd, lora_delta())
+        else:
+          y_shared = y_frozen + self.lora.scale * dense(dense(xd, a.astype(self.dtype)),
+                                                        b.astype(self.dtype))
     if task_inputs is None:
       return y_shared, None
 
@@ -754,7 +766,7 @@ class AdaptedDense(nn.Module):
     build_task_path = getattr(self.sine_awb, "build_task_path", None)
     if build_task_path is not None:  # a baseline's task path (models/lora.py)
       return y_shared, frozen_of(frozen_in) + build_task_path(
-          self.num_tasks, self.features, self.dtype)(path_in, a, b)
+          self.num_tasks, self.features, self.dtype)(path_in, a, b, frozen_kernel=kernel_0)
     sine_awb = SineAWB(self.sine_awb, self.num_tasks, self.features, self.dtype, self.lowering,
                        name="sine_awb")
     if frozen_in is path_in:  # e.g. fc1, fc2: the frozen layer can join the task kernels

@@ -5,7 +5,8 @@ Each spec builds a module with Sine-AWB's calling convention,
 so `adapters.AdaptedDense` adds it to the task streams like a Sine-AWB update (a and b are the
 layer's shared LoRA factors):
 
-* `TaskLoraSpec` (MTLoRA): per task t its own low-rank pair, update_t = s * x_t A_t B_t.
+* `TaskLoraSpec` (MTLoRA): per task t its own low-rank pair, update_t = s * x_t A_t B_t (FAAR:
+  in the DoRA form, models/dora.py).
 * `DynamicFilterSpec` (TADFormer, the variant whose counts match its paper): in the shared LoRA's
   rank space, z_t = x_t A, a depthwise k x k filter generated per example and task from the
   spatial mean of z_t by one generator shared by the tasks, update_t = s * filter(z_t) B.
@@ -22,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from freesine_jax.models import dora
 from freesine_jax.models.adapters import lora_a_init
 from freesine_jax.models.layers import dense, per_task_dense
 
@@ -33,19 +35,27 @@ def stacked_lora_a_init(key, shape, dtype=jnp.float32):
 
 
 class TaskLora(nn.Module):
-  """MTLoRA's task-specific LoRA: update_t = scale * x_t A_t B_t, A_t kaiming-uniform, B_t = 0."""
+  """MTLoRA's task-specific LoRA: update_t = scale * x_t A_t B_t, A_t kaiming-uniform, B_t = 0.
+
+  form 'dora' (FAAR): update_t = x_t (m_t V^_t - W0), V^_t from W0 and scale A_t B_t, a
+  magnitude log_m_t per task (models/dora.py); needs the layer's frozen kernel."""
   rank: int
   scale: float
   num_tasks: int
   features: int
   dtype: Any = jnp.float32
+  form: str = "lora"
 
   @nn.compact
-  def __call__(self, path_in, a=None, b=None):
+  def __call__(self, path_in, a=None, b=None, *, frozen_kernel=None):
     del a, b  # MTLoRA's task path does not use the shared factors
     c_in = path_in.shape[-1]
     task_a = self.param("a", stacked_lora_a_init, (self.num_tasks, c_in, self.rank))
     task_b = self.param("b", nn.initializers.zeros, (self.num_tasks, self.rank, self.features))
+    if self.form == "dora":
+      log_m = self.param("log_m", nn.initializers.zeros, (self.num_tasks, self.features))
+      delta = dora.weight_delta(frozen_kernel, task_a, task_b, self.scale, log_m)
+      return per_task_dense(path_in.astype(self.dtype), delta.astype(self.dtype))
     low = per_task_dense(path_in.astype(self.dtype), task_a.astype(self.dtype))
     return self.scale * per_task_dense(low, task_b.astype(self.dtype))
 
@@ -79,7 +89,8 @@ class DynamicTaskFilter(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, path_in, a, b):
+  def __call__(self, path_in, a, b, *, frozen_kernel=None):
+    del frozen_kernel  # the filter's update does not read the frozen weight
     rank, k = a.shape[1], self.kernel_size
     taps = k * k
     z = dense(path_in.astype(self.dtype), a.astype(self.dtype))  # (T, B, H, W, r)
@@ -102,16 +113,18 @@ class DynamicTaskFilter(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class TaskLoraSpec:
-  """model.task_path = 'task_lora' (MTLoRA)."""
+  """model.task_path = 'task_lora' (MTLoRA); form: model.lora.form (FAAR's 'dora')."""
   rank: int = 4
   scale: float = 4.0
+  form: str = "lora"
 
   def __post_init__(self):
     if self.rank < 1:
       raise ValueError(f"model.task_lora.rank must be >= 1, got {self.rank}")
 
   def build_task_path(self, num_tasks: int, features: int, dtype) -> nn.Module:
-    return TaskLora(self.rank, self.scale, num_tasks, features, dtype, name="task_lora")
+    return TaskLora(self.rank, self.scale, num_tasks, features, dtype, self.form,
+                    name="task_lora")
 
 
 @dataclasses.dataclass(frozen=True)

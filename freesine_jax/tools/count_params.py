@@ -24,6 +24,7 @@ from freesine_jax import cli
 from freesine_jax import errors
 from freesine_jax import models
 from freesine_jax import pdrs
+from freesine_jax.models import dora
 
 GROUPS = ("TA adapters (shared LoRA)", "TS adapters (task path, prompt path, gates)",
           "Clock Net + task tokens", "decoders", "trainable backbone")
@@ -42,7 +43,7 @@ def group_of(path: tuple[str, ...]) -> str:
   if path[0] in ("task_tokens", "omegas", "clock"):
     return GROUPS[2]
   leaf = path[-1]
-  if leaf in ("lora_a", "lora_b"):
+  if leaf in ("lora_a", "lora_b", dora.SHARED_MAGNITUDE):
     return GROUPS[0]
   if any(p.startswith(_TS_NAMES) for p in path):
     return GROUPS[1]
