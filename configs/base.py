@@ -195,8 +195,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.model.decoder = ml_collections.ConfigDict()  # per-task heads (HRNet-style)
   # shared: one 270->1080 base modulated per task (Free Sinewich) | independent: a full head
-  # per task ("independent decoder" ablation).
+  # per task ("independent decoder" ablation) | tspd: a full head per task whose branches first
+  # pass FAAR's task-spectral filters and cross-task term (models/tspd.py; the 'faar' arg).
   config.model.decoder.kind = "shared"
+  # tspd's radial grid: code (FAAR's code: linspace over rfft2's unshifted rows, so its "low
+  # band" holds the highest vertical frequencies) | frequency (each bin's true frequency).
+  config.model.decoder.tspd_grid = "code"
   config.model.decoder.proj_channels = (18, 36, 72, 144)  # 1x1 projections of the 4 scales
   config.model.decoder.head_channels = 1080  # channels of the head's first convolution
   config.model.decoder.modulation = "sine"  # as model.sine_awb.modulation, for the shared base

@@ -26,8 +26,8 @@ heads (model.decoder.kind = independent) and no Clock Net:
   tadformer     TADFormer: the shared LoRA, task prompts with prompt-conditioned task inputs and
                 a dynamic task filter in the LoRA's rank space, per stage gates
   faar          FAAR: as mtlora_plus with each task's LoRA at the shared rank, in the DoRA form
-                (model.lora.form), every LoRA's ranks chosen while training (config.train.pdrs);
-                its TS-PD decoder is not built yet (docs/method.md, "Baselines")
+                (model.lora.form), every LoRA's ranks chosen while training (config.train.pdrs),
+                TS-PD heads (model.decoder.kind = tspd)
 e.g. --config=configs/pascal_context.py:mtlora,r32 or --config=configs/synthetic.py:tadformer
 """
 from __future__ import annotations
@@ -144,6 +144,7 @@ def apply_baseline(config: ml_collections.ConfigDict, tokens: tuple[str, ...]) -
     if name == "faar":  # FAAR's code: every task's LoRA at the shared rank, DoRA form, PDRS
       model.task_lora.rank = model.lora.rank
       model.lora.form = "dora"
+      model.decoder.kind = "tspd"
       config.train.pdrs.enabled = True
   elif name == "tadformer":
     model.task_path = "dynamic_filter"

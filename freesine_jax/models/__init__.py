@@ -85,7 +85,8 @@ def sine_spec(section, name: str) -> adapters.SineSpec:
 def decoder_spec(mc) -> decoders.DecoderSpec:
   d = mc.decoder
   return decoders.DecoderSpec(kind=d.kind, proj_channels=tuple(d.proj_channels),
-                              head_channels=d.head_channels, sine=sine_spec(d, "model.decoder"))
+                              head_channels=d.head_channels, sine=sine_spec(d, "model.decoder"),
+                              tspd_grid=d.tspd_grid)
 
 
 def num_outputs(config) -> dict[str, int]:

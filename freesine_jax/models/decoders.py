@@ -2,9 +2,10 @@
 
 Each task's stage features (4 scales) are projected to [18, 36, 72, 144] channels, upsampled to
 the finest scale and concatenated (270 ch). MTLoRA/TADFormer then run a per-task HRNet head
-(270 -> 1080 conv, BN, ReLU, 1x1 conv). Free Sinewich replaces the per-task 270 -> 1080 conv by
-one shared base modulated by each task's frequency with the same sine and low-pass as the
-encoder's Sine-AWB (adapters.SineSpec): h_t = M~_t * x_t + b + b_t.
+(270 -> 1080 conv, BN, ReLU, 1x1 conv; FAAR filters each branch first, tspd.py). Free Sinewich
+replaces the per-task 270 -> 1080 conv by one shared base modulated by each task's frequency
+with the same sine and low-pass as the encoder's Sine-AWB (adapters.SineSpec):
+h_t = M~_t * x_t + b + b_t.
 """
 from __future__ import annotations
 
@@ -18,18 +19,26 @@ import numpy as np
 
 from freesine_jax.models import adapters
 from freesine_jax.models import layers
+from freesine_jax.models import tspd
+
+
+KINDS = ("shared", "independent", "tspd")
 
 
 @dataclasses.dataclass(frozen=True)
 class DecoderSpec:
-  kind: str = "shared"                       # 'shared' (Free Sinewich) | 'independent' (HRNet)
+  # 'shared' (Free Sinewich) | 'independent' (HRNet) | 'tspd' (HRNet + FAAR's TS-PD, tspd.py)
+  kind: str = "shared"
   proj_channels: tuple[int, ...] = (18, 36, 72, 144)
   head_channels: int = 1080
   sine: adapters.SineSpec = adapters.SineSpec(section="model.decoder")  # the shared base's
+  tspd_grid: str = "code"  # tspd.GRIDS: FAAR's code's radial grid or the true frequencies
 
   def __post_init__(self):
-    if self.kind not in ("shared", "independent"):
-      raise ValueError(f"model.decoder.kind={self.kind!r} is not one of ('shared', 'independent')")
+    if self.kind not in KINDS:
+      raise ValueError(f"model.decoder.kind={self.kind!r} is not one of {KINDS}")
+    if self.tspd_grid not in tspd.GRIDS:
+      raise ValueError(f"model.decoder.tspd_grid={self.tspd_grid!r} is not one of {tspd.GRIDS}")
     if self.sine.lowpass not in ("matrix", "none"):
       raise ValueError(f"model.decoder.lowpass={self.sine.lowpass!r} is not one of "
                        "('matrix', 'none') (the decoder base is a 1x1 conv: it has no taps)")
@@ -80,12 +89,14 @@ class ScaleProjections(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, features: Sequence[jax.Array], matrix: jax.Array | None = None):
+  def __call__(self, features: Sequence[jax.Array], matrix: jax.Array | None = None, *,
+               concatenate: bool = True):
     """The concatenation (B, H_0, W_0, sum(channels)); with `matrix` (sum(channels), C_out), the
     concatenation times matrix, computed as sum_i upsample(y_i . matrix_i) with matrix_i the
     rows of scale i: exact (upsampling is linear and acts per channel), and each scale's
     product runs at its own resolution instead of the finest (at 448, 4 x 1.6 GFLOP per image
-    fewer for the shared decoder's 270 -> 1080 base)."""
+    fewer for the shared decoder's 270 -> 1080 base). concatenate=False: the upsampled
+    projections as a list (TS-PD filters each)."""
     if len(features) != len(self.channels):
       raise ValueError(f"got {len(features)} feature scales for {len(self.channels)} projections")
     size = features[0].shape[1:3]
@@ -99,7 +110,7 @@ class ScaleProjections(nn.Module):
       outs.append(resize_bilinear(y, size))
     if matrix is not None:
       return sum(outs)
-    return jnp.concatenate(outs, axis=-1)
+    return jnp.concatenate(outs, axis=-1) if concatenate else outs
 
 
 class HRNetHead(nn.Module):
@@ -142,20 +153,28 @@ class MultiTaskDecoder(nn.Module):
       build = lambda: spec.sine.kernels(base, omegas)
       kernels = (adapters.cached_weight(self, "task_kernels", build)
                  if adapters.inference_cache(self, "task_kernels") else build())
+    projections = {task: ScaleProjections(spec.proj_channels, self.dtype,
+                                          name=f"{task}_projections") for task in self.tasks}
+    if spec.kind == "tspd":  # each task's branches, and the other tasks' mean spectra of them
+      branches = {task: projections[task](task_features[task], concatenate=False)
+                  for task in self.tasks}
+      donors = tspd.donor_spectra([branches[task] for task in self.tasks])
     outputs = {}
     for t, task in enumerate(self.tasks):
-      projections = ScaleProjections(spec.proj_channels, self.dtype, name=f"{task}_projections")
       head = HRNetHead(self.num_outputs[task], spec.head_channels,
-                       input_conv=spec.kind == "independent", dtype=self.dtype,
-                       name=f"{task}_head")
+                       input_conv=spec.kind != "shared", dtype=self.dtype, name=f"{task}_head")
       if spec.kind == "independent":
-        y = head(projections(task_features[task]), train=train)
+        y = head(projections[task](task_features[task]), train=train)
+      elif spec.kind == "tspd":
+        filtered = tspd.TaskSpectralPyramid(spec.tspd_grid, name=f"{task}_spectral")(
+            branches[task], None if donors is None else donors[t])
+        y = head(jnp.concatenate(filtered, axis=-1), train=train)
       else:
         # b and b_t feed straight into BatchNorm, which removes any per-channel constant: they
         # get zero gradient and stay 0 (kept for the paper's parameter count, docs/method.md).
         task_bias = self.param(f"{task}_bias", nn.initializers.zeros, (spec.head_channels,))
         # M~_t (1 x 1) applied to the concatenated projections, scale by scale.
-        h = projections(task_features[task], kernels[t][0, 0]) + base_bias + task_bias
+        h = projections[task](task_features[task], kernels[t][0, 0]) + base_bias + task_bias
         y = head(h.astype(self.dtype), train=train)
       outputs[task] = resize_bilinear(y, out_size).astype(jnp.float32)
     return outputs

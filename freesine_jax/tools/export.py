@@ -61,6 +61,8 @@ def merged_model(model: MultiTaskModel, tasks: Sequence[str]) -> MultiTaskModel:
   if spec is not None and not isinstance(spec, adapters.SineAwbSpec):
     raise errors.UserError(f"export merges Sine-AWB task paths only, not {type(spec).__name__} "
                            "(model.task_path must be sine_awb or none)")
+  if model.decoder.kind == "tspd":
+    raise errors.UserError("export does not fold FAAR's TS-PD heads (model.decoder.kind=tspd)")
   path = None if spec is None else merged_lib.MergedTaskPathSpec(exported_kernel_size(spec))
   adapter = dataclasses.replace(model.adapter, lora=None, sine_awb=path, num_tasks=len(tasks))
   return model.clone(tasks=tuple(tasks), num_outputs={t: model.num_outputs[t] for t in tasks},
