@@ -134,12 +134,13 @@ def test_faar_merged_inference_is_the_same_model():
 def test_faar_counts_the_dora_magnitudes():
   """faar = mtlora_plus with rank-r task LoRAs, plus one magnitude per output unit of every
   shared-LoRA layer (qkv 3C, proj C, fc1 4C, fc2 C per block; the reductions' 2C) and, per task,
-  of each task-LoRA layer (proj C, fc1 4C, fc2 C)."""
+  of each task-LoRA layer (proj C, fc1 4C, fc2 C), plus the TS-PD heads."""
   r = 16
   magnitudes = (sum(9 * c for c in test_baselines.BLOCK_DIMS)
                 + sum(2 * c for c in test_baselines.MERGE_DIMS)
                 + test_baselines.T * sum(o for _, o in test_baselines.task_path_layers()))
   assert magnitudes == 75_648
   got = test_baselines.trainable(f"faar,r{r}")[0]
+  tspd_heads = test_baselines.T * 4_880  # its TS-PD heads (tests/test_tspd.py)
   assert got == test_baselines.trainable(f"mtlora_plus,r{r}")[0] + test_baselines.T * sum(
-      (r - 4) * (i + o) for i, o in test_baselines.task_path_layers()) + magnitudes
+      (r - 4) * (i + o) for i, o in test_baselines.task_path_layers()) + magnitudes + tspd_heads
