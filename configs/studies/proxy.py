@@ -44,6 +44,11 @@ def get_plan() -> study.Plan:
       study.Row("omega4", "ω₀ = 4", SYNTHETIC, OMEGA(4)),
       study.Row("independent_decoder_no_sine", "independent decoder, w/o sine",
                 f"{SYNTHETIC}:independent_decoder,no_sine"),
+      # FAAR's parts: what its TS-PD heads (and their radial grid) give.
+      study.Row("faar_frequency_grid", "FAAR, TS-PD on true frequencies", f"{SYNTHETIC}:faar",
+                ("--config.model.decoder.tspd_grid=frequency",)),
+      study.Row("faar_no_tspd", "FAAR w/o TS-PD (plain HRNet heads)", f"{SYNTHETIC}:faar",
+                ("--config.model.decoder.kind=independent",)),
   )
   tables = (
       study.Table("Free Sinewich and its sine (Δm vs w/o sine)", reference="no_sine",
@@ -55,5 +60,7 @@ def get_plan() -> study.Plan:
       study.Table("Diagnostics (Δm vs Free Sinewich)", reference="free_sinewich",
                   rows=("free_sinewich", "decoder_no_sine", "no_lowpass", "omega2", "omega4",
                         "independent_decoder", "independent_decoder_no_sine")),
+      study.Table("FAAR's decoder (Δm vs FAAR)", reference="faar",
+                  rows=("faar", "faar_frequency_grid", "faar_no_tspd", "mtlora")),
   )
   return study.Plan("proxy", rows, seeds=(0, 1, 2), common_args=STUDY_ARGS, tables=tables)
