@@ -7,7 +7,8 @@ work, on one line.
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+import importlib
+from typing import Any, Iterable
 
 
 class UserError(ValueError):
@@ -40,3 +41,21 @@ def did_you_mean(word: str, candidates: Iterable[str]) -> str:
   """' (did you mean 'x'?)' for the closest candidate, or '' when none is close."""
   close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
   return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def resolve(reference: str, what: str) -> Any:
+  """The attribute a 'package.module:attribute' reference names, imported on first use: the one
+  resolver of the task registry, config.model.factory and the dataset registry. A reference
+  that is malformed, whose module does not import or lacks the attribute is a UserError naming
+  `what` (where the reference came from) and the reference."""
+  module_name, sep, attribute = reference.partition(":")
+  if not sep or not module_name or not attribute:
+    raise UserError(f"{what}: {reference!r} is not 'package.module:attribute'")
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise UserError(f"{what}: {reference!r}: cannot import {module_name} "
+                    f"({first_line(e)}); is its directory on PYTHONPATH?") from None
+  if not hasattr(module, attribute):
+    raise UserError(f"{what}: {reference!r}: {module_name} has no {attribute!r}")
+  return getattr(module, attribute)

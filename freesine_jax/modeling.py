@@ -10,7 +10,6 @@ backbone named by config.model.backbone_weights (a file, a converted directory, 
 from __future__ import annotations
 
 import functools
-import importlib
 from typing import Any
 
 import flax
@@ -34,19 +33,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   factory = config.model.factory
   if not factory:
     return models.build_model(config)
-  module_name, sep, function_name = factory.partition(":")
-  if not sep or not module_name or not function_name:
-    raise errors.UserError(f"config.model.factory={factory!r} must look like "
-                           "'pkg.module:function'")
-  try:
-    module = importlib.import_module(module_name)
-  except ImportError as e:
-    raise errors.UserError(f"config.model.factory={factory!r}: cannot import {module_name} "
-                           f"({e}); is its directory on PYTHONPATH?") from None
-  if not hasattr(module, function_name):
-    raise errors.UserError(f"config.model.factory={factory!r}: {module_name} has no "
-                           f"{function_name!r}")
-  return getattr(module, function_name)(config)
+  return errors.resolve(factory, "config.model.factory")(config)
 
 
 def init_variables(model: nn.Module, config: ml_collections.ConfigDict) -> dict[str, PyTree]:

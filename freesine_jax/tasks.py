@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import types
 from typing import Any, Callable, Mapping
 
@@ -238,12 +237,5 @@ def output_channels(task: str, num_classes: int | None = None) -> int:
 
 @functools.cache
 def resolve(reference: str) -> Any:
-  """The attribute a 'package.module:attribute' reference names (imported on first use)."""
-  module_name, sep, attribute = reference.partition(":")
-  if not sep or not module_name or not attribute:
-    raise ValueError(f"task registry reference {reference!r} is not 'package.module:attribute'")
-  module = importlib.import_module(module_name)
-  if not hasattr(module, attribute):
-    raise ValueError(f"task registry reference {reference!r}: {module_name} has no "
-                     f"{attribute!r}")
-  return getattr(module, attribute)
+  """The attribute a 'package.module:attribute' reference names (errors.resolve), cached."""
+  return errors.resolve(reference, "task registry reference")

@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 
 from configs import synthetic
+from freesine_jax import errors
 from freesine_jax import losses
 from freesine_jax import metrics
+from freesine_jax import modeling
 from freesine_jax import tasks
 from freesine_jax import train
 from freesine_jax.data import augment
 from freesine_jax.data import builder as builder_lib
 from freesine_jax.data import pipeline
+from freesine_jax.data import registry
 
 
 def test_every_kind_reference_resolves():
@@ -32,6 +35,26 @@ def test_bad_references_name_themselves():
     tasks.resolve("freesine_jax.losses")
   with pytest.raises(ValueError, match="freesine_jax.losses:no_such_loss"):
     tasks.resolve("freesine_jax.losses:no_such_loss")
+
+
+def test_one_resolver_names_where_a_bad_reference_came_from():
+  """Task registry, config.model.factory and dataset registry share errors.resolve: a bad
+  reference is a one-line UserError naming its source and the reference."""
+  c = synthetic.get_config("tiny")
+  for factory, says in (("tests.test_train", "is not 'package.module:attribute'"),
+                        ("no_such_pkg.models:build", "cannot import no_such_pkg.models"),
+                        ("tests.test_train:no_such_builder", "has no 'no_such_builder'")):
+    c.model.factory = factory
+    with pytest.raises(errors.UserError) as e:
+      modeling.build_model(c)
+    assert str(e.value).startswith("config.model.factory: ") and says in str(e.value)
+    assert "\n" not in str(e.value)
+  c.model.factory = "tests.test_train:build_tiny_model"
+  assert modeling.build_model(c).__class__.__name__ == "TinyModel"
+  with pytest.raises(errors.UserError, match="task registry reference: 'freesine_jax.nope:f'"):
+    tasks.resolve("freesine_jax.nope:f")
+  for name in registry.DATASET_NAMES:
+    assert isinstance(registry.builder_class(name), type)
 
 
 def test_saliency_and_edge_are_separate_kinds_sharing_the_label_layout():

@@ -29,8 +29,7 @@ def builder_class(name: str):
     raise errors.UserError(f"config.dataset.name={name!r} is not a dataset"
                            f"{errors.did_you_mean(name, DATASET_NAMES)}; the datasets are "
                            f"{', '.join(DATASET_NAMES)}")
-  module_name, class_name = _BUILDERS[name].split(":")
-  return getattr(importlib.import_module(module_name), class_name)
+  return errors.resolve(_BUILDERS[name], f"the builder of dataset {name!r}")
 
 
 def class_names(name: str) -> dict[str, tuple[str, ...]]:
