@@ -42,12 +42,11 @@ class MultiTaskModel(nn.Module):
     if self.use_task_tokens:
       self.task_tokens = self.param("task_tokens", nn.initializers.truncated_normal(0.02),
                                     (num_tasks, self.swin_spec.embed_dim))
-    if not self.task_frequencies:
-      pass
-    elif self.clock_net:
+    if self.task_frequencies and self.clock_net:
       self.clock = adapters.ClockNet(self.clock_s_init, self.clock_c_init, self.clock_spread,
                                      tuple(self.task_generations))
-    else:  # "w/o LCN": free per-task frequencies, started where the Clock Net starts them
+    elif self.task_frequencies:  # "w/o LCN": free per-task frequencies, started where the
+      # Clock Net starts them
       generations = tuple(self.task_generations) or (0,) * num_tasks
       start = self.clock_s_init * (self.clock_c_init +
                                    adapters.clock_offsets_by_round(generations, self.clock_spread))
