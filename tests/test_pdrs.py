@@ -23,6 +23,8 @@ from freesine_jax import pdrs
 from freesine_jax import train
 from freesine_jax.models import adapters
 from freesine_jax.models import lora
+from freesine_jax.tools import analyze
+from freesine_jax.tools import count_params
 from tests import test_train
 
 RANK = 8
@@ -260,9 +262,22 @@ def test_train_step_resumed_mid_shrink_equals_uninterrupted(tmp_path):
   # freshly built state, continued.
   first = train.build_train_step(config, model, variables, schedule)
   half, _ = _steps(config, first.state, first, batches[:4])
-  ckpt = checkpointing.Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_directory(str(tmp_path)),
+                                    async_save=False)
   ckpt.save(4, half, data_iter_state={"index": 4}, metadata={"config": config.to_json()})
   ckpt.wait_until_finished()
+  # What the offline tools read back from it: the count with the kept ranks, per pair.
+  saved_config, saved, step = checkpointing.load_saved_run(str(tmp_path))
+  ranks = pdrs.find_state(half.opt_state).ranks
+  built, kept = pdrs.trained_count(half.params, ranks)
+  assert kept < built
+  lines = count_params.report(saved_config, saved, step).splitlines()
+  total = modeling.count_parameters(half.params)
+  assert lines[-2:] == [f"trainable_params_kept={total - built + kept}",
+                        f"trainable_params={total}"]
+  assert analyze.rank_selection(saved["params"], saved["opt_state"]) == {
+      "kept_ranks": pdrs.kept_ranks(ranks), "lora_params_built": built,
+      "lora_params_kept": kept}
   second = train.build_train_step(config, model, variables, schedule)
   restored, _, _ = ckpt.restore(4, second.state)
   ckpt.close()

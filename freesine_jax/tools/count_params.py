@@ -22,7 +22,7 @@ from flax import traverse_util
 from freesine_jax import checkpointing
 from freesine_jax import cli
 from freesine_jax import errors
-from freesine_jax import models
+from freesine_jax import modeling
 from freesine_jax import pdrs
 from freesine_jax.models import dora
 
@@ -52,7 +52,7 @@ def group_of(path: tuple[str, ...]) -> str:
 
 def variable_shapes(config, image_size=None):
   """Abstract variables of the configured model (no memory allocated)."""
-  model = models.build_model(config)
+  model = modeling.build_model(config)
   size = image_size or tuple(config.dataset.image_size)
   images = jax.ShapeDtypeStruct((1, *size, 3), jnp.float32)
   return jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x), images)
