@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from freesine_jax import errors
 from freesine_jax import pdrs
 
 PyTree = Any
@@ -54,21 +53,18 @@ def weight_decay_mask(params: PyTree) -> PyTree:
 
 
 def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule,
-                   steps_per_epoch: int | None = None) -> optax.GradientTransformation:
-  """clip_by_global_norm (unless optim.grad_clip <= 0) -> AdamW with masked weight decay;
-  with config.train.pdrs.enabled, AdamW inside FAAR's rank selection (pdrs.transformation,
-  which scores the clipped gradients as FAAR does); `steps_per_epoch` is its default shrink
-  interval."""
+                   rank_selection: pdrs.PdrsSpec | None = None) -> optax.GradientTransformation:
+  """clip_by_global_norm (unless optim.grad_clip <= 0) -> AdamW with masked weight decay; with
+  `rank_selection` (pdrs.spec_from_config: FAAR's), AdamW inside its rank selection
+  (pdrs.transformation, which scores the clipped gradients as FAAR does). Reads config.optim
+  only, so the proxy pretraining's config builds it too."""
   optim = config.optim
   parts = []
   if optim.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(float(optim.grad_clip)))
   adamw = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                       weight_decay=optim.weight_decay, mask=weight_decay_mask)
-  if config.train.pdrs.enabled:
-    if not config.train.pdrs.shrink_every_steps and not steps_per_epoch:
-      raise errors.UserError("config.train.pdrs.enabled: set config.train.pdrs."
-                             "shrink_every_steps (the epoch length is not known here)")
-    adamw = pdrs.transformation(pdrs.spec_from_config(config, steps_per_epoch or 0), adamw)
+  if rank_selection is not None:
+    adamw = pdrs.transformation(rank_selection, adamw)
   parts.append(adamw)
   return optax.chain(*parts)

@@ -34,6 +34,8 @@ import ml_collections
 import optax
 from flax import traverse_util
 
+from freesine_jax import errors
+
 PyTree = Any
 Path = tuple[str, ...]
 
@@ -68,10 +70,17 @@ class PdrsSpec:
       raise ValueError(f"the PDRS shrink interval must be >= 1 step, got {self.shrink_every}")
 
 
-def spec_from_config(config: ml_collections.ConfigDict, steps_per_epoch: int) -> PdrsSpec:
-  """config.train.pdrs as a PdrsSpec; shrink_every_steps 0 means once per epoch."""
+def spec_from_config(config: ml_collections.ConfigDict,
+                     steps_per_epoch: int | None) -> PdrsSpec | None:
+  """config.train.pdrs as a PdrsSpec (None unless enabled); shrink_every_steps 0 means once per
+  epoch, `steps_per_epoch` steps."""
   c = config.train.pdrs
-  every = int(c.shrink_every_steps) or int(steps_per_epoch)
+  if not c.enabled:
+    return None
+  every = int(c.shrink_every_steps) or int(steps_per_epoch or 0)
+  if not every:
+    raise errors.UserError("config.train.pdrs.enabled: set config.train.pdrs."
+                           "shrink_every_steps (the epoch length is not known here)")
   return PdrsSpec(rho=float(c.rho), beta=float(c.beta), clip=float(c.clip),
                   margin=int(c.margin), floor=int(c.floor), explore=float(c.explore),
                   shrink_every=every)

@@ -327,9 +327,10 @@ def build_train_step(config: ml_collections.ConfigDict, model: nn.Module,
   on the mesh (init_train_state) and the jitted step for them (make_train_step): what the
   training loop builds, in one place for the loop, the tests and the benchmarks. `mesh`
   defaults to sharding.make_mesh(config); donate_state and trainable: make_train_step;
-  steps_per_epoch: FAAR's default shrink interval (optimizer.make_optimizer)."""
+  steps_per_epoch: FAAR's default shrink interval (pdrs.spec_from_config)."""
   mesh = sharding_lib.make_mesh(config) if mesh is None else mesh
-  tx = optimizer_lib.make_optimizer(config, schedule, steps_per_epoch)
+  tx = optimizer_lib.make_optimizer(config, schedule,
+                                    pdrs.spec_from_config(config, steps_per_epoch))
   state, backbone = init_train_state(variables, tx, config, mesh)
   step = make_train_step(model, tx, config, schedule, mesh, state, backbone,
                          donate_state=donate_state, trainable=trainable)

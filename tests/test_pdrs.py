@@ -17,6 +17,7 @@ import pytest
 
 from configs import synthetic
 from freesine_jax import checkpointing
+from freesine_jax import errors
 from freesine_jax import modeling
 from freesine_jax import optimizer
 from freesine_jax import pdrs
@@ -231,8 +232,10 @@ def test_optimizer_without_pdrs_keeps_its_state_layout():
   assert jax.tree.structure(state) == jax.tree.structure(optax.chain(
       optax.clip_by_global_norm(1.0),
       optax.adamw(lambda s: 1e-3, mask=optimizer.weight_decay_mask)).init(params))
-  with pytest.raises(Exception, match="shrink_every_steps"):
-    optimizer.make_optimizer(faar_config(shrink_every_steps=0), lambda s: 1e-3)
+  assert pdrs.spec_from_config(c, 10) is None
+  assert pdrs.spec_from_config(faar_config(shrink_every_steps=0), 10).shrink_every == 10
+  with pytest.raises(errors.UserError, match="shrink_every_steps"):
+    pdrs.spec_from_config(faar_config(shrink_every_steps=0), None)
 
 
 # ----------------------------------------------------------------------------- the train step

@@ -310,6 +310,24 @@ def plot_frequencies(history: Mapping[str, list], tasks: Sequence[str], path: st
 # ----------------------------------------------------------------------------- command line
 
 
+def load_saved(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict,
+                                                                   int]:
+  """(config, saved TrainState as nested dicts, step) of a run's checkpoint
+  (checkpointing.load_saved_run), refusing a config.model.factory model in one line."""
+  config, saved, step = checkpointing.load_saved_run(workdir, step)
+  if config.model.factory:
+    raise errors.UserError(
+        f"{workdir} trains config.model.factory={config.model.factory!r}, not a Free "
+        "Sinewich model: there are no Sine-AWB layers or task frequencies to analyse")
+  return config, saved, step
+
+
+def load_run(workdir: str, step: int | None = None):
+  """(config, params, step) of a run's checkpoint; a one-line UserError if it has none."""
+  config, saved, step = load_saved(workdir, step)
+  return config, saved["params"], step
+
+
 def _fmt(x) -> str:
   return "nan" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.3f}"
 
@@ -350,11 +368,7 @@ def define_flags() -> None:
 def main(argv):
   del argv
   f = flags.FLAGS
-  config, saved, step = checkpointing.load_saved_run(f.workdir, f.step)
-  if config.model.factory:
-    raise errors.UserError(
-        f"{f.workdir} trains config.model.factory={config.model.factory!r}, not a Free "
-        "Sinewich model: there are no Sine-AWB layers or task frequencies to analyse")
+  config, saved, step = load_saved(f.workdir, f.step)
   params = saved["params"]
   out = f.out or os.path.join(f.workdir, "analysis")
   os.makedirs(out, exist_ok=True)
