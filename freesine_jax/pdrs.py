@@ -165,18 +165,6 @@ def shrink(rs: RankSet, spec: PdrsSpec) -> RankSet:
                  jnp.where(act, keep, rs.cap))
 
 
-def _pair_masks(params: PyTree, masks: dict[Path, jax.Array]) -> PyTree:
-  """`params` with A's rank columns and B's rank rows multiplied by masks[(A path)] (..., R)."""
-  pairs = lora_pairs(params)
-  flat = traverse_util.flatten_dict(params)
-  for a_path, mask in masks.items():
-    b_path = pairs[a_path]
-    a, b = flat[a_path], flat[b_path]
-    flat[a_path] = a * mask[..., None, :].astype(a.dtype)
-    flat[b_path] = b * mask[..., :, None].astype(b.dtype)
-  return traverse_util.unflatten_dict(flat)
-
-
 def kept_masks(ranks: PyTree) -> dict[Path, jax.Array]:
   """{A path: (..., R) 1 for ranks kept (position < cap), 0 for those dropped for good}."""
   return {p: (rs.position < rs.cap[..., None]).astype(jnp.float32)
@@ -198,9 +186,17 @@ def nested_masks(ranks: PyTree, key: jax.Array, explore: float) -> dict[Path, ja
 
 
 def masked(params: PyTree, masks: dict[Path, jax.Array]) -> PyTree:
-  """The parameters the forward pass sees: the pairs' ranks outside `masks` give zero output and
-  receive zero gradient."""
-  return _pair_masks(params, masks)
+  """The parameters the forward pass sees: A's rank columns and B's rank rows multiplied by
+  masks[A path] (..., R), so the ranks outside the masks give zero output and receive zero
+  gradient."""
+  pairs = lora_pairs(params)
+  flat = traverse_util.flatten_dict(params)
+  for a_path, mask in masks.items():
+    b_path = pairs[a_path]
+    a, b = flat[a_path], flat[b_path]
+    flat[a_path] = a * mask[..., None, :].astype(a.dtype)
+    flat[b_path] = b * mask[..., :, None].astype(b.dtype)
+  return traverse_util.unflatten_dict(flat)
 
 
 def transformation(spec: PdrsSpec, inner: optax.GradientTransformation
