@@ -37,6 +37,7 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks import run as bench  # noqa: E402  pylint: disable=g-import-not-at-top
+from benchmarks import timing  # noqa: E402  pylint: disable=g-import-not-at-top
 
 CASES = ("free_sinewich", "mtlora", "full_ft")
 # Dense peak FLOP/s by jax device_kind (vendor datasheets, dense: no sparsity). float32 is the
@@ -68,7 +69,7 @@ def gemm_roof(dtype: str, n: int, reps: int) -> float:
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
   matmul = jax.jit(jnp.dot)
-  seconds = statistics.median(bench.timed(lambda: matmul(a, b), max(reps, 3)))
+  seconds = statistics.median(timing.timed(lambda: matmul(a, b), max(reps, 3)))
   return 2.0 * n ** 3 / seconds
 
 
@@ -122,7 +123,7 @@ def time_train(case: str, size: int, batch: int, dtype: str, reps: int) -> dict[
   def one_step():
     holder["state"], metrics = compiled(holder["state"], data, backbone)
     return metrics["loss"]
-  times = bench.timed(one_step, reps)
+  times = timing.timed(one_step, reps)
   return {"kind": "train", "batch": batch, "compile_s": timings["compile_s"],
           "step_s": statistics.median(times), "flops": stats["flops"],
           "program_gib": program_gib(stats), "peak_in_use_gib": peak_in_use_gib()}
@@ -141,7 +142,7 @@ def time_eval(case: str, size: int, batch: int, dtype: str, reps: int) -> dict[s
     variables = jax.block_until_ready(merge(variables, image_shape=(1, size, size, 3)))
   compiled, timings = bench.lower_and_compile(lambda: forward.lower(variables, images))
   stats = bench.compiled_stats(compiled)
-  times = bench.timed(lambda: compiled(variables, images), reps)
+  times = timing.timed(lambda: compiled(variables, images), reps)
   return {"kind": "eval (merged)", "batch": batch, "compile_s": timings["compile_s"],
           "step_s": statistics.median(times), "flops": stats["flops"],
           "program_gib": program_gib(stats), "peak_in_use_gib": peak_in_use_gib()}

@@ -195,8 +195,8 @@ def swin_group(module: Module, name: str) -> str:
 
 def train_group(module: Module, name: str) -> str:
   """The group of one executed instruction of a Free Sinewich train step: what it computes
-  (the task path's scopes are named in models/adapters.task_path) and whether it belongs to the
-  forward pass or the backward pass (JAX's 'transpose(...)' in its op_name)."""
+  (the task path's scopes are named in adapters.sine_awb_outputs) and whether it belongs to
+  the forward pass or the backward pass (JAX's 'transpose(...)' in its op_name)."""
   op_name = module.matmul_op_name(name) or module.op_name(name)
   backward = "transpose(" in op_name
   if "kernel_build" in op_name:
@@ -310,13 +310,13 @@ def time_gemms(gemms: dict[tuple[int, int, int], int], reps: int) -> dict[str, f
   after a warm-up), times how often it runs: {'seconds', 'flops'} per call of the program."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from benchmarks import run as bench  # pylint: disable=g-import-not-at-top
+  from benchmarks import timing  # pylint: disable=g-import-not-at-top
   seconds = flops = 0.0
   matmul = jax.jit(jnp.dot)
   for (m, k, n), count in gemms.items():
     a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
-    seconds += count * statistics.median(bench.timed(lambda: matmul(a, b), reps))
+    seconds += count * statistics.median(timing.timed(lambda: matmul(a, b), reps))
     flops += count * 2.0 * m * k * n
   return {"seconds": seconds, "flops": flops}
 
@@ -369,10 +369,10 @@ def main():
   parser.add_argument("--reps", type=int, default=3)
   args = parser.parse_args()
   import jax  # pylint: disable=g-import-not-at-top
-  from benchmarks import run as bench  # pylint: disable=g-import-not-at-top
+  from benchmarks import timing  # pylint: disable=g-import-not-at-top
   compiled, call_args = swin_forward(args.size)
   jax.block_until_ready(compiled(*call_args))
-  roof = bench.measure_gemm(3)["flops_per_s"] / 1e9
+  roof = timing.measure_gemm(3)["flops_per_s"] / 1e9
   result = profile_ops(lambda: compiled(*call_args), compiled.as_text(), args.reps)
   print(f"Swin-T forward {args.size}x{args.size}, batch 2: {result['wall_s']:.3f} s per call "
         f"under the profiler, {result['op_s']:.3f} s of op time (time-sliced; "

@@ -37,6 +37,7 @@ from typing import Any, Callable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2.0 ** 30
 sys.path.insert(0, ROOT)
+from benchmarks.timing import GEMM_N, measure_gemm, timed  # noqa: E402  pylint: disable=g-import-not-at-top,line-too-long
 from configs import common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
@@ -95,7 +96,6 @@ CASES = (
          "columns undercount (the maths is block_recompute's)"),
 )
 BATCH = 2
-GEMM_N = 2048
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -124,18 +124,6 @@ def reset_peak_resident() -> None:
   that of what runs from now on (the steps), not of the compilation before."""
   with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
     f.write("5")
-
-
-def timed(fn: Callable[[], Any], reps: int) -> list[float]:
-  """Wall seconds of `reps` calls of fn (each waited for), after one warm-up call."""
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return times
 
 
 def timed_beside_roof(fn: Callable[[], Any], reps: int) -> dict[str, Any]:
@@ -181,17 +169,6 @@ def release_after_compile() -> dict[str, float]:
   kept = resident_gib()
   distributed.release_freed_host_memory()
   return {"resident_compiled_gib": kept, "resident_released_gib": resident_gib()}
-
-
-def measure_gemm(reps: int) -> dict[str, float]:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  a = jax.random.normal(jax.random.key(0), (GEMM_N, GEMM_N), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (GEMM_N, GEMM_N), jnp.float32)
-  matmul = jax.jit(jnp.dot)
-  times = timed(lambda: matmul(a, b), max(reps, 5) * 4)
-  seconds = statistics.median(times)
-  return {"seconds": seconds, "flops_per_s": 2.0 * GEMM_N ** 3 / seconds}
 
 
 def case_config(case: Case, size: int):
@@ -581,7 +558,7 @@ def op_profile_tables(results: dict[str, Any]) -> list[str]:
            "`benchmarks/op_profile.py`: the compiled program run under jax.profiler, each "
            "executed HLO op's traced duration attributed to what it computes (its metadata: the "
            "module path, the JAX primitive; the task path's scopes are named in "
-           "models/adapters.task_path), FLOPs counted from the optimized HLO's dot and "
+           "models/adapters.sine_awb_outputs), FLOPs counted from the optimized HLO's dot and "
            "convolution shapes. The runtime runs independent ops on its threads at once (an op "
            "waiting for a thread counts as running): each instant is shared equally by the ops "
            "running at it, so the shares are of the time any op ran. GEMM roof: the Swin-T's, "

@@ -40,7 +40,7 @@ def measure(c_in: int, c_out: int, side: int, task_loop: str, reps: int):
   frozen = (jax.random.normal(keys[4], (c_in, c_out)) / np.sqrt(c_in), jnp.zeros((c_out,)))
 
   def loss(x, a, w, b, omegas):
-    y = adapters.task_path(x, (a, w, b), omegas, spec, lowering, frozen)
+    y = adapters.sine_awb_outputs(x, (a, w, b), omegas, spec, lowering, frozen)
     return jnp.sum(y * y)
 
   args = (x, a, w, b, omegas)

@@ -28,6 +28,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks import run as bench  # noqa: E402  pylint: disable=g-import-not-at-top
+from benchmarks import timing  # noqa: E402  pylint: disable=g-import-not-at-top
 
 RANK, SCALE, DROPOUT = 64, 4.0, 0.05
 
@@ -135,8 +136,8 @@ def torch_step(size: int):
 def torch_roof() -> float:
   """PyTorch's dense GEMM roof, measured as benchmarks.run.measure_gemm measures JAX's."""
   import torch  # pylint: disable=g-import-not-at-top
-  a = torch.randn(bench.GEMM_N, bench.GEMM_N)
-  return 2.0 * bench.GEMM_N ** 3 / statistics.median(bench.timed(lambda: torch.mm(a, a), 20))
+  a = torch.randn(timing.GEMM_N, timing.GEMM_N)
+  return 2.0 * timing.GEMM_N ** 3 / statistics.median(timing.timed(lambda: torch.mm(a, a), 20))
 
 
 def main():
@@ -155,7 +156,7 @@ def main():
     raise SystemExit(f"trainable counts differ: ours {ours_count:,}, PyTorch {theirs_count:,}")
   ours()  # warm-up (the compiled program's first run)
   theirs()
-  roofs = {"jax_start": bench.measure_gemm(5)["flops_per_s"], "torch_start": torch_roof()}
+  roofs = {"jax_start": timing.measure_gemm(5)["flops_per_s"], "torch_start": torch_roof()}
   times = {"ours": [], "torch": []}
   for r in range(args.rounds):
     for name in ("ours", "torch") if r % 2 == 0 else ("torch", "ours"):
@@ -165,7 +166,7 @@ def main():
       times[name].append(time.perf_counter() - tic)
     print(f"round {r + 1} (load {os.getloadavg()[0]:.2f}): ours {times['ours'][-1]:.2f} s, "
           f"PyTorch {times['torch'][-1]:.2f} s", flush=True)
-  roofs.update(jax_end=bench.measure_gemm(5)["flops_per_s"], torch_end=torch_roof())
+  roofs.update(jax_end=timing.measure_gemm(5)["flops_per_s"], torch_end=torch_roof())
   ratios = [a / b for a, b in zip(times["ours"], times["torch"])]
   result = {
       "size": args.size, "batch": bench.BATCH, "rounds": args.rounds, "trainable": ours_count,

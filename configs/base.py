@@ -18,6 +18,10 @@ def get_config() -> ml_collections.ConfigDict:
   """The base config: every key the library reads (locked: experiment configs change values)."""
   config = ml_collections.ConfigDict()
 
+  # The layout of this config's keys. A config saved by a run (checkpoint metadata, export.json)
+  # with an older version is upgraded when read (config_checks.upgrade; docs/configuration.md,
+  # "Config versions"); a renamed key given on the command line is refused, naming its new key.
+  config.version = 2
   # PRNG seed of parameter init (and of the random backbone when model.backbone_weights is ''),
   # dropout and drop-path; also of the data order and augmentation unless input.seed is set.
   config.seed = 0
@@ -151,6 +155,9 @@ def get_config() -> ml_collections.ConfigDict:
   # task_lora (MTLoRA: per-task low-rank A_t B_t) | dynamic_filter (TADFormer: a depthwise filter
   # generated per example and task, in the shared LoRA's rank space) | none (shared LoRA only).
   config.model.task_path = "sine_awb"
+  # The linear layers of a stage's last block carrying the task path (whatever model.task_path;
+  # config version 1 called it model.sine_awb.modules).
+  config.model.task_path_modules = ("proj", "fc1", "fc2")
   # Where a task stream's frozen linear reads from in fc1/fc2: task (Free Sinewich,
   # Phi(f_t) + update) | shared (MTLoRA, TADFormer: Phi of the shared stream + the task update).
   config.model.task_frozen_input = "task"
@@ -171,8 +178,6 @@ def get_config() -> ml_collections.ConfigDict:
   # Sine-AWB, the task-specific path in each stage's last block: per task t the kernel
   # K_t = lowpass((rho/omega_0) sin(omega_0 omega_t A.W.B / rho)), rho = RMS of each tap.
   config.model.sine_awb = ml_collections.ConfigDict()
-  # The linear layers of a stage's last block carrying the task path (whatever model.task_path).
-  config.model.sine_awb.modules = ("proj", "fc1", "fc2")
   config.model.sine_awb.kernel_size = 3  # k of the k x k convolutional prior W (1: a matrix)
   config.model.sine_awb.w_mode = "full"  # W: full (r x r x k x k) | depthwise (r x k x k)
   config.model.sine_awb.w_init = "identity"  # W init: identity (centre tap = I) | kaiming
@@ -301,7 +306,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Evaluate only the first N batches of eval_split (None: all of it). With P processes, each
   # host's first N of its contiguous 1/P of the split: another subset than on one process.
   config.eval.max_batches = ml_collections.FieldReference(None, field_type=int)
-  # How many examples (the first of eval_split) freesine_jax.evaluate draws as PNG grids and
+  # How many examples (the first of eval_split) freesine_jax.evaluate_main draws as PNG grids and
   # training draws in TensorBoard.
   config.eval.qualitative_examples = 4
 

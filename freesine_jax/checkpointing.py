@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from etils import epath
 import flax
@@ -39,8 +39,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from freesine_jax import config_checks
 from freesine_jax import errors
 
+PyTree = Any
 _STATE, _DATA, _META = "state", "data_iter", "metadata"
 STATE_DIGEST = "state_sha256"  # metadata key: `state_digest` of the saved state
 DAMAGED_DIR = "damaged_checkpoints"  # beside checkpoints/: where damaged steps are moved
@@ -524,26 +526,70 @@ class _DamageReported:
                             f"({type(root).__name__}: {errors.first_line(root)[:300]})") from exc
 
 
-def load_saved_run(workdir: str, step: int | None = None) -> tuple[Any, dict, int]:
-  """(config, saved TrainState as nested dicts, step) of a training run's checkpoint (`step`,
-  default the latest), for the offline tools; a one-line UserError if there is none."""
+def find_checkpoint(config: ml_collections.ConfigDict | None, workdir: str,
+                    step: int | None, *, flag: str = "--workdir",
+                    action: str = "evaluate it") -> tuple[int, dict]:
+  """(step, metadata) of a training run's checkpoint (the latest if step is None), checked
+  against `config` (unless None) before any model is built. Every failure is a one-line
+  UserError naming `flag`, the option that gave `workdir`."""
+  if not epath.Path(workdir).is_dir():
+    raise errors.UserError(f"{flag}={workdir} does not exist (no checkpoints to read); pass "
+                           "the --workdir a training run wrote "
+                           "(python -m freesine_jax.main --workdir=...)")
   directory = checkpoint_directory(workdir)
-  if not os.path.isdir(directory):
-    raise errors.UserError(f"{workdir}: no checkpoints/ directory (is it a training --workdir?)")
+  if not epath.Path(directory).is_dir():
+    raise errors.UserError(f"{flag}={workdir} holds no checkpoints/ directory; pass the "
+                           "--workdir of a training run that saved a checkpoint")
   ckpt = Checkpointer(directory, async_save=False)
   try:
-    steps = ckpt.all_steps()
+    steps = sorted(ckpt.all_steps())
     if not steps:
-      raise errors.UserError(f"{directory}: no checkpoint saved yet")
-    step = max(steps) if step is None else int(step)
-    if step not in steps:
-      raise errors.UserError(f"{directory}: no checkpoint at step {step} (saved: "
-                             f"{sorted(steps)})")
+      raise errors.UserError(f"{directory} holds no complete checkpoint yet; train longer or "
+                             "wait for the first checkpoint")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise errors.UserError(f"--step={step}: {directory} has no checkpoint at that step; the "
+                             f"saved steps are {', '.join(map(str, steps))}")
     metadata = ckpt.read_metadata(step)
-    if not metadata.get("config"):
-      raise errors.UserError(f"{directory} step {step}: the checkpoint's metadata holds no "
-                             "config")
-    config = ml_collections.ConfigDict(json.loads(metadata["config"]))
+  finally:
+    ckpt.close()
+  if config is not None:
+    check_compatible(metadata, config, workdir, step, action)
+  return int(step), metadata
+
+
+def restore_checkpoint(workdir: str, step: int, metadata: dict,
+                       variables: Mapping[str, PyTree]) -> dict[str, PyTree]:
+  """`variables` (freshly initialised: their frozen backbone is kept, and checked against the
+  hash the checkpoint recorded) with the params and batch_stats saved at `step`."""
+  check_backbone(metadata, tree_hash(variables["backbone"]), step)
+  ckpt = Checkpointer(checkpoint_directory(workdir),
+                                    async_save=False)
+  try:
+    saved = ckpt.restore_saved_state(step)
+  finally:
+    ckpt.close()
+  for name in ("params", "batch_stats"):
+    if (jax.tree_util.tree_structure(dict(variables[name]))
+        != jax.tree_util.tree_structure(dict(saved[name]))):
+      raise errors.UserError(f"{workdir} step {step}: the checkpoint's {name} do not fit the "
+                             "model this config builds; use the config the run was trained with")
+  return {"backbone": variables["backbone"], "params": saved["params"],
+          "batch_stats": saved["batch_stats"]}
+
+
+def load_saved_run(workdir: str, step: int | None = None, *, flag: str = "--workdir"
+                   ) -> tuple[Any, dict, int]:
+  """(config, saved TrainState as nested dicts, step) of a training run's checkpoint (`step`,
+  default the latest), for the offline tools; a one-line UserError if there is none."""
+  step, metadata = find_checkpoint(None, workdir, step, flag=flag)
+  if not metadata.get("config"):
+    raise errors.UserError(f"{checkpoint_directory(workdir)} step {step}: the checkpoint's "
+                           "metadata holds no config")
+  config = ml_collections.ConfigDict(config_checks.upgrade(json.loads(metadata["config"])))
+  ckpt = Checkpointer(checkpoint_directory(workdir), async_save=False)
+  try:
     saved = ckpt.restore_saved_state(step)
   finally:
     ckpt.close()
@@ -583,7 +629,7 @@ def config_differences(saved_config_json: str, config) -> list[tuple[str, Any, A
   """(key, value in the checkpoint, value in `config`) for every key of COMPARED_SECTIONS that
   differs. model.backbone_weights may move (its content is checked by the backbone hash), and
   model.compute.* chooses how the same function is computed (e.g. resume a CPU run on TPU)."""
-  saved = json.loads(saved_config_json)
+  saved = config_checks.upgrade(json.loads(saved_config_json))  # a run saved by older code
   current = json.loads(config.to_json_best_effort())
   diffs = []
   for section in COMPARED_SECTIONS:

@@ -245,6 +245,9 @@ def leaf_keys(declared: ml_collections.ConfigDict, prefix: str = "") -> list[str
 
 def check_key(declared: ml_collections.ConfigDict, key: str) -> None:
   """UserError unless `key` ('a.b.c') is a key of the config `declared`."""
+  moved = config_checks.renamed(key)
+  if moved:
+    raise errors.UserError("--" + moved)
   node = declared
   for part in key.split("."):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:

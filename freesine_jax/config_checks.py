@@ -1,4 +1,5 @@
-"""The allowed range of every numeric config key, checked once before anything is built.
+"""The allowed range of every numeric config key, checked once before anything is built; and
+the config's versions: saved configs of older layouts upgraded, renamed keys refused.
 
 A value out of range (`--config.input.batch_size=-8`) is a one-line `errors.UserError` naming the
 key, raised by `check_values`, which every command line runs on its parsed --config
@@ -6,9 +7,15 @@ key, raised by `check_values`, which every command line runs on its parsed --con
 configs/base.py; a key a config does not have (configs/pretrain_proxy.py's own schema) is
 skipped. Choices
 among names (model.task_path, ...) are checked where they are read, with the list of names.
+
+A config is versioned data: configs/base.py's `version` is the layout of its keys. A config a run
+saved (checkpoint metadata, export.json) under an older version is brought to this layout by
+`upgrade` when it is read; a key renamed since (`RENAMED`) given on the command line is refused
+by cli.check_key in one line naming the new key.
 """
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -17,6 +24,48 @@ import ml_collections
 from freesine_jax import errors
 
 INF = math.inf
+
+CONFIG_VERSION = 2  # configs/base.py's config.version
+# Old key -> (new key, the version that renamed it).
+RENAMED: dict[str, tuple[str, int]] = {
+    "model.sine_awb.modules": ("model.task_path_modules", 2),
+}
+
+
+def renamed(key: str) -> str | None:
+  """The one-line refusal of a key renamed since, or None for any other key."""
+  if key not in RENAMED:
+    return None
+  new, version = RENAMED[key]
+  return (f"config.{key} is now config.{new} (config version {version}, docs/configuration.md "
+          f"\"Config versions\"); pass --config.{new}=...")
+
+
+def upgrade(saved: dict) -> dict:
+  """A config dict saved by a run (any version) in this version's layout: each key renamed
+  since moved to its new name; version set. Saved configs without a version are version 1."""
+  out = json.loads(json.dumps(saved))  # a deep copy of plain JSON values
+  version = int(out.get("version", 1))
+  if version > CONFIG_VERSION:
+    raise errors.UserError(f"a saved config of version {version} is newer than this code's "
+                           f"({CONFIG_VERSION}); update freesine_jax")
+  for old, (new, since) in RENAMED.items():
+    if version >= since:
+      continue
+    *old_parents, old_name = old.split(".")
+    node = out
+    for part in old_parents:
+      node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or old_name not in node:
+      continue
+    value = node.pop(old_name)
+    *new_parents, new_name = new.split(".")
+    target = out
+    for part in new_parents:
+      target = target.setdefault(part, {})
+    target[new_name] = value
+  out["version"] = CONFIG_VERSION
+  return out
 
 # key: (low, high, what); low <= value <= high; None allowed where the key's default is None.
 RANGES: dict[str, tuple[float, float, str]] = {
@@ -86,6 +135,15 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def _is_number(value: Any) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_version(config: ml_collections.ConfigDict) -> None:
+  """UserError for a training config of another version than this code's (a saved one is
+  upgraded when read; a config file written for older code is refused, not half-read)."""
+  if config.version != CONFIG_VERSION:
+    raise errors.UserError(f"config.version={config.version!r}: this code reads config "
+                           f"version {CONFIG_VERSION} (docs/configuration.md, \"Config versions\"); "
+                           "rename the keys listed there")
 
 
 def check_values(config: ml_collections.ConfigDict) -> None:

@@ -1,20 +1,17 @@
-"""Evaluation: a jit-compiled forward pass, streaming meters, pictures, and the command line.
+"""Evaluation, the library: a jit-compiled forward pass, streaming meters, pictures, and a saved
+run evaluated into metrics.json (`evaluate_run`).
 
-  python -m freesine_jax.evaluate --config=configs/<file>.py[:<arg>] --workdir=<run> \
-      [--step=N] [--out=<dir>] [--weights=<export dir>]
-
-evaluates a training run's checkpoint (the latest, or --step) on config.dataset.eval_split and
-writes to --out (default <run>/eval/step_<N>):
+Training calls `evaluate`, `predict`, the untrained-baseline key and the verdict; the command
+line, `python -m freesine_jax.evaluate_main`, calls `evaluate_run`. `evaluate_run` writes to
+`out` (default <run>/eval/step_<N>):
 
   metrics.json          per-task metrics, delta_m against config.eval.reference, what was evaluated
   examples/<i>.png      image, ground truth and prediction per task for the first
                         config.eval.qualitative_examples examples of the split (visualize.py)
 
-and prints the per-task table. The config must describe the run's model (tasks, classes,
-config.model); evaluation keys (eval split, batch size, eval.max_batches, ...) may differ.
---weights=<dir> evaluates merged export weights (python -m freesine_jax.tools.export) instead of
-the checkpoint. The library half (`evaluate`, `predict`, the untrained-baseline
-key and verdict) is what training calls.
+The config must describe the run's model (tasks, classes, config.model); evaluation keys (eval
+split, batch size, eval.max_batches, ...) may differ. Checkpoint lookup and restore are
+checkpointing.find_checkpoint / restore_checkpoint.
 """
 from __future__ import annotations
 
@@ -26,7 +23,6 @@ import os
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from absl import flags
 from etils import epath
 import flax.linen as nn
 import jax
@@ -35,19 +31,17 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from freesine_jax import checkpointing
-from freesine_jax import cli
-from freesine_jax import errors
 from freesine_jax import metrics as metrics_lib
 from freesine_jax import modeling
 from freesine_jax import models
 from freesine_jax import sharding as sharding_lib
 from freesine_jax import tasks as tasks_lib
 from freesine_jax import visualize
+from freesine_jax import writers
 from freesine_jax.data import registry
 from freesine_jax.models import adapters
 
 PyTree = Any
-PROG = "freesine_jax.evaluate"
 
 
 # ----------------------------------------------------------------------------- the library
@@ -262,114 +256,39 @@ def format_report(results: Mapping[str, Mapping[str, Any]], delta: float | None,
   return table + f"\nΔm vs config.eval.reference: {delta:+.2f}%"
 
 
-def jsonable(x: Any) -> Any:
-  """Numbers, arrays and nested containers as JSON values (non-finite floats -> None)."""
-  if isinstance(x, Mapping):
-    return {str(k): jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [jsonable(v) for v in x]
-  if isinstance(x, (np.generic, np.ndarray, jax.Array)):
-    return jsonable(np.asarray(x).tolist())
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  return x
-
-
 # ----------------------------------------------------------------------------- a saved run
 
 
-def load_weights(weights: str, config: ml_collections.ConfigDict):
-  """Merged export weights (tools/export) for `config`'s tasks: (model, variables, step)."""
-  from freesine_jax.tools import export  # pylint: disable=g-import-not-at-top
-  exported = export.load(weights)
-  if tuple(exported.tasks) != tuple(config.tasks):
-    raise errors.UserError(
-        f"--weights={weights} serves the tasks {', '.join(exported.tasks)}, the config "
-        f"{', '.join(config.tasks)}; pass --config.tasks=\"{tuple(exported.tasks)}\"")
-  return exported.model, exported.variables, exported.step
-
-
-def find_checkpoint(config: ml_collections.ConfigDict | None, workdir: str,
-                    step: int | None, *, flag: str = "--workdir",
-                    action: str = "evaluate it") -> tuple[int, dict]:
-  """(step, metadata) of a training run's checkpoint (the latest if step is None), checked
-  against `config` (unless None) before any model is built. Every failure is a one-line
-  UserError naming `flag`, the option that gave `workdir`."""
-  if not epath.Path(workdir).is_dir():
-    raise errors.UserError(f"{flag}={workdir} does not exist; pass the --workdir a training "
-                           "run wrote (python -m freesine_jax.main --workdir=...)")
-  directory = checkpointing.checkpoint_directory(workdir)
-  if not epath.Path(directory).is_dir():
-    raise errors.UserError(f"{flag}={workdir} holds no checkpoints/ directory; pass the "
-                           "--workdir of a training run that saved a checkpoint")
-  ckpt = checkpointing.Checkpointer(directory, async_save=False)
-  try:
-    steps = sorted(ckpt.all_steps())
-    if not steps:
-      raise errors.UserError(f"{directory} holds no complete checkpoint yet; train longer or "
-                             "wait for the first checkpoint")
-    if step is None:
-      step = steps[-1]
-    elif step not in steps:
-      raise errors.UserError(f"--step={step}: {directory} has no checkpoint at that step; the "
-                             f"saved steps are {', '.join(map(str, steps))}")
-    metadata = ckpt.read_metadata(step)
-  finally:
-    ckpt.close()
-  if config is not None:
-    checkpointing.check_compatible(metadata, config, workdir, step, action)
-  return int(step), metadata
-
-
-def restore_checkpoint(workdir: str, step: int, metadata: dict,
-                       variables: Mapping[str, PyTree]) -> dict[str, PyTree]:
-  """`variables` (freshly initialised: their frozen backbone is kept, and checked against the
-  hash the checkpoint recorded) with the params and batch_stats saved at `step`."""
-  checkpointing.check_backbone(metadata, checkpointing.tree_hash(variables["backbone"]), step)
-  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_directory(workdir),
-                                    async_save=False)
-  try:
-    saved = ckpt.restore_saved_state(step)
-  finally:
-    ckpt.close()
-  for name in ("params", "batch_stats"):
-    if (jax.tree_util.tree_structure(dict(variables[name]))
-        != jax.tree_util.tree_structure(dict(saved[name]))):
-      raise errors.UserError(f"{workdir} step {step}: the checkpoint's {name} do not fit the "
-                             "model this config builds; use the config the run was trained with")
-  return {"backbone": variables["backbone"], "params": saved["params"],
-          "batch_stats": saved["batch_stats"]}
-
-
-def default_out(workdir: str, step: int, weights: str | None) -> str:
+def default_out(workdir: str, step: int, merged: bool) -> str:
   """<workdir>/eval/step_<N>, or .../export_step_<N> for merged export weights."""
-  return os.path.join(workdir, "eval", f"{'export_' if weights else ''}step_{step}")
+  return os.path.join(workdir, "eval", f"{'export_' if merged else ''}step_{step}")
 
 
 def evaluate_run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None,
-                 weights: str | None = None, out: str | None = None,
+                 merged: tuple[nn.Module, dict, int] | None = None, out: str | None = None,
                  create_eval_loader: Callable | None = None) -> dict[str, Any]:
-  """Evaluates a training run's checkpoint (or export `weights`); writes metrics.json and the
+  """Evaluates a training run's checkpoint (`step`, default the latest), or `merged` export
+  weights as (model, variables, step) (evaluate_main.load_weights); writes metrics.json and the
   example PNGs to `out` (default <workdir>/eval/step_<N>); returns the metrics.json content."""
   for task in config.tasks:
     tasks_lib.get_task(task)
   mesh = sharding_lib.make_mesh(config)
   sharding_lib.check_batch_size(int(config.input.eval_batch_size), mesh,
                                 "config.input.eval_batch_size")
-  if weights:
-    model, variables, step = load_weights(weights, config)
+  if merged is not None:
+    model, variables, step = merged
   else:
-    step, metadata = find_checkpoint(config, workdir, step)
+    step, metadata = checkpointing.find_checkpoint(config, workdir, step)
     model = modeling.build_model(config)
-    variables = restore_checkpoint(workdir, step, metadata,
-                                   modeling.init_variables(model, config))
+    variables = checkpointing.restore_checkpoint(workdir, step, metadata,
+                                                 modeling.init_variables(model, config))
   if create_eval_loader is None:
     from freesine_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     create_eval_loader = pipeline.create_eval_loader
   loader = create_eval_loader(config)
   forward, merge = make_eval_forward(model), make_inference_merge(model)
   results, delta = evaluate(forward, variables, loader, config, mesh, merge)
-  out = out or default_out(workdir, step, weights)
+  out = out or default_out(workdir, step, merged is not None)
   images = []
   if jax.process_index() == 0:
     (epath.Path(out) / "examples").mkdir(parents=True, exist_ok=True)
@@ -379,7 +298,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, *, step: int |
     for i, grid in enumerate(grids):
       images.append(os.path.join("examples", f"{i}.png"))
       visualize.to_png(grid, os.path.join(out, images[-1]))
-  report = jsonable({
+  report = writers.jsonable({
       "workdir": checkpointing.absolute(workdir),
       "step": step,
       "dataset": config.dataset.name,
@@ -393,37 +312,3 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, *, step: int |
   if jax.process_index() == 0:
     (epath.Path(out) / "metrics.json").write_text(json.dumps(report, indent=2))
   return report
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def define_flags() -> None:
-  cli.define_config_flag()
-  cli.define_run_flags("evaluate")
-  flags.DEFINE_string("out", None, "Output directory (default: <workdir>/eval/step_<N>).")
-  flags.DEFINE_string("weights", None, "Merged export weights (tools.export --out) to evaluate "
-                      "instead of the checkpoint.")
-  flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv: Sequence[str]) -> None:
-  del argv
-  f = flags.FLAGS
-  report = evaluate_run(f.config, f.workdir, step=f.step, weights=f.weights, out=f.out)
-  if jax.process_index() == 0:
-    out = f.out or default_out(f.workdir, report["step"], f.weights)
-    print(f"step {report['step']} of {f.workdir} on {report['dataset']}/{report['split']}:")
-    print(format_report(report["results"], report["delta_m"],
-                        registry.class_names(f.config.dataset.name)))
-    print(f"wrote {os.path.join(out, 'metrics.json')} and {len(report['images'])} example "
-          f"picture(s) in {os.path.join(out, 'examples')}")
-
-
-def run() -> None:
-  """Console-script entry point (`freesine-evaluate`)."""
-  cli.run(PROG, define_flags, main)
-
-
-if __name__ == "__main__":
-  run()

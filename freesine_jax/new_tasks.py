@@ -25,7 +25,6 @@ import numpy as np
 
 from freesine_jax import checkpointing
 from freesine_jax import errors
-from freesine_jax import evaluate
 from freesine_jax import modeling
 from freesine_jax import models
 from freesine_jax import tasks as tasks_lib
@@ -85,13 +84,13 @@ def start_from_trained(config: ml_collections.ConfigDict, model, variables: Mapp
     raise errors.UserError("config.train.new_tasks adds tasks to the multi-task model only (not "
                            "a config.model.factory model or model.separate_models)")
   old_config = trained_run_config(config)
-  step, metadata = evaluate.find_checkpoint(None, init_from, None,
+  step, metadata = checkpointing.find_checkpoint(None, init_from, None,
                                             flag="config.train.init_from")
   _check_trained_run(config, metadata, init_from)
   checkpointing.check_compatible(metadata, old_config, init_from, step, "add tasks to it")
   old_model = modeling.build_model(old_config)
-  old = evaluate.restore_checkpoint(init_from, step, metadata,
-                                    modeling.init_variables(old_model, old_config))
+  old = checkpointing.restore_checkpoint(init_from, step, metadata,
+                                         modeling.init_variables(old_model, old_config))
   if checkpointing.tree_hash(old["backbone"]) != checkpointing.tree_hash(variables["backbone"]):
     raise errors.UserError("the new model's frozen backbone differs from the trained run's "
                            "(config.model.backbone_weights, config.seed); use the run's")

@@ -34,11 +34,9 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
-from typing import Any, Sequence
+from typing import Any
 
-from absl import logging
 import flax.linen as nn
 import flax.serialization
 from flax import traverse_util
@@ -51,6 +49,7 @@ import optax
 from freesine_jax import checkpointing
 from freesine_jax import errors
 from freesine_jax import optimizer as optimizer_lib
+from freesine_jax import writers
 from freesine_jax.data import augment
 from freesine_jax.data import synthetic
 from freesine_jax.models import pretrained
@@ -246,11 +245,6 @@ def _silent(*unused_args) -> None:
   pass
 
 
-def format_duration(seconds: float) -> str:
-  from freesine_jax import train  # pylint: disable=g-import-not-at-top  # train imports us
-  return train.format_duration(seconds)
-
-
 def batch_indices(config: ml_collections.ConfigDict, step: int) -> np.ndarray:
   """The training examples of `step` (1-based): epoch e is permutation e of the training
   images (a function of the seed and e), read in order. A pure function of the step, so a
@@ -395,7 +389,7 @@ def pretrain(config: ml_collections.ConfigDict, log=print,
       log(f"  step {step}/{steps} | loss {mean['loss']:.4f} (composition "
           f"{mean['composition']:.4f}, presence {mean['presence']:.4f}) | cell acc "
           f"{100 * mean['composition_acc']:.1f}% | lr {float(schedule(step)):.2e} | "
-          f"ETA {format_duration(rate * (steps - step))}")
+          f"ETA {writers.format_duration(rate * (steps - step))}")
 
   val = {}
   for start in range(0, n_val, batch_size):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -45,6 +44,7 @@ from freesine_jax import optimizer as optimizer_lib
 from freesine_jax import pdrs
 from freesine_jax import sharding as sharding_lib
 from freesine_jax import tasks as tasks_lib
+from freesine_jax import writers
 from freesine_jax.data import registry
 from freesine_jax.models import dora
 
@@ -342,136 +342,6 @@ def build_train_step(config: ml_collections.ConfigDict, model: nn.Module,
 # ------------------------------------------------------------------------------------------
 
 
-def _flat_eval(results: Mapping[str, Mapping[str, Any]], prefix: str) -> dict[str, float]:
-  flat = {}
-  for task, metrics in results.items():
-    for key, value in metrics.items():
-      if isinstance(value, (int, float, np.integer, np.floating)):
-        flat[f"{prefix}/{task}/{key}"] = float(value)
-  return flat
-
-
-def format_duration(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(round(seconds))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-class JsonLines:
-  """A JSON-lines file that grows by lines: appended on a file system, rewritten whole on an
-  object store (gs://), whose objects cannot be appended to."""
-
-  def __init__(self, path: str, rewrite: bool):
-    self.path = epath.Path(path)
-    self.rewrite = rewrite
-    self._lines = []
-    if rewrite and self.path.exists():
-      self._lines = self.path.read_text().splitlines(keepends=True)
-    self._file = None if rewrite else self.path.open("a")
-
-  def drop_after(self, step: int) -> int:
-    """Drops the rows past `step` (and a last line cut short by a kill), rewriting the file
-    atomically, so a resumed run's file reads as one run. Returns how many rows it dropped."""
-    if not self.path.exists():
-      return 0
-    lines = self.path.read_text().splitlines(keepends=True)
-    kept = []
-    for line in lines:
-      try:
-        row = json.loads(line)
-      except ValueError:
-        continue
-      if isinstance(row, dict) and int(row.get("step", 0)) <= step:
-        kept.append(line if line.endswith("\n") else line + "\n")
-    if len(kept) == len(lines) and all(line.endswith("\n") for line in lines):
-      return 0
-    if self._file is not None:
-      self._file.close()
-    if self.rewrite:
-      self.path.write_text("".join(kept))
-    else:
-      partial = self.path.with_name(self.path.name + ".partial")
-      partial.write_text("".join(kept))
-      os.replace(partial, self.path)
-      self._file = self.path.open("a")
-    self._lines = kept if self.rewrite else []
-    return len(lines) - len(kept)
-
-  def write(self, record: Mapping[str, Any]) -> None:
-    line = json.dumps(evaluate_lib.jsonable(record)) + "\n"
-    if self.rewrite:
-      self._lines.append(line)
-      self.path.write_text("".join(self._lines))
-    else:
-      self._file.write(line)
-      self._file.flush()
-
-  def close(self) -> None:
-    if self._file is not None:
-      self._file.close()
-
-
-class Writer:
-  """metrics.jsonl + TensorBoard (tensorboardX: scalars and images) + stdout, on process 0.
-
-  The workdir may be a gs:// URL (TensorBoard then needs google-cloud-storage, the JSON files
-  gcsfs: docs/launch.md).
-  """
-
-  def __init__(self, workdir: str):
-    self.enabled = jax.process_index() == 0
-    self._tb = None
-    self._jsonl = None
-    if self.enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-      self._jsonl = JsonLines(f"{workdir}/metrics.jsonl", rewrite=checkpointing.is_url(workdir))
-      self._tb = SummaryWriter(f"{workdir}/tb")
-      self._tb_dir = f"{workdir}/tb"
-
-  def continue_from(self, step: int) -> None:
-    """Training goes on from `step` (a resume, or a restart with no checkpoint): rows logged past
-    it by the interrupted run are dropped from metrics.jsonl, and TensorBoard is told to hide
-    its events past it (tensorboardX purge_step), so neither shows a doubled segment."""
-    if not self.enabled:
-      return
-    if self._jsonl.drop_after(step):
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb.close()
-      self._tb = SummaryWriter(self._tb_dir, purge_step=step + 1)
-
-  def scalars(self, step: int, values: Mapping[str, float]) -> None:
-    if not self.enabled:
-      return
-    self._jsonl.write({"step": int(step), **values})
-    for k, v in values.items():
-      if isinstance(v, (int, float)) and math.isfinite(v):
-        self._tb.add_scalar(k, v, int(step))
-    self._tb.flush()
-
-  def images(self, step: int, images: Sequence[np.ndarray], prefix: str = "examples") -> None:
-    """RGB uint8 (H, W, 3) images as TensorBoard images '<prefix>/<i>'."""
-    if not self.enabled:
-      return
-    for i, image in enumerate(images):
-      self._tb.add_image(f"{prefix}/{i}", np.asarray(image, np.uint8), int(step),
-                         dataformats="HWC")
-    self._tb.flush()
-
-  def print(self, text: str) -> None:
-    if self.enabled:
-      print(text, flush=True)
-
-  def close(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.close()
-    if self._tb is not None:
-      self._tb.close()
-
-
 def window_summary(pending: Sequence[Mapping[str, Any]], seconds: float,
                    global_batch: int, timed_steps: int | None = None) -> dict[str, float]:
   """Scalars of a logging window: step metrics averaged over its steps (the task frequencies
@@ -507,7 +377,8 @@ def progress_line(step: int, total_steps: int, summary: Mapping[str, float],
   return (f"step {step:>{len(str(total_steps))}}/{total_steps} "
           f"[{100.0 * step / total_steps:5.1f}%] | loss {summary['loss']:.4f} ({per_task}) | "
           f"lr {summary['lr']:.3e}{freq_text} | {summary['steps_per_sec']:.2f} steps/s, "
-          f"{summary['examples_per_sec']:.1f} examples/s | ETA {format_duration(eta_seconds)}")
+          f"{summary['examples_per_sec']:.1f} examples/s | "
+          f"ETA {writers.format_duration(eta_seconds)}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -591,6 +462,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def _train_and_evaluate(config, workdir, *, create_train_loader, create_eval_loader,
                         stop_requested, opened: list) -> dict[str, Any]:
   """train_and_evaluate's body; appends its Checkpointer to `opened`."""
+  config_checks.check_version(config)
   config_checks.check_values(config)
   tasks = tuple(config.tasks)
   for t in tasks:
@@ -607,7 +479,7 @@ def _train_and_evaluate(config, workdir, *, create_train_loader, create_eval_loa
   sharding_lib.check_batch_size(int(config.input.eval_batch_size), mesh,
                                 "config.input.eval_batch_size")
   checkpointing.ensure_workdir(workdir)
-  writer = Writer(workdir)
+  writer = writers.Writer(workdir)
 
   # Data.
   if create_train_loader is None or create_eval_loader is None:
@@ -665,8 +537,8 @@ def _train_and_evaluate(config, workdir, *, create_train_loader, create_eval_loa
                                              merge, log=writer.print)
       if writer.enabled:
         untrained_path.write_text(json.dumps(
-            evaluate_lib.jsonable({"key": baseline_key, "results": untrained})))
-      writer.scalars(0, _flat_eval(untrained, "untrained"))
+            writers.jsonable({"key": baseline_key, "results": untrained})))
+      writer.scalars(0, writers.flat_scalars(untrained, "untrained"))
 
   # Resume.
   ckpt = checkpointing.Checkpointer(
@@ -761,7 +633,7 @@ def _train_and_evaluate(config, workdir, *, create_train_loader, create_eval_loa
       results, delta = evaluate_lib.evaluate(forward, _variables(state, backbone), eval_loader,
                                              config, mesh, merge)
       extra = {} if delta is None else {"eval/delta_m": delta}
-      writer.scalars(step, {**_flat_eval(results, "eval"), **extra})
+      writer.scalars(step, {**writers.flat_scalars(results, "eval"), **extra})
     t_log += time.perf_counter() - t_aside
 
   if ckpt.latest_step() != step:
@@ -772,7 +644,7 @@ def _train_and_evaluate(config, workdir, *, create_train_loader, create_eval_loa
   # Final evaluation.
   final, delta = evaluate_lib.evaluate(forward, _variables(state, backbone), eval_loader,
                                        config, mesh, merge)
-  writer.scalars(step, {**_flat_eval(final, "eval"),
+  writer.scalars(step, {**writers.flat_scalars(final, "eval"),
                         **({} if delta is None else {"eval/delta_m": delta})})
   report = evaluate_lib.format_report(final, delta, registry.class_names(config.dataset.name))
   writer.print(f"\nfinal evaluation at step {step}:\n{report}")
@@ -798,7 +670,7 @@ def _train_and_evaluate(config, workdir, *, create_train_loader, create_eval_loa
                  f"{num_trainable - built + kept:,} trainable parameters in use "
                  "(per layer: python -m freesine_jax.tools.analyze --workdir=...)")
 
-  results = evaluate_lib.jsonable({
+  results = writers.jsonable({
       "step": step,
       "final": final,
       "delta_m": delta,

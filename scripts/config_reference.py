@@ -127,6 +127,17 @@ def render() -> str:
       "key that is not declared here is an error naming the closest one. Dict-valued keys",
       "(`eval.reference`) are set in a config file.",
   ]
+  from freesine_jax import config_checks  # pylint: disable=g-import-not-at-top
+  out += ["", "## Config versions", "",
+          "A config is versioned data: `version` (top level) is the layout of its keys, now",
+          f"{config_checks.CONFIG_VERSION}. A run saves its config with its checkpoints and",
+          "exports; a config saved under an older version is brought to this layout when it is",
+          "read (evaluating, resuming, adding tasks to, exporting or analysing an older run),",
+          "so older runs keep working. A key renamed since is refused on the command line in",
+          "one line naming its new key. The renames:", "",
+          "| old key | new key | since version |", "|---|---|---|"]
+  out += [f"| `{old}` | `{new}` | {since} |"
+          for old, (new, since) in config_checks.RENAMED.items()]
   meanings = {e["key"]: e["meaning"] for e in entries if e["section"]}
   current = None
   for entry in entries:

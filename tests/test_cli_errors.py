@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY_FACTORY, run_clis_in_pairs
 
 TRAIN = ["-m", "freesine_jax.main"]
-EVALUATE = ["-m", "freesine_jax.evaluate"]
+EVALUATE = ["-m", "freesine_jax.evaluate_main"]
 TINY = "--config=configs/synthetic.py:tiny"
 FACTORY = f"--config.model.factory={TINY_FACTORY}"
 

@@ -18,7 +18,7 @@ from configs import synthetic as synthetic_config
 from freesine_jax import checkpointing
 from freesine_jax import config_checks
 from freesine_jax import errors
-from freesine_jax import train
+from freesine_jax import writers
 from freesine_jax.data import pipeline
 
 VERSION = os.path.join("synthetic_multitask", "tiny", "1.0.0")
@@ -238,7 +238,7 @@ def test_metrics_rows_past_the_resumed_step_are_dropped(tmp_path):
   path = tmp_path / "metrics.jsonl"
   rows = [{"step": s, "loss": float(s)} for s in (0, 2, 4, 6)]
   path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 8, "lo')  # cut short
-  lines = train.JsonLines(str(path), rewrite=False)
+  lines = writers.JsonLines(str(path), rewrite=False)
   assert lines.drop_after(4) == 2
   lines.write({"step": 6, "loss": -6.0})
   lines.close()
@@ -252,7 +252,7 @@ def test_metrics_file_of_one_run_is_left_alone(tmp_path, rewrite):
   path = tmp_path / "metrics.jsonl"
   text = "".join(json.dumps({"step": s}) + "\n" for s in (0, 5, 10))
   path.write_text(text)
-  lines = train.JsonLines(str(path), rewrite=rewrite)
+  lines = writers.JsonLines(str(path), rewrite=rewrite)
   assert lines.drop_after(10) == 0
   assert lines.drop_after(5) == 1
   lines.write({"step": 7})

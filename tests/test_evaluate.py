@@ -92,7 +92,7 @@ def evaluated(tiny_run, cli_env, tmp_path_factory):
   config_path = root / "eval_config.py"
   config_path.write_text(EVAL_CONFIG)
   out = str(root / "out")
-  proc = run_cli(["-m", "freesine_jax.evaluate", f"--config={config_path}",
+  proc = run_cli(["-m", "freesine_jax.evaluate_main", f"--config={config_path}",
                   f"--workdir={tiny_run}", "--step=3", f"--out={out}"], cli_env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(out, "metrics.json"), encoding="utf-8") as f:
@@ -134,7 +134,7 @@ def test_pictures_decode_at_the_grid_size(evaluated):
 
 
 def test_default_output_is_the_latest_step(tiny_run, cli_env):
-  proc = run_cli(["-m", "freesine_jax.evaluate", "--config=configs/synthetic.py:tiny",
+  proc = run_cli(["-m", "freesine_jax.evaluate_main", "--config=configs/synthetic.py:tiny",
                   f"--workdir={tiny_run}", f"--config.model.factory={TINY_FACTORY}"], cli_env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   path = os.path.join(tiny_run, "eval", "step_6", "metrics.json")
@@ -271,10 +271,10 @@ def test_evaluate_finds_and_writes_gs_urls_through_epath(tmp_path, monkeypatch):
   grid = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
   with fake_bucket(str(store)):
     with pytest.raises(errors.UserError, match="holds no checkpoints/ directory"):
-      evaluate.find_checkpoint(None, "gs://bucket/run", None)
+      checkpointing.find_checkpoint(None, "gs://bucket/run", None)
     with pytest.raises(errors.UserError, match="does not exist"):
-      evaluate.find_checkpoint(None, "gs://bucket/elsewhere", None)
-    out = evaluate.default_out("gs://bucket/run", 6, None)
+      checkpointing.find_checkpoint(None, "gs://bucket/elsewhere", None)
+    out = evaluate.default_out("gs://bucket/run", 6, False)
     assert out == "gs://bucket/run/eval/step_6"
     epath.Path(out).mkdir(parents=True)
     visualize.to_png(grid, out + "/0.png")

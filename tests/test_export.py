@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from configs import pascal_context, synthetic
+from freesine_jax import checkpointing
 from freesine_jax import evaluate
+from freesine_jax import evaluate_main
 from freesine_jax import modeling
 from freesine_jax.tools import export
 
@@ -38,10 +40,10 @@ def exported_run(free_sinewich_run, tmp_path_factory):
 
 def test_merged_export_equals_the_trained_model_for_every_task(exported_run):
   config, workdir, out = exported_run
-  step, metadata = evaluate.find_checkpoint(config, workdir, None)
+  step, metadata = checkpointing.find_checkpoint(config, workdir, None)
   model = modeling.build_model(config)
-  variables = evaluate.restore_checkpoint(workdir, step, metadata,
-                                          modeling.init_variables(model, config))
+  variables = checkpointing.restore_checkpoint(workdir, step, metadata,
+                                               modeling.init_variables(model, config))
   loaded = export.load(out)
   assert loaded.tasks == tuple(config.tasks) and loaded.step == step
   names = {k for path in jax.tree_util.tree_leaves_with_path(loaded.variables["params"])
@@ -101,7 +103,8 @@ def test_a_task_subset_of_a_model_with_prompts_is_refused():
 def test_evaluate_reads_the_export_and_agrees_with_the_checkpoint(exported_run, tmp_path):
   config, workdir, out = exported_run
   from_checkpoint = evaluate.evaluate_run(config, workdir, out=str(tmp_path / "ckpt"))
-  from_export = evaluate.evaluate_run(config, workdir, weights=out, out=str(tmp_path / "export"))
+  from_export = evaluate.evaluate_run(config, workdir, merged=evaluate_main.load_weights(out, config),
+                                      out=str(tmp_path / "export"))
   assert from_export["step"] == from_checkpoint["step"]
   for task in config.tasks:
     for key, value in from_checkpoint["results"][task].items():

@@ -160,7 +160,7 @@ def check_outputs(spec, x, factors, frozen=None):
   n = spec.applied_kernel_size ** 2 * x.shape[-1] + (0 if frozen is None else x.shape[-1])
   assert_within_rounding(direct_form(*args[:3], spec, frozen), want, magnitude, n, "direct")
   for lowering in variants(spec):
-    got = adapters.task_path(x, factors, OMEGAS, spec, lowering, frozen)
+    got = adapters.sine_awb_outputs(x, factors, OMEGAS, spec, lowering, frozen)
     assert_within_rounding(got, want, magnitude, n, f"{lowering}, frozen={frozen is not None}")
 
 
@@ -212,7 +212,7 @@ def test_task_path_gradients_equal_the_direct_form(c_in, c_out):
     direct32 = jax.tree_util.tree_leaves(direct(x, factors, jnp.asarray(OMEGAS), fz))
     lowerings = list(variants(spec)) + [adapters.Lowering(task_path_remat=False)]
     for lowering in lowerings:
-      path = lambda x, f, om, fz: adapters.task_path(x, f, om, spec, lowering, fz)
+      path = lambda x, f, om, fz: adapters.sine_awb_outputs(x, f, om, spec, lowering, fz)
       got = jax.tree_util.tree_leaves(grads(path)(x, factors, jnp.asarray(OMEGAS), fz))
       for name, g, d, w in zip(names, got, direct32, want, strict=False):
         assert_as_accurate(g, d, w, f"d{name}, {lowering}, frozen={fz is not None}")

@@ -14,6 +14,7 @@ import pytest
 from flax import traverse_util
 
 from configs import synthetic
+from freesine_jax import checkpointing
 from freesine_jax import errors
 from freesine_jax import evaluate
 from freesine_jax import modeling
@@ -70,9 +71,9 @@ def restored(config, workdir):
   """(model, its variables at the run's latest checkpoint, forward(variables, images) as the
   run's evaluation computes it)."""
   model = modeling.build_model(config)
-  step, metadata = evaluate.find_checkpoint(config, workdir, None)
-  variables = evaluate.restore_checkpoint(workdir, step, metadata,
-                                          modeling.init_variables(model, config))
+  step, metadata = checkpointing.find_checkpoint(config, workdir, None)
+  variables = checkpointing.restore_checkpoint(workdir, step, metadata,
+                                               modeling.init_variables(model, config))
   return model, variables, functools.partial(eval_outputs, config, model)
 
 
@@ -183,7 +184,7 @@ def test_the_result_evaluates_and_exports(runs, models_of, tmp_path):
   # Evaluating with the task list but without train.new_tasks would build another model.
   config = tiny_config(new_config.dataset.data_dir, OLD + NEW)
   with pytest.raises(errors.UserError, match="train.new_tasks"):
-    evaluate.find_checkpoint(config, new_dir, None)
+    checkpointing.find_checkpoint(config, new_dir, None)
 
 
 def test_mistakes_are_one_line_errors(runs, synthetic_data_dir, tmp_path):

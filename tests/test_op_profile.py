@@ -37,7 +37,7 @@ def test_traced_flops_and_gemm_shapes_match_the_closed_form():
 
 
 def test_train_group_finds_the_task_paths_named_scopes():
-  """models/adapters.task_path names its kernel build and kernel application, forward and
+  """models/adapters.sine_awb_outputs names its kernel build and kernel application, forward and
   backward: the groups op_profile reports for a train step exist in a compiled gradient."""
   spec, lowering = adapters.SineAwbSpec(), adapters.Lowering()
   tasks, rank, c = 2, 4, 8
@@ -48,7 +48,7 @@ def test_train_group_finds_the_task_paths_named_scopes():
   omegas = jnp.array([0.5, 1.5])
 
   def loss(x, factors):
-    return jnp.sum(jnp.square(adapters.task_path(x, factors, omegas, spec, lowering)))
+    return jnp.sum(jnp.square(adapters.sine_awb_outputs(x, factors, omegas, spec, lowering)))
 
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, factors).compile()
   module = op_profile.Module(compiled.as_text())

@@ -117,7 +117,7 @@ def tiny_settings(argv: list[str]) -> list[str] | None:
               "--config.input.eval_batch_size=2", "--config.input.num_workers=0",
               "--config.train.max_steps=0", "--config.train.untrained_baseline=False",
               "--config.eval.max_batches=0"]
-  if command.startswith("python -m freesine_jax.evaluate --config=configs/synthetic.py"):
+  if command.startswith("python -m freesine_jax.evaluate_main --config=configs/synthetic.py"):
     return TINY_EVALUATION
   if argv[:3] == ["python", "-m", "freesine_jax.tools.count_params"]:
     return []
@@ -136,7 +136,7 @@ def tiny_settings(argv: list[str]) -> list[str] | None:
 
 # Dependencies first: data and weights before training, training before what reads runs.
 ORDER = ("freesine_jax.data.prepare", "freesine_jax.tools.convert_swin", "configs/synthetic.py ",
-         "freesine_jax.main", "freesine_jax.evaluate", "")
+         "freesine_jax.main", "freesine_jax.evaluate_main", "")
 
 
 def _rank(command: str) -> int:
@@ -165,7 +165,7 @@ def test_every_documented_command_runs(places, cli_env, tmp_path):
   # What each kind of command must have said.
   trained = by_program("freesine_jax.main")
   assert all("final evaluation at step" in out for out in trained), trained
-  assert any("step 2 of" in out and "wrote" in out for out in by_program("freesine_jax.evaluate"))
+  assert any("step 2 of" in out and "wrote" in out for out in by_program("freesine_jax.evaluate_main"))
   count = by_program("count_params")[0].strip().splitlines()[-1]
   r = 64  # closed form of docs/method.md (tests/test_model.py checks the breakdown)
   assert count == ("trainable_params="

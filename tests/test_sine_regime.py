@@ -35,7 +35,7 @@ def model_config(rank: int = 64):
 
 
 def default_spec() -> adapters.SineAwbSpec:
-  return models.adapter_spec(model_config(RANK), NUM_TASKS).sine_awb
+  return models.adapter_spec(model_config(RANK), NUM_TASKS).task_path
 
 
 def default_frequencies() -> jnp.ndarray:

@@ -26,8 +26,8 @@ TASK_PATHS = ("sine_awb", "task_lora", "dynamic_filter", "none")
 TASK_FROZEN_INPUTS = ("task", "shared")
 
 
-def task_path_spec(mc):
-  """The spec of model.task_path's TS module (None for 'none')."""
+def task_path_spec(mc) -> adapters.TaskPath:
+  """The adapters.TaskPath model.task_path names."""
   kind = mc.task_path
   if kind not in TASK_PATHS:
     raise ValueError(f"model.task_path={kind!r} is not one of {TASK_PATHS}")
@@ -40,7 +40,7 @@ def task_path_spec(mc):
     return lora_lib.TaskLoraSpec(mc.task_lora.rank, float(mc.task_lora.scale), mc.lora.form)
   if kind == "dynamic_filter":
     return lora_lib.DynamicFilterSpec(mc.dynamic_filter.kernel_size, float(mc.lora.scale))
-  return None
+  return adapters.NO_TASK_PATH
 
 
 def adapter_spec(mc, num_tasks: int, generations: tuple[int, ...] = ()) -> swin.AdapterSpec:
@@ -52,7 +52,8 @@ def adapter_spec(mc, num_tasks: int, generations: tuple[int, ...] = ()) -> swin.
     raise ValueError(f"model.task_frozen_input={mc.task_frozen_input!r} is not one of "
                      f"{TASK_FROZEN_INPUTS}")
   return swin.AdapterSpec(lora=lora, lora_modules=tuple(mc.lora.modules),
-                          sine_awb=task_path_spec(mc), sine_awb_modules=tuple(mc.sine_awb.modules),
+                          task_path=task_path_spec(mc),
+                          task_path_modules=tuple(mc.task_path_modules),
                           prompts=bool(mc.prompts), num_tasks=num_tasks,
                           frozen_on_shared=mc.task_frozen_input == "shared",
                           prompt_norm_every_block=bool(mc.prompt_norm_every_block),

@@ -1,9 +1,9 @@
-"""The baselines' task-specific (TS) paths, beside Free Sinewich's Sine-AWB (adapters.py).
+"""The baselines' task-specific (TS) paths, beside Free Sinewich's Sine-AWB
+(models/adapters/sine_awb.py).
 
-Each spec builds a module with Sine-AWB's calling convention,
-`path(path_in (T, B, H, W, C_in), a (C_in, r), b (r, C_out)) -> updates (T, B, H, W, C_out)`,
-so `adapters.AdaptedDense` adds it to the task streams like a Sine-AWB update (a and b are the
-layer's shared LoRA factors):
+Each spec is an `adapters.TaskPath`: its `task_outputs` builds the module and gives each task
+stream Phi(frozen input) + update_t, the update computed from the task stream (and, for
+TADFormer, the layer's shared LoRA factors A, B):
 
 * `TaskLoraSpec` (MTLoRA): per task t its own low-rank pair, update_t = s * x_t A_t B_t (FAAR:
   in the DoRA form, models/dora.py).
@@ -47,8 +47,7 @@ class TaskLora(nn.Module):
   form: str = "lora"
 
   @nn.compact
-  def __call__(self, path_in, a=None, b=None, *, frozen_kernel=None):
-    del a, b  # MTLoRA's task path does not use the shared factors
+  def __call__(self, path_in, *, frozen_kernel=None):
     c_in = path_in.shape[-1]
     task_a = self.param("a", stacked_lora_a_init, (self.num_tasks, c_in, self.rank))
     task_b = self.param("b", nn.initializers.zeros, (self.num_tasks, self.rank, self.features))
@@ -89,8 +88,7 @@ class DynamicTaskFilter(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, path_in, a, b, *, frozen_kernel=None):
-    del frozen_kernel  # the filter's update does not read the frozen weight
+  def __call__(self, path_in, a, b):
     rank, k = a.shape[1], self.kernel_size
     taps = k * k
     z = dense(path_in.astype(self.dtype), a.astype(self.dtype))  # (T, B, H, W, r)
@@ -122,9 +120,12 @@ class TaskLoraSpec:
     if self.rank < 1:
       raise ValueError(f"model.task_lora.rank must be >= 1, got {self.rank}")
 
-  def build_task_path(self, num_tasks: int, features: int, dtype) -> nn.Module:
-    return TaskLora(self.rank, self.scale, num_tasks, features, dtype, self.form,
-                    name="task_lora")
+  def task_outputs(self, layer, frozen_in, path_in, omegas):
+    del omegas
+    layer.shared_factors("model.task_path='task_lora'")
+    update = TaskLora(self.rank, self.scale, layer.num_tasks, layer.features, layer.dtype,
+                      self.form, name="task_lora")(path_in, frozen_kernel=layer.kernel_0)
+    return layer.frozen_of(frozen_in) + update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +139,9 @@ class DynamicFilterSpec:
       raise ValueError(f"model.dynamic_filter.kernel_size must be odd and >= 1, got "
                        f"{self.kernel_size}")
 
-  def build_task_path(self, num_tasks: int, features: int, dtype) -> nn.Module:
-    del num_tasks, features
-    return DynamicTaskFilter(self.kernel_size, self.scale, dtype, name="task_filter")
+  def task_outputs(self, layer, frozen_in, path_in, omegas):
+    del omegas
+    a, b = layer.shared_factors("model.task_path='dynamic_filter'")
+    update = DynamicTaskFilter(self.kernel_size, self.scale, layer.dtype,
+                               name="task_filter")(path_in, a, b)
+    return layer.frozen_of(frozen_in) + update

@@ -11,7 +11,7 @@ frequency left at inference.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -43,7 +43,9 @@ class MergedTaskPath(nn.Module):
 class MergedTaskPathSpec:
   """The task path of an exported model: k is the exported kernels' size."""
   kernel_size: int
-  gives_task_outputs: ClassVar[bool] = True  # adapters.AdaptedDense returns its output as is
 
-  def build_task_path(self, num_tasks: int, features: int, dtype) -> nn.Module:
-    return MergedTaskPath(num_tasks, features, self.kernel_size, dtype, name="merged")
+  def task_outputs(self, layer, frozen_in, path_in, omegas):
+    """The task outputs themselves: frozen layer and bias are in the merged kernels."""
+    del omegas
+    return MergedTaskPath(layer.num_tasks, layer.features, self.kernel_size, layer.dtype,
+                          name="merged")(frozen_in, path_in)

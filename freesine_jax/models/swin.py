@@ -55,11 +55,12 @@ class SwinSpec:
 
 @dataclasses.dataclass(frozen=True)
 class AdapterSpec:
-  """Everything about the adapters that the backbone needs (None fields switch parts off)."""
+  """Everything about the adapters that the backbone needs (lora None: no shared LoRA)."""
   lora: adapters.LoraSpec | None = None
   lora_modules: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
-  sine_awb: adapters.SineAwbSpec | None = None  # or a baseline's task-path spec (models/lora.py)
-  sine_awb_modules: tuple[str, ...] = ("proj", "fc1", "fc2")
+  # adapters.TaskPath of the task streams: Sine-AWB, a baseline's (models/lora.py), or none.
+  task_path: adapters.TaskPath = adapters.NO_TASK_PATH
+  task_path_modules: tuple[str, ...] = ("proj", "fc1", "fc2")
   prompts: bool = False
   num_tasks: int = 0
   lowering: adapters.Lowering = adapters.Lowering()  # how the task path is computed
@@ -68,6 +69,13 @@ class AdapterSpec:
   # Per task, the round that added it (0: trained with the backbone's adapters; 1: added later by
   # config.train.new_tasks). () = all 0. See prompt_visibility.
   prompt_generations: tuple[int, ...] = ()
+
+  def dense(self, name: str, features: int, policy: str, dtype) -> adapters.AdaptedDense:
+    """The block's linear layer `name` with the adapters these specs give it."""
+    return adapters.AdaptedDense(
+        features, self.lora if name in self.lora_modules else None,
+        self.task_path if name in self.task_path_modules else adapters.NO_TASK_PATH,
+        self.num_tasks, policy=policy, dtype=dtype, lowering=self.lowering, name=name)
 
 
 def stage_windows(grid: int, window: int) -> tuple[int, bool]:
@@ -164,10 +172,7 @@ class WindowAttention(nn.Module):
     b, h, w, c = x.shape
     ws, heads = self.window_size, self.num_heads
     adapter = self.adapter
-    layer = lambda name, features: adapters.AdaptedDense(
-        features, adapter.lora if name in adapter.lora_modules else None,
-        adapter.sine_awb if name in adapter.sine_awb_modules else None, adapter.num_tasks,
-        policy=self.policy, dtype=self.dtype, lowering=adapter.lowering, name=name)
+    layer = lambda name, features: adapter.dense(name, features, self.policy, self.dtype)
     qkv_layer, proj_layer = layer("qkv", 3 * c), layer("proj", c)
     table = backbone_weight(self, "relative_position_bias_table",
                             nn.initializers.truncated_normal(0.02),
@@ -251,10 +256,7 @@ class Mlp(nn.Module):
     """Shared stream x (None: task streams only) and optional stacked task streams
     (T, B, H, W, C); returns (y or None, y_tasks or None)."""
     adapter = self.adapter
-    layer = lambda name, features: adapters.AdaptedDense(
-        features, adapter.lora if name in adapter.lora_modules else None,
-        adapter.sine_awb if name in adapter.sine_awb_modules else None, adapter.num_tasks,
-        policy=self.policy, dtype=self.dtype, lowering=adapter.lowering, name=name)
+    layer = lambda name, features: adapter.dense(name, features, self.policy, self.dtype)
     dim = (x if x is not None else x_tasks).shape[-1]
     fc1, fc2 = layer("fc1", self.hidden), layer("fc2", dim)
     gelu = lambda z: None if z is None else nn.gelu(z, approximate=False)
@@ -398,7 +400,7 @@ class SwinBackbone(nn.Module):
 
     total_blocks = sum(spec.depths)
     rates = np.linspace(0.0, spec.drop_path_rate, total_blocks)
-    task_streams = self.adapter.sine_awb is not None or self.adapter.prompts
+    task_streams = self.adapter.task_path != adapters.NO_TASK_PATH or self.adapter.prompts
     # MTLoRA/TADFormer task outputs add Phi(shared stream): then the last shared stream is read.
     adapter_reads_shared = self.adapter.frozen_on_shared
     if self.remat not in REMAT_MODES:

@@ -143,8 +143,8 @@ def sine_awb_layers(params: Mapping, config: ml_collections.ConfigDict,
   tasks = tuple(config.tasks)
   flat = traverse_util.flatten_dict(params)
   layers = []
-  spec = models.adapter_spec(mc, len(tasks)).sine_awb
-  if spec is not None:
+  spec = models.adapter_spec(mc, len(tasks)).task_path
+  if isinstance(spec, adapters.SineAwbSpec):
     for path in sorted(p for p in flat if len(p) >= 2 and p[-2:] == ("sine_awb", "w")):
       owner = path[:-2]  # the AdaptedDense holding the shared LoRA
       if spec.independent_bases:

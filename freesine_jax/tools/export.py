@@ -35,7 +35,10 @@ from flax import traverse_util
 
 from freesine_jax import checkpointing
 from freesine_jax import cli
+from freesine_jax import config_checks
 from freesine_jax import errors
+from freesine_jax import evaluate
+from freesine_jax import modeling
 from freesine_jax import models
 from freesine_jax import sharding
 from freesine_jax.models import adapters
@@ -57,14 +60,15 @@ def merged_model(model: MultiTaskModel, tasks: Sequence[str]) -> MultiTaskModel:
   if not isinstance(model, MultiTaskModel):
     raise errors.UserError("export handles the multi-task model only (not separate_models or a "
                            "config.model.factory model)")
-  spec = model.adapter.sine_awb
-  if spec is not None and not isinstance(spec, adapters.SineAwbSpec):
+  spec = model.adapter.task_path
+  if spec != adapters.NO_TASK_PATH and not isinstance(spec, adapters.SineAwbSpec):
     raise errors.UserError(f"export merges Sine-AWB task paths only, not {type(spec).__name__} "
                            "(model.task_path must be sine_awb or none)")
   if model.decoder.kind == "tspd":
     raise errors.UserError("export does not fold FAAR's TS-PD heads (model.decoder.kind=tspd)")
-  path = None if spec is None else merged_lib.MergedTaskPathSpec(exported_kernel_size(spec))
-  adapter = dataclasses.replace(model.adapter, lora=None, sine_awb=path, num_tasks=len(tasks))
+  path = (adapters.NO_TASK_PATH if spec == adapters.NO_TASK_PATH
+          else merged_lib.MergedTaskPathSpec(exported_kernel_size(spec)))
+  adapter = dataclasses.replace(model.adapter, lora=None, task_path=path, num_tasks=len(tasks))
   return model.clone(tasks=tuple(tasks), num_outputs={t: model.num_outputs[t] for t in tasks},
                      adapter=adapter, decoder=dataclasses.replace(model.decoder,
                                                                   kind="independent"),
@@ -150,12 +154,10 @@ def _merged_leaf(model, flat, index, collection, path):
 def export_run(config: ml_collections.ConfigDict, workdir: str, out: str, *,
                step: int | None = None, tasks: Sequence[str] | None = None) -> str:
   """Merges a training run's checkpoint and writes it to `out`; returns `out`."""
-  from freesine_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from freesine_jax import modeling  # pylint: disable=g-import-not-at-top
-  step, metadata = evaluate.find_checkpoint(config, workdir, step)
+  step, metadata = checkpointing.find_checkpoint(config, workdir, step)
   model = modeling.build_model(config)
-  variables = evaluate.restore_checkpoint(workdir, step, metadata,
-                                          modeling.init_variables(model, config))
+  variables = checkpointing.restore_checkpoint(workdir, step, metadata,
+                                               modeling.init_variables(model, config))
   # Placed on the mesh as evaluation places them: the merge is then the program evaluation
   # compiled (the same program on unplaced arrays would be lowered and compiled anew).
   variables = evaluate.model_variables(variables, sharding.make_mesh(config))
@@ -194,7 +196,7 @@ def load(directory: str) -> Exported:
   saved = json.loads(config_path.read_text(encoding="utf-8"))
   # An export written before train.new_tasks existed added no tasks.
   saved["config"].setdefault("train", {}).setdefault("new_tasks", "")
-  config = ml_collections.ConfigDict(saved["config"])
+  config = ml_collections.ConfigDict(config_checks.upgrade(saved["config"]))
   tasks = tuple(saved["tasks"])
   inference = merged_model(models.build_model(config), tasks)
   restored = flax.serialization.msgpack_restore(
