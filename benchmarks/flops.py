@@ -21,7 +21,7 @@ from freesine_jax import models  # noqa: E402
 
 
 def forward_flops(config, size: int) -> float:
-  model = models.build_model(config)
+  model = models.builtin_model(config)
   images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x), images)
   lowered = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, images)
@@ -37,7 +37,7 @@ def backbone_flops(config, size: int) -> float:
   plain.model.task_path = "none"
   plain.model.prompts = False
   plain.model.clock_net = False
-  model = models.build_model(plain)
+  model = models.builtin_model(plain)
   images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x), images)
   lowered = jax.jit(lambda v, x: model.apply(v, x, method=model.backbone_stages)).lower(

@@ -325,7 +325,7 @@ def swin_backbone():
   """Our Swin-T without adapters (every weight a parameter), as benchmarks.run measures it."""
   from freesine_jax.models import swin  # pylint: disable=g-import-not-at-top
   spec = swin.SwinSpec.from_variant("swin_t", window_size=7, patch_size=4, drop_path_rate=0.0)
-  return swin.SwinBackbone(spec, swin.AdapterSpec(), policy="all")
+  return swin.SwinBackbone(spec, swin.AdapterSpec(), trainable_backbone="all")
 
 
 def swin_forward(size: int, batch: int = 2):

@@ -3,7 +3,7 @@
   python benchmarks/task_loop.py [--reps=3]
 
 Swin-T layers at 448 x 448, batch 2, 4 tasks, rank 64, 3x3 kernels, the frozen linear included,
-the default lowering otherwise (adapters.Lowering). Both loops are measured side by side in one
+the default lowering otherwise (adapters.TaskPathCompute). Both loops are measured side by side in one
 process, per layer; printed: median step time, compile time, XLA's temporaries, and the ratio
 scan / stacked. Tells whether the scan's cost is in a layer's own arithmetic (the whole train
 step's lean_memory / block_recompute figures are in docs/benchmarks.md).
@@ -30,7 +30,7 @@ TASKS, BATCH, RANK, KERNEL = 4, 2, 64, 3
 
 def measure(c_in: int, c_out: int, side: int, task_loop: str, reps: int):
   """(median seconds, compile seconds, XLA temporaries GiB) of one forward + backward."""
-  spec, lowering = adapters.SineAwbSpec(), adapters.Lowering(task_loop=task_loop)
+  spec, lowering = adapters.SineAwbSpec(), adapters.TaskPathCompute(task_loop=task_loop)
   keys = jax.random.split(jax.random.key(0), 5)
   x = jax.random.normal(keys[0], (TASKS, BATCH, side, side, c_in))
   a = jax.random.normal(keys[1], (c_in, RANK)) / np.sqrt(c_in)

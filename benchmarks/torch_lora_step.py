@@ -42,7 +42,7 @@ def jax_step(size: int):
   from freesine_jax import modeling  # pylint: disable=g-import-not-at-top
   config = bench.case_config(bench.Case("lora", "lora,r64", bench.STACKED + (
       ("model.drop_path_rate", 0.0),)), size)
-  model = models.build_model(config)
+  model = models.builtin_model(config)
   variables = modeling.init_variables(model, config)
   # B = 0 at init; random B so that no product is trivially zero (as on the PyTorch side).
   keys = iter(jax.random.split(jax.random.key(1), 1000))

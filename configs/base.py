@@ -100,7 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict()  # the network (docs/method.md explains each choice)
   # 'pkg.module:function' returning a custom linen model for function(config), following the
-  # contract of freesine_jax.models.build_model (collections 'backbone'/'params'/'batch_stats',
+  # contract of freesine_jax.models.builtin_model (collections 'backbone'/'params'/'batch_stats',
   # outputs {task: (B, H, W, C)}); '' builds Free Sinewich from the keys below.
   config.model.factory = ""
   config.model.name = "free_sinewich"  # method label (reports, count_params)

@@ -613,7 +613,7 @@ def _abstract_leaf(x: Any) -> Any:
 
 COMPARED_SECTIONS = ("tasks", "num_classes", "model")  # what the saved parameters depend on
 # Single keys outside those sections that the model depends on (default when a config lacks it).
-COMPARED_KEYS = {"train.new_tasks": ""}  # which tasks' prompts are masked (tasks.added_tasks)
+COMPARED_KEYS = {"train.new_tasks": ""}  # which tasks' prompts are masked (tasks.new_tasks)
 
 
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:

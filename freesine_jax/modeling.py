@@ -1,6 +1,6 @@
 """The model a config describes and its initial variables (shared by training and evaluation).
 
-`build_model(config)` is Free Sinewich (freesine_jax.models.build_model) or, when
+`build_model(config)` is Free Sinewich (freesine_jax.models.builtin_model) or, when
 config.model.factory names one, a custom linen model that follows the same contract: variable
 collections 'backbone' (frozen), 'params' (trained) and 'batch_stats', outputs
 {task: (B, H, W, C)}. `init_variables` initialises it from config.seed and loads the pretrained
@@ -29,10 +29,10 @@ COLLECTIONS = ("backbone", "params", "batch_stats")
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
-  """freesine_jax.models.build_model(config), or the custom model config.model.factory builds."""
+  """freesine_jax.models.builtin_model(config), or the custom model config.model.factory builds."""
   factory = config.model.factory
   if not factory:
-    return models.build_model(config)
+    return models.builtin_model(config)
   return errors.resolve(factory, "config.model.factory")(config)
 
 

@@ -1,6 +1,6 @@
 """Adding a task to a trained model (config.train.new_tasks, config.train.init_from).
 
-The new run's model is the trained run's with the new tasks appended (tasks.added_tasks): the
+The new run's model is the trained run's with the new tasks appended (tasks.new_tasks): the
 same variables plus each new task's own ones, which are either new leaves (its decoder
 projections, head and BatchNorm statistics, its head bias) or new rows of a per-task stack (its
 prompt token, its free frequency under "w/o LCN", its Sine-AWB factors with independent bases).
@@ -8,7 +8,7 @@ prompt token, its free frequency under "w/o LCN", its Sine-AWB factors with inde
 returns which of them train: exactly the ones the old model does not have. The train step zeroes
 the other gradients and keeps the other values and statistics (`keep_frozen`), so every old
 weight stays bitwise as trained; the attention mask of the new prompts (swin.prompt_visibility)
-and the Clock Net's per-round offsets keep the old tasks' outputs as they were
+and the Clock Net's per-generation offsets keep the old tasks' outputs as they were
 (docs/method.md, "Adding a task").
 """
 from __future__ import annotations
@@ -33,9 +33,10 @@ PyTree = Any
 TRAINED = ("params", "batch_stats")  # the collections a new task adds to
 
 
-def trained_run_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config of the run config.train.init_from names: config without the new tasks."""
-  added = tasks_lib.added_tasks(config)
+def trained_run_config(config: ml_collections.ConfigDict,
+                       added: tuple[str, ...]) -> ml_collections.ConfigDict:
+  """The config of the run config.train.init_from names: config without the new tasks `added`
+  (tasks.new_tasks(config))."""
   old = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
   old.tasks = tuple(t for t in config.tasks if t not in added)
   old.train.new_tasks = ""
@@ -43,11 +44,11 @@ def trained_run_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
   return old
 
 
-def _check_trained_run(config, metadata: Mapping[str, Any], init_from: str) -> None:
+def _check_trained_run(config, added: tuple[str, ...], metadata: Mapping[str, Any],
+                       init_from: str) -> None:
   """One-line UserErrors: a new task the run already has, or a run that added tasks itself."""
   saved = json.loads(metadata.get("config") or "{}")
   saved_tasks = tuple(saved.get("tasks") or ())
-  added = tasks_lib.added_tasks(config)
   again = [t for t in added if t in saved_tasks]
   if again:
     raise errors.UserError(
@@ -56,7 +57,7 @@ def _check_trained_run(config, metadata: Mapping[str, Any], init_from: str) -> N
   if (saved.get("train") or {}).get("new_tasks"):
     raise errors.UserError(
         f"config.train.init_from={init_from} added tasks itself (train.new_tasks="
-        f"{saved['train']['new_tasks']!r}); adding tasks in several rounds is not supported: "
+        f"{saved['train']['new_tasks']!r}); adding tasks in several generations is not supported: "
         "start from the run it was added to, with all the new tasks at once")
   want = saved_tasks + added
   if saved_tasks and tuple(config.tasks) != want:
@@ -75,7 +76,7 @@ def start_from_trained(config: ml_collections.ConfigDict, model, variables: Mapp
   new tasks' rows kept from the init). trainable: for 'params' and 'batch_stats', a tree of
   boolean numpy arrays broadcastable to each leaf, True where the new tasks' own values are.
   """
-  added = tasks_lib.added_tasks(config)
+  added = tasks_lib.new_tasks(config)
   init_from = str(config.train.init_from)
   if not init_from:
     raise errors.UserError(f"config.train.new_tasks={config.train.new_tasks!r} needs "
@@ -83,10 +84,10 @@ def start_from_trained(config: ml_collections.ConfigDict, model, variables: Mapp
   if config.model.factory or not isinstance(model, models.MultiTaskModel):
     raise errors.UserError("config.train.new_tasks adds tasks to the multi-task model only (not "
                            "a config.model.factory model or model.separate_models)")
-  old_config = trained_run_config(config)
+  old_config = trained_run_config(config, added)
   step, metadata = checkpointing.find_checkpoint(None, init_from, None,
-                                            flag="config.train.init_from")
-  _check_trained_run(config, metadata, init_from)
+                                                 flag="config.train.init_from")
+  _check_trained_run(config, added, metadata, init_from)
   checkpointing.check_compatible(metadata, old_config, init_from, step, "add tasks to it")
   old_model = modeling.build_model(old_config)
   old = checkpointing.restore_checkpoint(init_from, step, metadata,

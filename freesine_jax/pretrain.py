@@ -202,7 +202,7 @@ class ProxyPretrainModel(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    stages = swin.SwinBackbone(self.spec, swin.AdapterSpec(), policy="all",
+    stages = swin.SwinBackbone(self.spec, swin.AdapterSpec(), trainable_backbone="all",
                                name="backbone")(images, train=train)
     finest = stages[0][0]
     grid = finest.shape[1:3]

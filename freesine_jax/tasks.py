@@ -183,10 +183,6 @@ TASKS = {spec.name: spec for spec in (
     TaskSpec("depth", KINDS["depth"], False, "rmse"),
 )}
 
-# Tasks whose labels are class-id maps (nearest-neighbour resampling, 255 = ignore).
-DISCRETE_TASKS = tuple(name for name, spec in TASKS.items() if spec.kind.label == CLASS_IDS)
-
-
 def get_task(name: str) -> TaskSpec:
   """The registry entry of task `name` (a UserError naming the known tasks if there is none)."""
   if name not in TASKS:
@@ -198,7 +194,7 @@ def get_task(name: str) -> TaskSpec:
   return TASKS[name]
 
 
-def added_tasks(config) -> tuple[str, ...]:
+def new_tasks(config) -> tuple[str, ...]:
   """The tasks config.train.new_tasks adds to the run in config.train.init_from: the trailing
   entries of config.tasks (docs/training.md, "Adding a task"). A UserError names what is wrong."""
   spec = config.train.new_tasks

@@ -468,7 +468,8 @@ def _train_and_evaluate(config, workdir, *, create_train_loader, create_eval_loa
   for t in tasks:
     tasks_lib.get_task(t)
   loss_weights(config)  # fails on a missing weight before any data or model is built
-  if config.train.init_from and not tasks_lib.added_tasks(config):
+  added = tasks_lib.new_tasks(config)  # config.train.new_tasks: () for a run from scratch
+  if config.train.init_from and not added:
     raise errors.UserError(f"config.train.init_from={config.train.init_from} is read only with "
                            "config.train.new_tasks=<tasks to add to that run>")
   # The mesh and the batch sizes, checked before any data or model is built.
@@ -496,7 +497,7 @@ def _train_and_evaluate(config, workdir, *, create_train_loader, create_eval_loa
   model = modeling.build_model(config)
   variables = modeling.init_variables(model, config)
   trainable = None
-  if tasks_lib.added_tasks(config):  # the trained run's weights; only the new tasks' train
+  if added:  # the trained run's weights; only the new tasks' train
     variables, trainable = new_tasks_lib.start_from_trained(config, model, variables)
   forward, merge = evaluate_lib.make_eval_forward(model), evaluate_lib.make_inference_merge(model)
   peak_lr, warmup_lr, min_lr = plan.learning_rates
@@ -652,7 +653,6 @@ def _train_and_evaluate(config, workdir, *, create_train_loader, create_eval_loa
   if untrained is not None:
     # A run that adds tasks starts from a trained one: its step-0 model is that run for the old
     # tasks, which must stay unchanged; only the added tasks start untrained.
-    added = tasks_lib.added_tasks(config)
     verdict = evaluate_lib.beats_untrained(
         {t: m for t, m in final.items() if not added or t in added}, untrained)
     if added:

@@ -7,6 +7,9 @@ from freesine_jax.data import augment
 from freesine_jax.data import synthetic
 
 SIZE = 32
+# The built-in tasks whose labels are class-id maps (nearest-neighbour resampling, 255 = ignore).
+DISCRETE_TASKS = tuple(name for name, spec in tasks.TASKS.items()
+                       if spec.kind.label == tasks.CLASS_IDS)
 
 
 def _scene(index=0, size=SIZE):
@@ -77,7 +80,7 @@ def test_identity_warp_is_exact():
   ex = _random_example(np.random.default_rng(1))
   out = augment.warp(ex, (SIZE, SIZE))
   np.testing.assert_array_equal(out["image"], ex["image"].astype(np.float32))
-  for key in tasks.DISCRETE_TASKS:
+  for key in DISCRETE_TASKS:
     np.testing.assert_array_equal(out[key], ex[key])
   np.testing.assert_allclose(out["normals"], ex["normals"], atol=1e-6)
   np.testing.assert_array_equal(out["depth"], ex["depth"])
@@ -87,7 +90,7 @@ def test_rotation_by_90_is_rot90_counter_clockwise():
   """+90 degrees on a square image maps pixel centres to pixel centres: compare with np.rot90."""
   ex = _random_example(np.random.default_rng(2))
   out = augment.warp(ex, (SIZE, SIZE), angle_degrees=90.0)
-  for key in tasks.DISCRETE_TASKS + ("depth",):
+  for key in DISCRETE_TASKS + ("depth",):
     np.testing.assert_array_equal(out[key], np.rot90(ex[key]), err_msg=key)
   np.testing.assert_allclose(out["image"], np.rot90(ex["image"]).astype(np.float32), atol=1e-3)
   # Vector rotation by +90 (counter-clockwise as displayed, y pointing down): (x, y) -> (y, -x).
@@ -159,12 +162,12 @@ def test_zero_borders_and_ignore_option():
   out = augment.warp(ex, (SIZE, SIZE), angle_degrees=45.0)
   corner = (0, 0)  # outside the rotated source square
   assert np.all(out["image"][corner] == 0)
-  for key in tasks.DISCRETE_TASKS:
+  for key in DISCRETE_TASKS:
     assert out[key][corner] == 0, key
   assert np.all(out["normals"][corner] == 0) and out["depth"][corner] == 0
   assert out["semseg"][SIZE // 2, SIZE // 2] == 3
   ignore = augment.warp(ex, (SIZE, SIZE), angle_degrees=45.0, label_fill="ignore")
-  for key in tasks.DISCRETE_TASKS:
+  for key in DISCRETE_TASKS:
     assert ignore[key][corner] == 255, key
   assert np.all(ignore["normals"][corner] == 0) and ignore["depth"][corner] == 0
 
@@ -191,7 +194,7 @@ def test_discrete_labels_stay_in_their_value_sets():
     assert set(np.unique(out["sal"])) <= {0, 1}
     assert set(np.unique(out["edge"])) <= {0, 1}
     assert set(np.unique(out["human_parts"])) <= set(np.unique(ex["human_parts"])) | {0, 255}
-    for key in tasks.DISCRETE_TASKS:
+    for key in DISCRETE_TASKS:
       assert out[key].dtype == np.uint8 and out[key].shape == (24, 40)
     assert out["image"].shape == (24, 40, 3) and out["normals"].shape == (24, 40, 3)
 

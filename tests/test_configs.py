@@ -288,7 +288,7 @@ CONFIGS = [("synthetic", ""), ("synthetic", "tiny"), ("synthetic", "tiny,no_lcn,
 def test_config_builds_model(name, arg):
   config = importlib.import_module(f"configs.{name}").get_config(arg)
   assert set(config.loss_weights) >= set(config.tasks)
-  model = models.build_model(config)
+  model = models.builtin_model(config)
   images = jax.ShapeDtypeStruct((1, *config.dataset.image_size, 3), jnp.float32)
   out = jax.eval_shape(lambda x: model.init_with_output({"params": jax.random.key(0)}, x)[0],
                        images)

@@ -39,7 +39,7 @@ TINY_IMG = 64  # patch 4 -> grids 16, 8, 4, 2: shifted windows in stages 1-2, gr
 
 
 def make_config(variant="custom", window=4, rank=0, sine_awb=False, clock_net=False,
-                policy="none", dims=TINY):
+                trainable_backbone="none", dims=TINY):
   config = base.get_config()
   config.tasks = ("semseg", "sal")
   config.num_classes.semseg = 3
@@ -50,7 +50,7 @@ def make_config(variant="custom", window=4, rank=0, sine_awb=False, clock_net=Fa
   mc.task_path = "sine_awb" if sine_awb else "none"
   mc.prompts = False
   mc.clock_net = clock_net
-  mc.trainable_backbone = policy
+  mc.trainable_backbone = trainable_backbone
   mc.decoder.head_channels = 16
   config.dataset.image_size = (TINY_IMG, TINY_IMG)
   return config
@@ -96,7 +96,7 @@ def save_layout(model, layout, directory):
 
 
 def backbone_apply(spec):
-  module = swin.SwinBackbone(spec, swin.AdapterSpec(), policy="none")
+  module = swin.SwinBackbone(spec, swin.AdapterSpec(), trainable_backbone="none")
   fn = jax.jit(lambda v, x: [s for s, _ in module.apply(v, x)])
   return module, fn
 
@@ -181,9 +181,9 @@ def test_all_layouts_give_identical_weights(tiny, tmp_path):
 def test_multitask_model_with_zero_adapters_reproduces_reference(tiny, tmp_path):
   """LoRA (B = 0) and Sine-AWB task paths on, prompts off: every task sees the reference."""
   src = save_layout(tiny["model"], "ms", str(tmp_path))
-  config = make_config(rank=4, sine_awb=True, clock_net=True, policy="mtlora")
+  config = make_config(rank=4, sine_awb=True, clock_net=True, trainable_backbone="mtlora")
   config.model.backbone_weights = src
-  model = models.build_model(config)
+  model = models.builtin_model(config)
   images = jnp.asarray(tiny["images"])
   variables = dict(jax.jit(model.init)({"params": jax.random.key(3)}, images))
   variables = pretrained.load_pretrained(src, variables, models.swin_spec(config.model))
@@ -209,7 +209,7 @@ def test_init_variables_loads_config_model_backbone_weights(tiny, tmp_path):
   config = make_config()
   config.model.backbone_weights = src
   config.model.backbone_layout = "timm"  # same names as ms: accepted
-  model = models.build_model(config)
+  model = models.builtin_model(config)
   variables = modeling.init_variables(model, config)
   np.testing.assert_array_equal(
       variables["backbone"]["backbone"]["layers_1_blocks_0"]["mlp"]["fc2"]["kernel"],
@@ -388,7 +388,7 @@ def test_load_into_resizes_tables_for_another_window(tiny, tmp_path):
   flat, info = pretrained.read_checkpoint(src)
   spec = swin.SwinSpec(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4), window_size=2)
   pretrained.check_variant(flat, info, spec)  # only the window differs: allowed
-  module = swin.SwinBackbone(spec, swin.AdapterSpec(), policy="none")
+  module = swin.SwinBackbone(spec, swin.AdapterSpec(), trainable_backbone="none")
   variables = zeros_like_variables(module, (1, TINY_IMG, TINY_IMG, 3))
   new, report = pretrained.load_into(variables, flat, return_report=True)
   # Stages 1-3 had windows 4, 4, 4 (tables 49 rows) and now have 2 (9 rows); stage 4 stays 2.

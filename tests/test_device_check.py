@@ -3,7 +3,6 @@ accelerator tests collected, the GEMM roof, the merged eval program of a toy Swi
 JSON and Markdown written). The train program's path is the same code as benchmarks/run.py's
 (its dry run takes ~2 min to compile here, so the suite leaves it out)."""
 import json
-import os
 import subprocess
 
 from conftest import REPO

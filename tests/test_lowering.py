@@ -3,7 +3,7 @@
 The direct form is the Sine-AWB maths as first written (docs/method.md): per task
 K~_t = lowpass((rho/omega_0) sin(omega_0 omega_t A.W.B / rho)) smoothed over each tap's
 C_in x C_out matrix, applied as k*k shifted matmuls, with the frozen linear applied separately:
-y_t = Phi(x_t) + scale (K~_t * x_t). The rewrites under test (adapters.Lowering, config
+y_t = Phi(x_t) + scale (K~_t * x_t). The rewrites under test (adapters.TaskPathCompute, config
 model.compute) change how that is computed, never what: the low-pass moved onto the
 activations, the frozen linear folded into the centre tap, GEMM / grouped-convolution /
 Winograd F(2x2, 3x3) lowerings, rematerialisation; and, at inference, the finished kernels and
@@ -122,7 +122,7 @@ def variants(spec):
   for conv, site in itertools.product(CONVS, SITES):
     if conv == "winograd" and spec.applied_kernel_size != 3:
       continue
-    yield adapters.Lowering(task_conv=conv, lowpass_site=site)
+    yield adapters.TaskPathCompute(task_conv=conv, lowpass_site=site)
 
 
 SPECS = {
@@ -210,7 +210,7 @@ def test_task_path_gradients_equal_the_direct_form(c_in, c_out):
     direct = grads(lambda x, f, om, fz: direct_form(x, f, om, spec, fz))
     want = jax.tree_util.tree_leaves(in_float64(direct, x, factors, OMEGAS, fz))
     direct32 = jax.tree_util.tree_leaves(direct(x, factors, jnp.asarray(OMEGAS), fz))
-    lowerings = list(variants(spec)) + [adapters.Lowering(task_path_remat=False)]
+    lowerings = list(variants(spec)) + [adapters.TaskPathCompute(task_path_remat=False)]
     for lowering in lowerings:
       path = lambda x, f, om, fz: adapters.sine_awb_outputs(x, f, om, spec, lowering, fz)
       got = jax.tree_util.tree_leaves(grads(path)(x, factors, jnp.asarray(OMEGAS), fz))
@@ -221,16 +221,16 @@ def test_task_path_gradients_equal_the_direct_form(c_in, c_out):
 def test_lowpass_site_auto_picks_the_smaller_array():
   """At 448 x 448, batch 2, 4 tasks, Swin-T: the kernels are smaller at stages 1-2, the
   activations at stages 3-4 (proj, fc1 and fc2 of each stage decide alike)."""
-  spec, auto = SPECS["default"], adapters.Lowering(lowpass_site="auto")
+  spec, auto = SPECS["default"], adapters.TaskPathCompute(lowpass_site="auto")
   for stage, (grid, dim) in enumerate(((112, 96), (56, 192), (28, 384), (14, 768))):
     for c_in, c_out in ((dim, dim), (dim, 4 * dim), (4 * dim, dim)):
       kernels, inputs = (4, 3, 3, c_in, c_out), (4, 2, grid, grid, c_in)
       assert adapters.lowpass_on_activations(spec, auto, kernels, inputs) == (stage >= 2)
   for site in ("kernel", "activations"):
-    fixed = adapters.Lowering(lowpass_site=site)
+    fixed = adapters.TaskPathCompute(lowpass_site=site)
     assert adapters.lowpass_on_activations(spec, fixed, kernels, inputs) == (
         site == "activations")
-  assert not adapters.lowpass_on_activations(SPECS["taps"], adapters.Lowering("gemm",
+  assert not adapters.lowpass_on_activations(SPECS["taps"], adapters.TaskPathCompute("gemm",
                                                                              "activations"),
                                              kernels, inputs)
 
@@ -260,12 +260,12 @@ def test_winograd_needs_3x3_kernels_at_config_time():
   mc.compute.task_conv = "winograd"
   mc.sine_awb.lowpass = "taps_full"
   with pytest.raises(ValueError, match="winograd"):
-    models.lowering(mc)
+    models.task_path_compute(mc)
   mc.sine_awb.lowpass = "matrix"
-  assert models.lowering(mc).task_conv == "winograd"
+  assert models.task_path_compute(mc).task_conv == "winograd"
   mc.compute.task_conv = "fft"
   with pytest.raises(ValueError, match="task_conv"):
-    models.lowering(mc)
+    models.task_path_compute(mc)
 
 
 # ----------------------------------------------------------------------------- the whole model
@@ -323,7 +323,7 @@ def test_merged_inference_is_the_same_model():
   The adapters move the outputs by > 1e-3 of their scale at these magnitudes, so a wrong or
   missing merged weight cannot hide in it."""
   cfg = small_config()
-  model = models.build_model(cfg)
+  model = models.builtin_model(cfg)
   variables = trained_variables(model)
   forward = jax.jit(lambda v: model.apply(v, SMALL_IMAGES))
   want = forward(variables)
@@ -365,16 +365,16 @@ def test_compute_choices_leave_training_unchanged():
   (measured 1.1e-6): they are sums over every pixel, and leaves whose sum cancels to ~0 (the
   decoder biases before BatchNorm, the stage gates) are pure rounding noise of the terms' size,
   so a per-leaf relative tolerance would compare noise with noise."""
-  variables = trained_variables(models.build_model(small_config()))
+  variables = trained_variables(models.builtin_model(small_config()))
   # The default ('auto') puts the low-pass on the kernels in stage 1 and on the activations in
   # stage 2, so the forced 'activations' below changes the site of stage 1's layers.
-  auto = adapters.Lowering(lowpass_site="auto")
+  auto = adapters.TaskPathCompute(lowpass_site="auto")
   assert [adapters.lowpass_on_activations(SPECS["default"], auto, (2, 3, 3, c, c),
                                           (2, 2, g, g, c)) for g, c in ((8, 16), (4, 32))] == [
                                               False, True]
 
   def loss_and_grads(**compute):
-    model = models.build_model(small_config(**compute))
+    model = models.builtin_model(small_config(**compute))
 
     def loss(params):
       out, _ = model.apply({**variables, "params": params}, SMALL_IMAGES, train=True,
@@ -418,7 +418,7 @@ def test_block_recompute_and_task_scan_are_the_same_gradient():
   same blocks run without the block recomputation, tasks stacked (the keys are drawn by the
   backbone in both), within the tolerances of test_compute_choices_leave_training_unchanged."""
   from freesine_jax.models import swin  # pylint: disable=g-import-not-at-top
-  variables = trained_variables(models.build_model(small_config()))
+  variables = trained_variables(models.builtin_model(small_config()))
 
   def loss_of(model):
     return lambda params: loss(params, model)
@@ -429,9 +429,9 @@ def test_block_recompute_and_task_scan_are_the_same_gradient():
                          mutable=["batch_stats"])
     return sum(jnp.mean(jnp.square(v)) for v in out.values())
 
-  model = models.build_model(small_config(block_remat="recompute", task_loop="scan"))
+  model = models.builtin_model(small_config(block_remat="recompute", task_loop="scan"))
   got_loss, got = jax.jit(jax.value_and_grad(loss_of(model)))(variables["params"])
-  model = models.build_model(small_config(block_remat="recompute"))
+  model = models.builtin_model(small_config(block_remat="recompute"))
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(swin, "recompute_in_backward", lambda fn, **_: fn)
     want_loss, want = jax.jit(jax.value_and_grad(loss_of(model)))(variables["params"])
@@ -441,7 +441,7 @@ def test_block_recompute_and_task_scan_are_the_same_gradient():
 def test_the_last_shared_stream_is_not_computed():
   """No decoder reads the last block's shared stream: without it the task streams are the same
   and the shared LoRA of its proj and the whole shared MLP (8 matmuls) are gone."""
-  model = models.build_model(small_config())
+  model = models.builtin_model(small_config())
   variables = trained_variables(model)
   stages = lambda v, last_shared: model.apply(v, SMALL_IMAGES, method=model.backbone_stages,
                                               last_shared=last_shared)[0]

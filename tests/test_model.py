@@ -43,14 +43,14 @@ IMAGES = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
 
 def init(cfg, seed=0):
   """Jitted init (eager init of a Swin dispatches thousands of small ops: much slower)."""
-  model = models.build_model(cfg)
+  model = models.builtin_model(cfg)
   return model, jax.jit(lambda key: model.init({"params": key}, IMAGES))(jax.random.key(seed))
 
 
 def init_and_run(cfg, run, seed=0):
   """(model, variables, run(model, variables)) as init + run would give them, from one jitted
   program (one compile instead of two; XLA keeps only the init's parameter computations)."""
-  model = models.build_model(cfg)
+  model = models.builtin_model(cfg)
 
   def both(key):
     variables = model.init({"params": key}, IMAGES)
@@ -70,7 +70,7 @@ def frozen_features(cfg, variables):
   """Per task, the stage features of the frozen model (plain_config) run with `variables`'
   weights. Its init, the transplant and its forward are one program (XLA drops the init of the
   replaced leaves), fed only the weights it reads: the same program for every config here."""
-  plain_model = models.build_model(plain_config(cfg))
+  plain_model = models.builtin_model(plain_config(cfg))
   shapes = jax.eval_shape(lambda: plain_model.init({"params": jax.random.key(7)}, IMAGES))
   dflat = traverse_util.flatten_dict(variables["params"])
   donor = {"params": traverse_util.unflatten_dict(
@@ -182,13 +182,13 @@ def test_collections_and_gradients_only_for_params():
 
 def init_shapes(cfg):
   """The variables' shapes and collections, as init gives them (traced, never compiled)."""
-  model = models.build_model(cfg)
+  model = models.builtin_model(cfg)
   return jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, IMAGES))
 
 
 def test_policy_all_and_none():
-  for policy, expect_backbone in (("all", False), ("none", True)):
-    variables = init_shapes(tiny_config(trainable_backbone=policy))
+  for trainable_backbone, expect_backbone in (("all", False), ("none", True)):
+    variables = init_shapes(tiny_config(trainable_backbone=trainable_backbone))
     assert ("backbone" in variables and bool(variables["backbone"])) == expect_backbone
   with pytest.raises(ValueError, match="trainable_backbone"):
     init_shapes(tiny_config(trainable_backbone="some"))
@@ -242,7 +242,7 @@ def test_kernel_size_one_reduces_to_a_matrix():
   spec = adapters.SineAwbSpec(kernel_size=1, sine=literal(lowpass="none"))
   kernel = task_kernel(a, w, b, 1.3, spec)
   x = jax.random.normal(jax.random.key(2), (2, 4, 4, 6))
-  got = adapters.apply_kernel(x, kernel)
+  got = adapters.apply_task_kernels(x[None], kernel[None])[0]
   want = x @ np.sin(1.3 * (np.asarray(a) @ np.asarray(w)[0, 0] @ np.asarray(b)))
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
@@ -252,7 +252,7 @@ def test_conv_application_matches_direct_sum():
   kernel = np.asarray(task_kernel(a, w, b, 0.5,
                                   adapters.SineAwbSpec(sine=literal(lowpass="none"))))
   x = np.asarray(jax.random.normal(jax.random.key(4), (1, 5, 4, 6)))
-  got = np.asarray(adapters.apply_kernel(jnp.asarray(x), jnp.asarray(kernel)))
+  got = np.asarray(adapters.apply_task_kernels(jnp.asarray(x)[None], jnp.asarray(kernel)[None])[0])
   xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   want = np.zeros((1, 5, 4, 5))
   for i in range(5):
@@ -358,14 +358,14 @@ def test_output_shapes_and_dtypes_under_jit(dtype):
 def test_task_subset_and_bad_inputs():
   cfg = tiny_config()
   cfg.tasks = ("normals", "depth")
-  model = models.build_model(cfg)
+  model = models.builtin_model(cfg)
   out = jax.eval_shape(lambda: model.init_with_output({"params": jax.random.key(0)}, IMAGES)[0])
   assert set(out) == {"normals", "depth"}
   with pytest.raises(ValueError, match="window size"):
     jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, 72, 72, 3))))
   cfg.tasks = ("semseg", "optical_flow")
   with pytest.raises(ValueError, match="optical_flow"):
-    models.build_model(cfg)
+    models.builtin_model(cfg)
 
 
 # ----------------------------------------------------------------------------- parameter counts

@@ -191,7 +191,7 @@ def test_mistakes_are_one_line_errors(runs, synthetic_data_dir, tmp_path):
   _, old_dir, _, _ = runs
 
   def start(config):
-    new_tasks.start_from_trained(config, models.build_model(config), None)
+    new_tasks.start_from_trained(config, models.builtin_model(config), None)
 
   config = added_config(synthetic_data_dir, old_dir)
   config.tasks, config.train.new_tasks = OLD, "normals"

@@ -39,7 +39,7 @@ def test_traced_flops_and_gemm_shapes_match_the_closed_form():
 def test_train_group_finds_the_task_paths_named_scopes():
   """models/adapters.sine_awb_outputs names its kernel build and kernel application, forward and
   backward: the groups op_profile reports for a train step exist in a compiled gradient."""
-  spec, lowering = adapters.SineAwbSpec(), adapters.Lowering()
+  spec, lowering = adapters.SineAwbSpec(), adapters.TaskPathCompute()
   tasks, rank, c = 2, 4, 8
   keys = jax.random.split(jax.random.key(1), 4)
   x = jax.random.normal(keys[0], (tasks, 1, 6, 6, c))

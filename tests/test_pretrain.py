@@ -327,7 +327,7 @@ def test_pretrained_features_beat_random_ones_for_a_decoder_only_probe(micro):
   from freesine_jax.data import augment  # pylint: disable=g-import-not-at-top
   from freesine_jax.models import swin  # pylint: disable=g-import-not-at-top
   config, flat, _ = micro
-  backbone = swin.SwinBackbone(pretrain.swin_spec(config), swin.AdapterSpec(), policy="all")
+  backbone = swin.SwinBackbone(pretrain.swin_spec(config), swin.AdapterSpec(), trainable_backbone="all")
 
   def scenes(split, count):
     examples = [synthetic.generate_example(7, split, i, 32, 32) for i in range(count)]

@@ -10,8 +10,6 @@ command must come with its tiny settings here.
 import os
 import re
 import shlex
-import subprocess
-import sys
 
 import pytest
 

@@ -189,7 +189,7 @@ def test_taps_full_lowpass_equals_blurring_the_feature_map():
   x = rng.standard_normal((1, 10, 9, 4)).astype(np.float32)
   full = np.asarray(adapters.gaussian_lowpass(jnp.asarray(kernel), "taps_full", 7, 1.0))
   assert full.shape == (9, 9, 4, 5)
-  got = np.asarray(adapters.apply_kernel(jnp.asarray(x), jnp.asarray(full)))
+  got = np.asarray(adapters.apply_task_kernels(jnp.asarray(x)[None], jnp.asarray(full)[None])[0])
   # Reference: blur the zero-padded image with the 7x7 Gaussian on a grid grown by the kernel's
   # half width (1), then apply the 3x3 kernel there with 'valid' support.
   g = adapters.gaussian_1d(7, 1.0).astype(np.float64)

@@ -1,4 +1,4 @@
-"""Model construction from a config: `build_model(config)` reads config.model, whose keys and
+"""Model construction from a config: `builtin_model(config)` reads config.model, whose keys and
 defaults are declared in configs/base.py (documented in docs/configuration.md)."""
 from __future__ import annotations
 
@@ -57,14 +57,15 @@ def adapter_spec(mc, num_tasks: int, generations: tuple[int, ...] = ()) -> swin.
                           prompts=bool(mc.prompts), num_tasks=num_tasks,
                           frozen_on_shared=mc.task_frozen_input == "shared",
                           prompt_norm_every_block=bool(mc.prompt_norm_every_block),
-                          lowering=lowering(mc), prompt_generations=tuple(generations))
+                          compute=task_path_compute(mc), prompt_generations=tuple(generations))
 
 
-def lowering(mc) -> adapters.Lowering:
+def task_path_compute(mc) -> adapters.TaskPathCompute:
   """model.compute's task-path fields (the rest, block_remat, goes to the backbone)."""
   c = mc.compute
-  result = adapters.Lowering(task_conv=c.task_conv, lowpass_site=c.lowpass_site,
-                             task_path_remat=bool(c.task_path_remat), task_loop=c.task_loop)
+  result = adapters.TaskPathCompute(task_conv=c.task_conv, lowpass_site=c.lowpass_site,
+                                    task_path_remat=bool(c.task_path_remat),
+                                    task_loop=c.task_loop)
   if result.task_conv == "winograd" and mc.task_path == "sine_awb":
     k = mc.sine_awb.kernel_size + (mc.sine_awb.lowpass_size - 1
                                    if mc.sine_awb.lowpass == "taps_full" else 0)
@@ -99,7 +100,7 @@ def multitask_model(config, tasks, name: str | None = None) -> MultiTaskModel:
   """The model for `tasks` described by `config.model`."""
   mc = config.model
   outputs = num_outputs(config)
-  added = tasks_lib.added_tasks(config)
+  added = tasks_lib.new_tasks(config)
   # 1 for the tasks config.train.new_tasks adds to a trained model (docs/method.md).
   generations = tuple(int(t in added) for t in tasks) if added else ()
   # The frequencies exist only where something reads them: Sine-AWB or the shared decoder.
@@ -107,14 +108,14 @@ def multitask_model(config, tasks, name: str | None = None) -> MultiTaskModel:
   return MultiTaskModel(
       tasks=tuple(tasks), num_outputs={t: outputs[t] for t in tasks}, swin_spec=swin_spec(mc),
       adapter=adapter_spec(mc, len(tasks), generations), decoder=decoder_spec(mc),
-      policy=mc.trainable_backbone, clock_net=mc.clock_net, clock_s_init=mc.clock_s_init,
-      clock_c_init=mc.clock_c_init, clock_spread=mc.clock_spread,
+      trainable_backbone=mc.trainable_backbone, clock_net=mc.clock_net,
+      clock_s_init=mc.clock_s_init, clock_c_init=mc.clock_c_init, clock_spread=mc.clock_spread,
       use_task_tokens=mc.prompts or (mc.clock_net and frequencies),
-      task_frequencies=frequencies, dtype=DTYPES[mc.dtype],
-      remat=mc.compute.block_remat, task_generations=generations, name=name)
+      has_frequencies=frequencies, dtype=DTYPES[mc.dtype],
+      block_remat=mc.compute.block_remat, task_generations=generations, name=name)
 
 
-def build_model(config):
+def builtin_model(config):
   """The multi-task model for `config.tasks` described by `config.model` (with
   model.separate_models, one independent such model per task)."""
   mc = config.model
@@ -123,12 +124,12 @@ def build_model(config):
   if mc.dtype not in DTYPES:
     raise ValueError(f"model.dtype={mc.dtype!r} is not one of {sorted(DTYPES)}")
   if mc.separate_models:
-    if tasks_lib.added_tasks(config):
-      raise errors.UserError("config.train.new_tasks: model.separate_models trains one model per task "
-                       "already; train the new task as its own run")
+    if tasks_lib.new_tasks(config):
+      raise errors.UserError("config.train.new_tasks: model.separate_models trains one model "
+                             "per task already; train the new task as its own run")
     return baselines.SeparateModels(tuple(config.tasks),
                                     lambda task, name: multitask_model(config, (task,), name))
   return multitask_model(config, config.tasks)
 
 
-__all__ = ["build_model", "merge_for_inference", "MultiTaskModel", "num_outputs"]
+__all__ = ["builtin_model", "merge_for_inference", "MultiTaskModel", "num_outputs"]

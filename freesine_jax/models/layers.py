@@ -31,20 +31,20 @@ TRAINABLE_POLICIES = {
 }
 
 
-def is_trainable(policy: str, category: str) -> bool:
-  if policy not in TRAINABLE_POLICIES:
+def is_trainable(trainable_backbone: str, category: str) -> bool:
+  if trainable_backbone not in TRAINABLE_POLICIES:
     raise ValueError(
-        f"model.trainable_backbone={policy!r} is not one of {sorted(TRAINABLE_POLICIES)}")
+        f"model.trainable_backbone={trainable_backbone!r} is not one of {sorted(TRAINABLE_POLICIES)}")
   if category not in CATEGORIES:
     raise ValueError(f"unknown backbone weight category {category!r}")
-  return category in TRAINABLE_POLICIES[policy]
+  return category in TRAINABLE_POLICIES[trainable_backbone]
 
 
 def backbone_weight(module: nn.Module, name: str, init_fn: Callable, shape: Sequence[int],
-                    category: str, policy: str) -> jax.Array:
+                    category: str, trainable_backbone: str) -> jax.Array:
   """Declares a pretrained weight in 'params' (trainable) or 'backbone' (frozen)."""
   shape = tuple(shape)
-  if is_trainable(policy, category):
+  if is_trainable(trainable_backbone, category):
     return module.param(name, init_fn, shape, jnp.float32)
   var = module.variable(BACKBONE, name, lambda: init_fn(module.make_rng("params"), shape,
                                                         jnp.float32))
@@ -56,17 +56,17 @@ class FrozenDense(nn.Module):
   features: int
   use_bias: bool = True
   category: str = "linear"
-  policy: str = "none"
+  trainable_backbone: str = "none"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     kernel = backbone_weight(self, "kernel", nn.initializers.truncated_normal(0.02),
-                             (x.shape[-1], self.features), self.category, self.policy)
+                             (x.shape[-1], self.features), self.category, self.trainable_backbone)
     y = dense(x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
       bias = backbone_weight(self, "bias", nn.initializers.zeros, (self.features,),
-                             self.category, self.policy)
+                             self.category, self.trainable_backbone)
       y = y + bias.astype(self.dtype)
     return y
 
@@ -74,7 +74,7 @@ class FrozenDense(nn.Module):
 class FrozenLayerNorm(nn.Module):
   """LayerNorm (eps 1e-5, as PyTorch) with pretrained scale/bias; statistics in float32."""
   category: str = "norm"
-  policy: str = "none"
+  trainable_backbone: str = "none"
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
 
@@ -82,9 +82,9 @@ class FrozenLayerNorm(nn.Module):
   def __call__(self, x):
     features = x.shape[-1]
     scale = backbone_weight(self, "scale", nn.initializers.ones, (features,), self.category,
-                            self.policy)
+                            self.trainable_backbone)
     bias = backbone_weight(self, "bias", nn.initializers.zeros, (features,), self.category,
-                           self.policy)
+                           self.trainable_backbone)
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)

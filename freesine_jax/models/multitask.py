@@ -20,32 +20,32 @@ class MultiTaskModel(nn.Module):
   swin_spec: swin.SwinSpec
   adapter: swin.AdapterSpec
   decoder: decoders.DecoderSpec
-  policy: str = "none"
+  trainable_backbone: str = "none"
   clock_net: bool = True            # False: one learnable frequency per task ("w/o LCN")
   clock_s_init: float = 1.0
   clock_c_init: float = 1.0
   clock_spread: float = 0.0         # initial frequencies s (c + spread * linspace(-1, 1, T))
   use_task_tokens: bool = True
-  task_frequencies: bool = True     # False: no Clock Net and no omega_t (baselines: nothing reads them)
+  has_frequencies: bool = True      # False: no Clock Net and no omega_t (baselines: nothing reads them)
   dtype: Any = jnp.float32
-  remat: str = "none"               # model.compute.block_remat (swin.SwinBackbone)
-  # Per task, the round that added it: 0, or 1 for config.train.new_tasks (() = all 0). It sets
-  # the Clock Net's offsets per round; the prompts' attention mask is adapter.prompt_generations.
+  block_remat: str = "none"         # model.compute.block_remat (swin.SwinBackbone)
+  # Per task, the generation that added it: 0, or 1 for config.train.new_tasks (() = all 0). It sets
+  # the Clock Net's offsets per generation; the prompts' attention mask is adapter.prompt_generations.
   task_generations: tuple[int, ...] = ()
 
   def setup(self):
-    self.backbone = swin.SwinBackbone(self.swin_spec, self.adapter, self.policy, self.dtype,
-                                      self.remat)
+    self.backbone = swin.SwinBackbone(self.swin_spec, self.adapter, self.trainable_backbone,
+                                      self.dtype, self.block_remat)
     self.head = decoders.MultiTaskDecoder(tuple(self.tasks), dict(self.num_outputs), self.decoder,
                                           self.dtype)
     num_tasks = len(self.tasks)
     if self.use_task_tokens:
       self.task_tokens = self.param("task_tokens", nn.initializers.truncated_normal(0.02),
                                     (num_tasks, self.swin_spec.embed_dim))
-    if self.task_frequencies and self.clock_net:
+    if self.has_frequencies and self.clock_net:
       self.clock = adapters.ClockNet(self.clock_s_init, self.clock_c_init, self.clock_spread,
                                      tuple(self.task_generations))
-    elif self.task_frequencies:  # "w/o LCN": free per-task frequencies, started where the
+    elif self.has_frequencies:  # "w/o LCN": free per-task frequencies, started where the
       # Clock Net starts them
       generations = tuple(self.task_generations) or (0,) * num_tasks
       start = self.clock_s_init * (self.clock_c_init +
@@ -54,7 +54,7 @@ class MultiTaskModel(nn.Module):
 
   def frequencies(self) -> jax.Array | None:
     """(T,) task frequencies omega_t (None without task frequencies)."""
-    if not self.task_frequencies:
+    if not self.has_frequencies:
       return None
     if self.clock_net:
       return self.clock(self.task_tokens)

@@ -63,19 +63,21 @@ class AdapterSpec:
   task_path_modules: tuple[str, ...] = ("proj", "fc1", "fc2")
   prompts: bool = False
   num_tasks: int = 0
-  lowering: adapters.Lowering = adapters.Lowering()  # how the task path is computed
+  compute: adapters.TaskPathCompute = adapters.TaskPathCompute()  # model.compute: how, not what
   frozen_on_shared: bool = False  # fc1/fc2 task outputs: Phi(shared) + update (MTLoRA, TADFormer)
   prompt_norm_every_block: bool = False  # TADFormer declares a prompt LayerNorm in every block
-  # Per task, the round that added it (0: trained with the backbone's adapters; 1: added later by
+  # Per task, the generation that added it (0: trained with the backbone's adapters; 1: added later by
   # config.train.new_tasks). () = all 0. See prompt_visibility.
   prompt_generations: tuple[int, ...] = ()
 
-  def dense(self, name: str, features: int, policy: str, dtype) -> adapters.AdaptedDense:
+  def dense(self, name: str, features: int, trainable_backbone: str,
+            dtype) -> adapters.AdaptedDense:
     """The block's linear layer `name` with the adapters these specs give it."""
     return adapters.AdaptedDense(
         features, self.lora if name in self.lora_modules else None,
         self.task_path if name in self.task_path_modules else adapters.NO_TASK_PATH,
-        self.num_tasks, policy=policy, dtype=dtype, lowering=self.lowering, name=name)
+        self.num_tasks, trainable_backbone=trainable_backbone, dtype=dtype,
+        compute=self.compute, name=name)
 
 
 def stage_windows(grid: int, window: int) -> tuple[int, bool]:
@@ -162,7 +164,7 @@ class WindowAttention(nn.Module):
   shift: int
   adapter: AdapterSpec
   task_block: bool
-  policy: str
+  trainable_backbone: str
   dtype: Any
   shared_output: bool = True
   prompt_output: bool = True
@@ -172,11 +174,12 @@ class WindowAttention(nn.Module):
     b, h, w, c = x.shape
     ws, heads = self.window_size, self.num_heads
     adapter = self.adapter
-    layer = lambda name, features: adapter.dense(name, features, self.policy, self.dtype)
+    trainable = self.trainable_backbone
+    layer = lambda name, features: adapter.dense(name, features, trainable, self.dtype)
     qkv_layer, proj_layer = layer("qkv", 3 * c), layer("proj", c)
     table = backbone_weight(self, "relative_position_bias_table",
                             nn.initializers.truncated_normal(0.02),
-                            ((2 * ws - 1) ** 2, heads), "relpos", self.policy)
+                            ((2 * ws - 1) ** 2, heads), "relpos", self.trainable_backbone)
 
     if self.shift:
       x = jnp.roll(x, (-self.shift, -self.shift), axis=(1, 2))
@@ -248,7 +251,7 @@ class WindowAttention(nn.Module):
 class Mlp(nn.Module):
   hidden: int
   adapter: AdapterSpec
-  policy: str
+  trainable_backbone: str
   dtype: Any
 
   @nn.compact
@@ -256,7 +259,8 @@ class Mlp(nn.Module):
     """Shared stream x (None: task streams only) and optional stacked task streams
     (T, B, H, W, C); returns (y or None, y_tasks or None)."""
     adapter = self.adapter
-    layer = lambda name, features: adapter.dense(name, features, self.policy, self.dtype)
+    trainable = self.trainable_backbone
+    layer = lambda name, features: adapter.dense(name, features, trainable, self.dtype)
     dim = (x if x is not None else x_tasks).shape[-1]
     fc1, fc2 = layer("fc1", self.hidden), layer("fc2", dim)
     gelu = lambda z: None if z is None else nn.gelu(z, approximate=False)
@@ -284,7 +288,7 @@ class SwinBlock(nn.Module):
   adapter: AdapterSpec
   task_block: bool
   update_prompts: bool  # False in the network's last block, whose prompts are never used
-  policy: str
+  trainable_backbone: str
   dtype: Any
   shared_output: bool = True
 
@@ -296,12 +300,13 @@ class SwinBlock(nn.Module):
       layer = DropPath(self.drop_path, batch_dims=batch_dims)
       return None if z is None else layer(z, deterministic=deterministic)
 
-    norm1 = FrozenLayerNorm(policy=self.policy, dtype=self.dtype, name="norm1")
-    norm2 = FrozenLayerNorm(policy=self.policy, dtype=self.dtype, name="norm2")
+    trainable = self.trainable_backbone
+    norm1 = FrozenLayerNorm(trainable_backbone=trainable, dtype=self.dtype, name="norm1")
+    norm2 = FrozenLayerNorm(trainable_backbone=trainable, dtype=self.dtype, name="norm2")
     attn = WindowAttention(self.dim, self.num_heads, self.window_size, self.shift, self.adapter,
-                           self.task_block, self.policy, self.dtype, self.shared_output,
+                           self.task_block, self.trainable_backbone, self.dtype, self.shared_output,
                            self.update_prompts, name="attn")
-    mlp = Mlp(int(self.dim * self.mlp_ratio), self.adapter, self.policy, self.dtype, name="mlp")
+    mlp = Mlp(int(self.dim * self.mlp_ratio), self.adapter, trainable, self.dtype, name="mlp")
 
     normed_prompts = None if prompts is None else norm1(prompts)
     a, a_tasks, skips, p_attn = attn(norm1(x), normed_prompts, omegas,
@@ -323,7 +328,7 @@ class SwinBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-  policy: str
+  trainable_backbone: str
   dtype: Any
   lora: adapters.LoraSpec | None = None  # MTLoRA+: LoRA on the (frozen) reduction
 
@@ -334,29 +339,32 @@ class PatchMerging(nn.Module):
       raise ValueError(f"PatchMerging needs an even token grid, got {h}x{w}")
     x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]],
                         axis=-1)
-    x = FrozenLayerNorm(policy=self.policy, dtype=self.dtype, name="norm")(x)
+    x = FrozenLayerNorm(trainable_backbone=self.trainable_backbone, dtype=self.dtype, name="norm")(x)
     if self.lora is not None:
-      y, _ = adapters.AdaptedDense(2 * c, self.lora, use_bias=False, policy=self.policy,
+      y, _ = adapters.AdaptedDense(2 * c, self.lora, use_bias=False,
+                                   trainable_backbone=self.trainable_backbone,
                                    dtype=self.dtype, name="reduction")(
                                        x, deterministic=deterministic)
       return y
-    return FrozenDense(2 * c, use_bias=False, category="merge_reduction", policy=self.policy,
+    return FrozenDense(2 * c, use_bias=False, category="merge_reduction",
+                       trainable_backbone=self.trainable_backbone,
                        dtype=self.dtype, name="reduction")(x)
 
 
 class PatchEmbed(nn.Module):
   embed_dim: int
   patch_size: int
-  policy: str
+  trainable_backbone: str
   dtype: Any
 
   @nn.compact
   def __call__(self, images):
     p = self.patch_size
     kernel = backbone_weight(self, "kernel", nn.initializers.truncated_normal(0.02),
-                             (p, p, images.shape[-1], self.embed_dim), "patch_embed", self.policy)
+                             (p, p, images.shape[-1], self.embed_dim), "patch_embed",
+                             self.trainable_backbone)
     bias = backbone_weight(self, "bias", nn.initializers.zeros, (self.embed_dim,), "patch_embed",
-                           self.policy)
+                           self.trainable_backbone)
     x = jax.lax.conv_general_dilated(images.astype(self.dtype), kernel.astype(self.dtype), (p, p),
                                      "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     x = x + bias.astype(self.dtype)
@@ -372,16 +380,16 @@ class SwinBackbone(nn.Module):
   Prompts (B, T, C) enter at stage 1 and are projected C -> 2C at each patch merge.
   With last_shared=False and task streams, the last stage's shared stream (which no decoder
   reads) is not computed and returned as None.
-  remat (model.compute.block_remat): 'blocks' recomputes each Swin block's activations in the backward
+  block_remat (model.compute.block_remat): 'blocks' recomputes each Swin block's activations in the backward
   pass from the block's inputs instead of keeping them, with nn.remat (jax.checkpoint);
   'recompute' does the same with layers.recompute_in_backward, whose recomputation XLA cannot
   merge back into the forward pass (XLA:CPU does so with jax.checkpoint's: docs/method.md).
   """
   spec: SwinSpec
   adapter: AdapterSpec
-  policy: str = "none"
+  trainable_backbone: str = "none"
   dtype: Any = jnp.float32
-  remat: str = "none"
+  block_remat: str = "none"
 
   @nn.compact
   def __call__(self, images, prompts=None, omegas=None, *, train: bool = False,
@@ -394,19 +402,21 @@ class SwinBackbone(nn.Module):
     p = spec.patch_size
     if h % p or w % p:
       raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
-    x = PatchEmbed(spec.embed_dim, p, self.policy, self.dtype, name="patch_embed_proj")(images)
-    x = FrozenLayerNorm(policy=self.policy, category="patch_embed", dtype=self.dtype,
-                        name="patch_embed_norm")(x)
+    x = PatchEmbed(spec.embed_dim, p, self.trainable_backbone, self.dtype,
+                   name="patch_embed_proj")(images)
+    x = FrozenLayerNorm(trainable_backbone=self.trainable_backbone, category="patch_embed",
+                        dtype=self.dtype, name="patch_embed_norm")(x)
 
     total_blocks = sum(spec.depths)
     rates = np.linspace(0.0, spec.drop_path_rate, total_blocks)
     task_streams = self.adapter.task_path != adapters.NO_TASK_PATH or self.adapter.prompts
     # MTLoRA/TADFormer task outputs add Phi(shared stream): then the last shared stream is read.
     adapter_reads_shared = self.adapter.frozen_on_shared
-    if self.remat not in REMAT_MODES:
-      raise ValueError(f"model.compute.remat={self.remat!r} is not one of {REMAT_MODES}")
+    if self.block_remat not in REMAT_MODES:
+      raise ValueError(f"model.compute.block_remat={self.block_remat!r} is not one of "
+                       f"{REMAT_MODES}")
     # deterministic (argument 4, counting self) is static: it selects Python branches.
-    block_cls = nn.remat(SwinBlock, static_argnums=(4,)) if self.remat == "blocks" else SwinBlock
+    block_cls = nn.remat(SwinBlock, static_argnums=(4,)) if self.block_remat == "blocks" else SwinBlock
     block_id = 0
     outputs = []
     num_stages = len(spec.depths)
@@ -425,12 +435,12 @@ class SwinBackbone(nn.Module):
         block = block_cls(dim, heads, ws, (ws // 2) if (j % 2 and can_shift) else 0,
                           spec.mlp_ratio, float(rates[block_id]), self.adapter,
                           task_block=last_of_stage and task_streams,
-                          update_prompts=not last_block, policy=self.policy,
+                          update_prompts=not last_block, trainable_backbone=self.trainable_backbone,
                           dtype=self.dtype,
                           shared_output=(last_shared or adapter_reads_shared
                                          or not (last_block and task_streams)),
                           name=f"layers_{i}_blocks_{j}")
-        if self.remat == "recompute" and train and not self.is_initializing():
+        if self.block_remat == "recompute" and train and not self.is_initializing():
           x, tasks_out, skips, prompts = self._recomputed(block, x, prompts, omegas)
         else:
           x, tasks_out, skips, prompts = block(x, prompts, omegas, deterministic)
@@ -442,7 +452,8 @@ class SwinBackbone(nn.Module):
       if i < num_stages - 1:
         adapter = self.adapter
         merge_lora = adapter.lora if "reduction" in adapter.lora_modules else None
-        merge = PatchMerging(self.policy, self.dtype, merge_lora, name=f"layers_{i}_downsample")
+        merge = PatchMerging(self.trainable_backbone, self.dtype, merge_lora,
+                             name=f"layers_{i}_downsample")
         x = merge(x, deterministic=deterministic)
         if tasks_out is not None:  # the task streams share the (frozen) patch merging
           merged = merge(tasks_out.reshape(-1, *tasks_out.shape[2:]), deterministic=deterministic)
@@ -458,7 +469,7 @@ class SwinBackbone(nn.Module):
     """block(x, prompts, omegas) in training, as a pure function of the block's variables and
     random keys whose backward pass recomputes the block (layers.recompute_in_backward): only
     the block's inputs are kept for the backward pass. Its dropout / drop-path keys are drawn
-    here (not inside the block), so its random masks differ from remat='none''s."""
+    here (not inside the block), so its random masks differ from block_remat='none''s."""
     name = block.name
     own = {col: tree[name] for col, tree in self.variables.items() if name in tree}
     params = own.pop("params", {})

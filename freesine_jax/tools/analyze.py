@@ -172,7 +172,7 @@ def sine_awb_layers(params: Mapping, config: ml_collections.ConfigDict,
 
 def frequencies_of(params: Mapping, config: ml_collections.ConfigDict) -> np.ndarray | None:
   """The task frequencies omega_t; None for a baseline (no task frequencies)."""
-  model = models.build_model(config)
+  model = models.builtin_model(config)
   omegas = model.apply({"params": params}, method=model.frequencies)
   return None if omegas is None else np.asarray(omegas)
 

@@ -72,7 +72,7 @@ def merged_model(model: MultiTaskModel, tasks: Sequence[str]) -> MultiTaskModel:
   return model.clone(tasks=tuple(tasks), num_outputs={t: model.num_outputs[t] for t in tasks},
                      adapter=adapter, decoder=dataclasses.replace(model.decoder,
                                                                   kind="independent"),
-                     task_frequencies=False, use_task_tokens=model.adapter.prompts)
+                     has_frequencies=False, use_task_tokens=model.adapter.prompts)
 
 
 def _lookup(flat_collections: Mapping[str, dict], path: tuple) -> jax.Array:
@@ -198,7 +198,7 @@ def load(directory: str) -> Exported:
   saved["config"].setdefault("train", {}).setdefault("new_tasks", "")
   config = ml_collections.ConfigDict(config_checks.upgrade(saved["config"]))
   tasks = tuple(saved["tasks"])
-  inference = merged_model(models.build_model(config), tasks)
+  inference = merged_model(models.builtin_model(config), tasks)
   restored = flax.serialization.msgpack_restore(
       (epath.Path(directory) / WEIGHTS_FILE).read_bytes())
   variables = {name: restored.get(name, {}) for name in ("params", "backbone", "batch_stats")}

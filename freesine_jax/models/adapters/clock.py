@@ -19,7 +19,7 @@ def clock_offsets(num_tasks: int, spread: float) -> np.ndarray:
 
 
 def clock_offsets_by_round(generations, spread: float) -> np.ndarray:
-  """clock_offsets of each round of tasks on its own (generations: per task, the round that
+  """clock_offsets of each generation of tasks on its own (generations: per task, the generation that
   added it, in order): adding tasks to a trained model keeps the old tasks' offsets."""
   generations = tuple(generations)
   return np.concatenate([clock_offsets(generations.count(g), spread)
@@ -37,7 +37,7 @@ class ClockNet(nn.Module):
   s_init: float = 1.0
   c_init: float = 1.0
   spread: float = 0.0
-  generations: tuple[int, ...] = ()  # per task, the round that added it (() = all 0)
+  generations: tuple[int, ...] = ()  # per task, the generation that added it (() = all 0)
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:

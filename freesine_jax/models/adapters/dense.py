@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from freesine_jax.models import dora
-from freesine_jax.models.adapters.spec import MERGED, LoraSpec, Lowering
+from freesine_jax.models.adapters.spec import MERGED, LoraSpec, TaskPathCompute
 from freesine_jax.models.layers import Dropout, backbone_weight, dense
 
 
@@ -31,13 +31,13 @@ def lora_a_init(key, shape, dtype=jnp.float32):
 
 @dataclasses.dataclass(frozen=True)
 class TaskPathLayer:
-  """What a layer gives its task path: its sizes and lowering, its frozen weights W_0, b_0 (and
-  `frozen_of(z)`, the frozen layer applied to z, computed once where z is the shared stream) and
-  the shared LoRA factors A, B (None without a shared LoRA)."""
+  """What a layer gives its task path: its sizes and compute choices, its frozen weights W_0,
+  b_0 (and `frozen_of(z)`, the frozen layer applied to z, computed once where z is the shared
+  stream) and the shared LoRA factors A, B (None without a shared LoRA)."""
   num_tasks: int
   features: int
   dtype: Any
-  lowering: Lowering
+  compute: TaskPathCompute
   kernel_0: jax.Array
   bias_0: Any
   lora_a: jax.Array | None
@@ -116,9 +116,9 @@ class AdaptedDense(nn.Module):
   task_path: TaskPath = NO_TASK_PATH
   num_tasks: int = 0
   use_bias: bool = True
-  policy: str = "none"
+  trainable_backbone: str = "none"
   dtype: Any = jnp.float32
-  lowering: Lowering = Lowering()
+  compute: TaskPathCompute = TaskPathCompute()
 
   @nn.compact
   def __call__(self, x, task_inputs=None, omegas=None, *, deterministic: bool = True,
@@ -127,9 +127,10 @@ class AdaptedDense(nn.Module):
       raise ValueError("AdaptedDense: the shared stream x is needed for a shared output")
     c_in = (x if x is not None else task_inputs[1]).shape[-1]
     kernel_0 = backbone_weight(self, "kernel", nn.initializers.truncated_normal(0.02),
-                               (c_in, self.features), "linear", self.policy).astype(self.dtype)
+                               (c_in, self.features), "linear",
+                               self.trainable_backbone).astype(self.dtype)
     bias_0 = (backbone_weight(self, "bias", nn.initializers.zeros, (self.features,), "linear",
-                              self.policy).astype(self.dtype) if self.use_bias else 0.0)
+                              self.trainable_backbone).astype(self.dtype) if self.use_bias else 0.0)
     frozen = lambda z: dense(z.astype(self.dtype), kernel_0) + bias_0
     a = b = log_m = None
     if self.lora is not None:
@@ -169,6 +170,6 @@ class AdaptedDense(nn.Module):
     if task_inputs is None:
       return y_shared, None
 
-    layer = TaskPathLayer(self.num_tasks, self.features, self.dtype, self.lowering, kernel_0,
+    layer = TaskPathLayer(self.num_tasks, self.features, self.dtype, self.compute, kernel_0,
                           bias_0, a, b, frozen_of)
     return y_shared, self.task_path.task_outputs(layer, frozen_in, task_inputs[1], omegas)

@@ -1,5 +1,5 @@
 """How the task kernels are applied: exact rewrites of one function, chosen by model.compute
-(`spec.Lowering`) for speed and memory only (docs/method.md, "Computation").
+(`spec.TaskPathCompute`) for speed and memory only (docs/method.md, "Computation").
 
 Per-task kernels (T, k, k, C_in, C_out) applied to stacked task streams (T, B, H, W, C_in),
 'same' zero padding: `prepare_task_kernels` puts them in the layout a `task_conv` mode consumes,
@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from freesine_jax.models.adapters.maths import layout_axes
-from freesine_jax.models.adapters.spec import KERNEL_LAYOUTS, TASK_CONVS, Lowering, check_choice
-from freesine_jax.models.layers import dense, per_task_dense
+from freesine_jax.models.adapters.spec import KERNEL_LAYOUTS, TASK_CONVS, TaskPathCompute, check_choice
+from freesine_jax.models.layers import per_task_dense
 
 
 def _im2col_on_input(c_in: int, c_out: int) -> bool:
@@ -236,22 +236,12 @@ def apply_task_kernels(x: jax.Array, kernels: jax.Array, task_conv: str = "gemm"
   return apply_prepared_kernels(x, prepare_task_kernels(kernels, task_conv, layout), task_conv, k)
 
 
-def apply_kernel(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Applies one (k, k, C_in, C_out) kernel to (..., H, W, C_in) tokens ('same' zero padding)."""
-  kernel = kernel.astype(x.dtype)
-  if kernel.shape[0] == 1:
-    return dense(x, kernel[0, 0])
-  lead = x.shape[:-3]
-  flat = x.reshape(1, -1, *x.shape[-3:])
-  return apply_task_kernels(flat, kernel[None])[0].reshape(*lead, *x.shape[-3:-1], -1)
-
-
-def lowpass_on_activations(spec: Any, lowering: Lowering, kernels_shape,
+def lowpass_on_activations(spec: Any, compute: TaskPathCompute, kernels_shape,
                            inputs_shape) -> bool:
-  """Whether the 'matrix' low-pass runs on the activations (see Lowering.lowpass_site)."""
-  if spec.sine.lowpass != "matrix" or lowering.lowpass_site == "kernel":
+  """Whether the 'matrix' low-pass runs on the activations (see TaskPathCompute.lowpass_site)."""
+  if spec.sine.lowpass != "matrix" or compute.lowpass_site == "kernel":
     return False
-  if lowering.lowpass_site == "activations":
+  if compute.lowpass_site == "activations":
     return True
   tokens = int(np.prod(inputs_shape[1:-1]))  # B * H * W per task
   c_in, c_out = inputs_shape[-1], kernels_shape[-1]  # C_out is last in every layout

@@ -24,7 +24,7 @@ from freesine_jax.models.adapters.lowering import (apply_task_kernels, kernel_la
                                                    lowpass_on_activations)
 from freesine_jax.models.adapters.maths import (SineSpec, channel_blur, finished_kernels,
                                                 modulated_kernels)
-from freesine_jax.models.adapters.spec import Lowering, check_choice
+from freesine_jax.models.adapters.spec import TaskPathCompute, check_choice
 from freesine_jax.models.layers import dense, recompute_in_backward
 
 
@@ -56,7 +56,7 @@ class SineAwbSpec:
     """Phi(frozen_in) + SineAWB_t(path_in_t); where both read the same stream (fc1, fc2) the
     frozen layer joins the task kernels."""
     a, b = layer.shared_factors("Sine-AWB")
-    sine_awb = SineAWB(self, layer.num_tasks, layer.features, layer.dtype, layer.lowering,
+    sine_awb = SineAWB(self, layer.num_tasks, layer.features, layer.dtype, layer.compute,
                        name="sine_awb")
     if frozen_in is path_in:
       return sine_awb(path_in, a, b, omegas, frozen=(layer.kernel_0, layer.bias_0))
@@ -64,15 +64,15 @@ class SineAwbSpec:
 
 
 def sine_awb_outputs(path_in: jax.Array, factors, omegas: jax.Array, spec: SineAwbSpec,
-              lowering: Lowering, frozen: tuple[jax.Array, Any] | None = None) -> jax.Array:
+              compute: TaskPathCompute, frozen: tuple[jax.Array, Any] | None = None) -> jax.Array:
   """The Sine-AWB task outputs from the factors: scale * (K~_t * x_t) [+ Phi(x_t)].
 
   path_in (T, B, H, W, Ci); factors (A, W, B) of the base(s); frozen: (W_0, b_0) when the
   frozen layer's input is path_in too (its output is then included, folded into the kernels'
-  centre tap when they are smoothed there). Same function for every `lowering`.
+  centre tap when they are smoothed there). Same function for every `compute`.
   """
   # The named scopes only label the ops (XLA metadata) for benchmarks/op_profile.py.
-  layout = kernel_layout(lowering.task_conv, spec.applied_kernel_size, path_in.shape[-1],
+  layout = kernel_layout(compute.task_conv, spec.applied_kernel_size, path_in.shape[-1],
                          factors[2].shape[-1])
 
   def run(path_in, factors, omegas, frozen):
@@ -81,9 +81,9 @@ def sine_awb_outputs(path_in: jax.Array, factors, omegas: jax.Array, spec: SineA
 
     def conv(x, kernels):
       with jax.named_scope("kernel_apply"):
-        return apply_task_kernels(x, kernels, lowering.task_conv, layout)
+        return apply_task_kernels(x, kernels, compute.task_conv, layout)
 
-    if lowpass_on_activations(spec, lowering, modulated.shape, path_in.shape):
+    if lowpass_on_activations(spec, compute, modulated.shape, path_in.shape):
       blur = lambda z: channel_blur(z, spec.sine.lowpass_size, spec.sine.lowpass_sigma)
       with jax.named_scope("kernel_apply"):
         y = spec.scale * blur(conv(blur(path_in), modulated))
@@ -95,10 +95,10 @@ def sine_awb_outputs(path_in: jax.Array, factors, omegas: jax.Array, spec: SineA
     y = conv(path_in, kernels)
     return y if frozen is None else y + frozen[1]
 
-  if lowering.task_path_remat:
+  if compute.task_path_remat:
     # The input's gradient waits for the factors' and frequencies' (see recompute_in_backward).
     run = recompute_in_backward(run, finish_with=(1, 2))
-  if lowering.task_loop == "stacked" or path_in.shape[0] == 1:
+  if compute.task_loop == "stacked" or path_in.shape[0] == 1:
     return run(path_in, factors, omegas, frozen)
   # One task per iteration: its stream, its frequency and (independent bases) its factors.
   per_task = factors if spec.independent_bases else None
@@ -125,7 +125,7 @@ class SineAWB(nn.Module):
   num_tasks: int
   features: int
   dtype: Any = jnp.float32
-  lowering: Lowering = Lowering()
+  compute: TaskPathCompute = TaskPathCompute()
 
   def _w(self, rank, stack=()):
     spec = self.spec
@@ -168,12 +168,12 @@ class SineAWB(nn.Module):
     factors = self.factors(a, b)
     path_in = path_in.astype(self.dtype)
     if not inference_cache(self, "task_kernels"):
-      return sine_awb_outputs(path_in, factors, omegas, self.spec, self.lowering, frozen)
+      return sine_awb_outputs(path_in, factors, omegas, self.spec, self.compute, frozen)
     # Inference: the finished kernels (T, k', k', C_in, C_out), frozen linear folded in, are
     # evaluated once; the same values are what tools/export writes. Each forward puts them in
     # its lowering's layout (a reshape for 'gemm' and 'conv', the 4x4 transform for 'winograd').
     kernels = cached_weight(self, "task_kernels", lambda: finished_kernels(
         modulated_kernels(*factors, omegas, self.spec), self.spec,
         None if frozen is None else frozen[0]))
-    y = apply_task_kernels(path_in, kernels, self.lowering.task_conv)
+    y = apply_task_kernels(path_in, kernels, self.compute.task_conv)
     return y if frozen is None else y + frozen[1]

@@ -1,5 +1,5 @@
 """The adapters' specs and their validation: the named choices, the shared LoRA's spec and how
-the task path is computed (`Lowering`, config model.compute). Validation errors name the config
+the task path is computed (`TaskPathCompute`, config model.compute). Validation errors name the config
 key at fault."""
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class LoraSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class Lowering:
+class TaskPathCompute:
   """How the task path is computed: exact rewrites of one function (config model.compute).
 
   task_conv: how the per-task k x k kernels are applied. 'gemm' (CPU default): one GEMM per task
