@@ -282,7 +282,8 @@ class Checkpointer:
         # left a step that still looked committed with an item missing.
         todelete_subdir=TRASH_DIR,
     )
-    self._manager = ocp.CheckpointManager(directory, options=options,
+    # Orbax's tensorstore paths must be absolute (a relative one fails mid-save).
+    self._manager = ocp.CheckpointManager(absolute(directory), options=options,
                                           item_names=(_STATE, _DATA, _META))
     self._writing_step = None  # the step of the save in progress or last started
     self._purge_trash()

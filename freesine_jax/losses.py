@@ -15,7 +15,8 @@ of each task kind.
                        255 are excluded from the sums, from the label balance, and from N
                        (MTLoRA would count them as positives, since 255 >= 0.5, and divide by
                        every pixel). With no ignored pixel the two are identical.
-  normals              L1 between the L2-normalised prediction (x / (|x| + 1e-12)) and the label,
+  normals              L1 between the L2-normalised prediction (x / (|x| + 1e-12); 0, with gradient
+                       0, where x is exactly 0: sqrt's gradient there is NaN) and the label,
                        mean over the components of valid pixels (label not the zero vector);
                        MTLoRA divides by the number of valid elements, i.e. 3 per pixel.
   depth                L1, mean over valid pixels (label > 0).
@@ -128,8 +129,13 @@ def normals_l1(pred: Array, target: Array,
   totals = normals_totals(target) if totals is None else totals
   pred = pred.astype(jnp.float32)
   target = target.astype(jnp.float32)
-  norm = jnp.sqrt(jnp.sum(jnp.square(pred), axis=-1, keepdims=True))
-  unit = pred / (norm + _NORMALS_EPS)
+  # A prediction of exactly (0, 0, 0) has no direction: its unit vector is 0 (as x / (|x| +
+  # eps) gives) and its gradient 0, not sqrt's 0/0 = NaN, which would poison the whole step.
+  # The double `where` keeps every other pixel's value and gradient as the plain formula's.
+  square = jnp.sum(jnp.square(pred), axis=-1, keepdims=True)
+  nonzero = square > 0
+  norm = jnp.sqrt(jnp.where(nonzero, square, 1.0))
+  unit = jnp.where(nonzero, pred / (norm + _NORMALS_EPS), 0.0)
   valid = jnp.any(target != 0, axis=-1, keepdims=True)
   total = jnp.sum(jnp.where(valid, jnp.abs(unit - target), 0.0))
   return _safe_mean(total, totals["valid"])

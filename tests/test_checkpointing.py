@@ -83,3 +83,15 @@ def test_move_tree_moves_every_file_locally_and_on_gs(tmp_path, monkeypatch, url
   assert _tree(target) == want
   assert not step.exists()
   assert not os.path.exists(tmp_path / "gs:")
+
+
+def test_a_relative_checkpoint_directory_saves_and_restores(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  state = {"w": jnp.arange(12.0).reshape(3, 4), "step": jnp.zeros((), jnp.int32)}
+  ckpt = checkpointing.Checkpointer(os.path.join("run", "checkpoints"), async_save=False)
+  ckpt.save(1, state, force=True)
+  assert ckpt.all_steps() == [1]
+  assert str(ckpt.directory) == str(tmp_path / "run" / "checkpoints")
+  restored = ckpt.restore_saved_state(1)
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(state["w"]))
+  assert int(restored["step"]) == 0

@@ -104,6 +104,29 @@ def test_normals_l1_normalises_prediction_and_skips_zero_labels():
   np.testing.assert_allclose(losses.normals_l1(pred, target), 0.4, rtol=1e-6)
 
 
+def test_normals_l1_gradient_is_finite_at_a_zero_prediction():
+  """A head can output exactly (0, 0, 0) (a ReLU'd input, zero bias): that pixel has no direction,
+  so its gradient is 0; every other pixel's is the closed form J^T sign(u - t) / N with
+  J = (I - u u^T) / |x|, not NaN (sqrt's gradient at 0 once poisoned the whole step)."""
+  rng = np.random.default_rng(0)
+  pred = (0.3 * rng.standard_normal((2, 3, 4, 3))).astype(np.float32)
+  pred[0, 1, 2] = 0.0
+  target = rng.standard_normal((2, 3, 4, 3))
+  target /= np.linalg.norm(target, axis=-1, keepdims=True)
+  target = target.astype(np.float32)
+  grad = np.asarray(jax.grad(lambda p: losses.normals_l1(p, jnp.asarray(target)))(
+      jnp.asarray(pred)))
+  assert np.isfinite(grad).all()
+  np.testing.assert_array_equal(grad[0, 1, 2], 0.0)
+  x = pred.astype(np.float64)
+  norm = np.linalg.norm(x, axis=-1, keepdims=True)
+  u = np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+  s = np.sign(u - target)
+  want = (s - u * np.sum(u * s, axis=-1, keepdims=True))
+  want = np.divide(want, norm, out=np.zeros_like(want), where=norm > 0) / (3 * 2 * 3 * 4)
+  np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-7)
+
+
 def test_depth_l1_over_positive_targets():
   pred = _img([[1.0], [3.0], [10.0]], channels=1)
   target = jnp.asarray([[[2.0, 1.0, 0.0]]])
