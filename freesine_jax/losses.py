@@ -131,9 +131,10 @@ def normals_l1(pred: Array, target: Array,
   target = target.astype(jnp.float32)
   # A prediction of exactly (0, 0, 0) has no direction: its unit vector is 0 (as x / (|x| +
   # eps) gives) and its gradient 0, not sqrt's 0/0 = NaN, which would poison the whole step.
-  # The double `where` keeps every other pixel's value and gradient as the plain formula's.
+  # The double `where` keeps every other pixel's value and gradient as the plain formula's; a
+  # NaN prediction stays NaN (`!= 0`, not `> 0`), so a diverged step is still reported.
   square = jnp.sum(jnp.square(pred), axis=-1, keepdims=True)
-  nonzero = square > 0
+  nonzero = square != 0
   norm = jnp.sqrt(jnp.where(nonzero, square, 1.0))
   unit = jnp.where(nonzero, pred / (norm + _NORMALS_EPS), 0.0)
   valid = jnp.any(target != 0, axis=-1, keepdims=True)

@@ -125,6 +125,8 @@ def test_normals_l1_gradient_is_finite_at_a_zero_prediction():
   want = (s - u * np.sum(u * s, axis=-1, keepdims=True))
   want = np.divide(want, norm, out=np.zeros_like(want), where=norm > 0) / (3 * 2 * 3 * 4)
   np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-7)
+  pred[1, 0, 0] = np.nan  # a diverged prediction is not taken for a zero one
+  assert np.isnan(float(losses.normals_l1(jnp.asarray(pred), jnp.asarray(target))))
 
 
 def test_depth_l1_over_positive_targets():
