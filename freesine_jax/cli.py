@@ -230,6 +230,25 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg) if arg else module.get_config()
   except errors.UserError as e:
     raise errors.UserError(f"--config={spec}: {e}") from None
+  except AttributeError as e:
+    if "since the config is locked" not in str(e):
+      raise
+    raise errors.UserError(f"--config={spec}: {_undeclared_key(path, e)}") from None
+
+
+def _undeclared_key(path: str, e: AttributeError) -> str:
+  """One line for a config file that sets a key the locked config does not declare: where in
+  the file, and the new key when it is one renamed since (config_checks.RENAMED)."""
+  lines = [f for f in traceback.extract_tb(e.__traceback__)
+           if os.path.abspath(f.filename) == os.path.abspath(path)]
+  source = lines[-1].line if lines else ""
+  where = f"{path}:{lines[-1].lineno} `{source}`" if lines else path
+  for old, (new, version) in config_checks.RENAMED.items():
+    if ".".join(old.split(".")[-2:]) in source:
+      return (f"{where}: config.{old} is now config.{new} (config version {version}, "
+              "docs/configuration.md \"Config versions\")")
+  what = str(e).strip("'\"").split(" Other fields present")[0].rstrip(".")
+  return f"{where}: {what}; docs/configuration.md lists every key"
 
 
 def leaf_keys(declared: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

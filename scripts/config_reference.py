@@ -133,8 +133,9 @@ def render() -> str:
           f"{config_checks.CONFIG_VERSION}. A run saves its config with its checkpoints and",
           "exports; a config saved under an older version is brought to this layout when it is",
           "read (evaluating, resuming, adding tasks to, exporting or analysing an older run),",
-          "so older runs keep working. A key renamed since is refused on the command line in",
-          "one line naming its new key. The renames:", "",
+          "so older runs keep working. A key renamed since is refused in one line naming its",
+          "new key, on the command line and in a config file (with the file's line). The",
+          "renames:", "",
           "| old key | new key | since version |", "|---|---|---|"]
   out += [f"| `{old}` | `{new}` | {since} |"
           for old, (new, since) in config_checks.RENAMED.items()]

@@ -79,6 +79,15 @@ def cases(run, tmp):
                    f"--config.dataset.data_dir={tmp}/incomplete_data"],
           [f"{tmp}/incomplete_data/synthetic_multitask/tiny/1.0.0 is incomplete (it has no "
            "dataset_info.json", "delete it (rm -r"]),
+      "config file setting a key renamed since": (
+          TRAIN + [f"--config={tmp}/old_config.py", f"--workdir={tmp}/k"],
+          [f"{tmp}/old_config.py:6 `c.model.sine_awb.modules = (\"fc1\",)`: "
+           "config.model.sine_awb.modules is now config.model.task_path_modules (config "
+           "version 2"]),
+      "config file setting an undeclared key": (
+          TRAIN + [f"--config={tmp}/old_config.py:typo", f"--workdir={tmp}/l"],
+          [f"{tmp}/old_config.py:8 `c.model.lora.rnak = 3`: Key \"rnak\" does not exist and "
+           "cannot be added since the config is locked; docs/configuration.md lists every key"]),
       "export weights that were never written": (
           EVALUATE + [TINY, f"--workdir={run}", FACTORY, f"--weights={tmp}/export"],
           [f"{tmp}/export/export.json: not found", "python -m freesine_jax.tools.export --out"]),
@@ -91,6 +100,15 @@ def outcomes(tiny_run, cli_env, synthetic_data_dir, tmp_path_factory):
   tmp = str(tmp_path_factory.mktemp("cli_errors"))
   with open(os.path.join(tmp, "a_file"), "w", encoding="utf-8") as f:
     f.write("not a directory")
+  with open(os.path.join(tmp, "old_config.py"), "w", encoding="utf-8") as f:
+    f.write("from configs import synthetic\n\n"  # written for config version 1, or mistyped
+            "def get_config(arg=None):\n"
+            "  c = synthetic.get_config('tiny')\n"
+            "  if arg is None:\n"
+            "    c.model.sine_awb.modules = (\"fc1\",)\n"
+            "  else:\n"
+            "    c.model.lora.rnak = 3\n"
+            "  return c\n")
   version = os.path.join("synthetic_multitask", "tiny", "1.0.0")
   for name in ("damaged_data", "incomplete_data"):  # copies: never the shared dataset
     shutil.copytree(os.path.join(synthetic_data_dir, version), os.path.join(tmp, name, version))
