@@ -565,8 +565,7 @@ def restore_checkpoint(workdir: str, step: int, metadata: dict,
   """`variables` (freshly initialised: their frozen backbone is kept, and checked against the
   hash the checkpoint recorded) with the params and batch_stats saved at `step`."""
   check_backbone(metadata, tree_hash(variables["backbone"]), step)
-  ckpt = Checkpointer(checkpoint_directory(workdir),
-                                    async_save=False)
+  ckpt = Checkpointer(checkpoint_directory(workdir), async_save=False)
   try:
     saved = ckpt.restore_saved_state(step)
   finally:

@@ -243,10 +243,9 @@ def _undeclared_key(path: str, e: AttributeError) -> str:
            if os.path.abspath(f.filename) == os.path.abspath(path)]
   source = lines[-1].line if lines else ""
   where = f"{path}:{lines[-1].lineno} `{source}`" if lines else path
-  for old, (new, version) in config_checks.RENAMED.items():
+  for old in config_checks.RENAMED:
     if ".".join(old.split(".")[-2:]) in source:
-      return (f"{where}: config.{old} is now config.{new} (config version {version}, "
-              "docs/configuration.md \"Config versions\")")
+      return f"{where}: {config_checks.renamed(old)}"
   what = str(e).strip("'\"").split(" Other fields present")[0].rstrip(".")
   return f"{where}: {what}; docs/configuration.md lists every key"
 
@@ -266,7 +265,7 @@ def check_key(declared: ml_collections.ConfigDict, key: str) -> None:
   """UserError unless `key` ('a.b.c') is a key of the config `declared`."""
   moved = config_checks.renamed(key)
   if moved:
-    raise errors.UserError("--" + moved)
+    raise errors.UserError(f"--{moved}; pass --config.{config_checks.RENAMED[key][0]}=...")
   node = declared
   for part in key.split("."):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:

@@ -33,12 +33,12 @@ RENAMED: dict[str, tuple[str, int]] = {
 
 
 def renamed(key: str) -> str | None:
-  """The one-line refusal of a key renamed since, or None for any other key."""
+  """What a key renamed since is now called, in one line, or None for any other key."""
   if key not in RENAMED:
     return None
   new, version = RENAMED[key]
   return (f"config.{key} is now config.{new} (config version {version}, docs/configuration.md "
-          f"\"Config versions\"); pass --config.{new}=...")
+          f"\"Config versions\")")
 
 
 def upgrade(saved: dict) -> dict:
