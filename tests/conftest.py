@@ -5,6 +5,16 @@
   the notebook's kernel): a program compiled once — the tiny models' train and eval steps — is
   not compiled again. Every program is cached, however fast it compiled (the tests compile
   hundreds of small ones).
+* XLA's LLVM back end at optimisation level 0 (XLA_FLAGS, set before the backend starts and
+  inherited by the processes the tests start): the suite compiles hundreds of programs and runs
+  each a step or two, so compiling is its time. Measured on the tiny Free Sinewich model (2
+  cores): its jitted gradient compiles in 24 s instead of 44 s, init in 9 s instead of 13 s;
+  compiled programs run ~2x slower. XLA's HLO passes are unchanged, but the machine code is not
+  the same: the random initialisation and every sum can round differently. A test marked
+  `default_codegen` compares bits or a rounding-sized tolerance with what the default level
+  gives (a saved run, an error bound measured there); it runs in a child pytest at the default
+  level (`pytest_pyfunc_call` below). FREESINE_TEST_XLA_CODEGEN=default runs everything there
+  (benchmarks/device_check.sh does, for the accelerator).
 * One synthetic data directory (the tiny dataset renders once).
 * Under xdist, the session fixtures below are made by whichever worker asks first and reused by
   the other (`shared_dir`), not made once per worker.
@@ -25,8 +35,15 @@ import tempfile
 from typing import Callable
 
 from etils.epath import testing as epath_testing
-import jax
-import pytest
+
+CODEGEN_ENV = "FREESINE_TEST_XLA_CODEGEN"  # "default": XLA's own optimisation level
+FAST_CODEGEN_FLAG = "--xla_backend_optimization_level=0"
+FAST_CODEGEN = os.environ.get(CODEGEN_ENV) != "default"
+if FAST_CODEGEN and "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_CODEGEN_FLAG}".strip()
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import freesine_jax  # noqa: F401  (its XLA:CPU option, before any test starts the backend)
 
@@ -36,6 +53,7 @@ FREE_SINEWICH_STEPS = 6
 
 
 CACHE_ENV = "FREESINE_TEST_XLA_CACHE"  # set by the process that made the run's cache
+SHARED_ROOT_ENV = "FREESINE_TEST_SHARED_ROOT"  # a child pytest reuses its parent's shared_dir
 
 
 def pytest_configure(config):
@@ -48,6 +66,51 @@ def pytest_configure(config):
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+# The files that take longest (worker-seconds in a full run, 2026-12-07), started first: the two
+# workers take files in collection order (scripts/test.sh passes --no-loadscope-reorder, else
+# pytest-xdist orders them by their number of tests), so a long file is not left to run alone
+# at the end. Files not listed follow in their usual order.
+SLOW_FILES_FIRST = (
+    "test_export.py", "test_lowering.py", "test_pretrain.py", "test_model.py",
+    "test_baselines.py", "test_new_tasks.py", "test_readme.py", "test_distributed.py",
+    "test_sine_regime.py", "test_notebook.py", "test_checkpoint_resume.py", "test_cli_errors.py",
+    "test_tspd.py", "test_dora.py", "test_convert_swin.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def default_codegen_env(config) -> dict[str, str]:
+  """This process's environment for a child at XLA's default optimisation level, sharing the
+  run's compilation cache and session directories."""
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  env = dict(os.environ, XLA_FLAGS=" ".join(f for f in flags if f != FAST_CODEGEN_FLAG))
+  env[CODEGEN_ENV] = "default"
+  env.pop("PYTEST_XDIST_WORKER", None)
+  root = config._tmp_path_factory.getbasetemp()  # pylint: disable=protected-access
+  env[SHARED_ROOT_ENV] = str(root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root)
+  return env
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+  """A `default_codegen` test, here at optimisation level 0, runs as a child pytest at the
+  default level; its result is the child's."""
+  if not FAST_CODEGEN or pyfuncitem.get_closest_marker("default_codegen") is None:
+    return None
+  proc = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+       pyfuncitem.nodeid], cwd=pyfuncitem.config.rootpath,
+      env=default_codegen_env(pyfuncitem.config), capture_output=True, text=True, timeout=1200)
+  if proc.returncode != 0:
+    pytest.fail(f"at XLA's default optimisation level (child pytest, exit {proc.returncode}):\n"
+                f"{proc.stdout[-6000:]}{proc.stderr[-2000:]}", pytrace=False)
+  return True
 
 
 def pytest_unconfigure(config):
@@ -82,6 +145,7 @@ def shared_dir(tmp_path_factory, name: str, make: Callable[[str], None]) -> str:
   root = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
     root = root.parent  # the run's base directory, common to the workers
+  root = type(root)(os.environ.get(SHARED_ROOT_ENV, root))
   path, done = root / name, root / f"{name}.done"
   with open(root / f"{name}.lock", "w", encoding="utf-8") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)

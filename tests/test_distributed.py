@@ -137,7 +137,9 @@ def test_two_processes_on_127_0_0_1_match_one_process(tmp_path, cli_env):
       assert f"[0] resumed from {os.path.join(job, 'checkpoints')} step 2" in proc.stdout
 
   single = str(tmp_path / "one_process")
-  env_single = dict(cli_env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  # The job's XLA flags (tests/conftest.py's among them) and two devices: the same machine code.
+  env_single = dict(cli_env, XLA_FLAGS=f"{cli_env.get('XLA_FLAGS', '')} "
+                    "--xla_force_host_platform_device_count=2")
   proc = subprocess.run([sys.executable, "-m", "freesine_jax.main",
                          *train_args(single, "--config.train.max_steps=4", *fsdp)],
                         cwd=REPO, env=env_single, capture_output=True, text=True, timeout=600)

@@ -48,6 +48,7 @@ def copy_of_fixture(tmp_path):
   return workdir
 
 
+@pytest.mark.default_codegen  # the fixture's metrics and state were computed at that level
 def test_saved_run_evaluates_as_it_did(tmp_path, synthetic_data_dir):
   workdir = copy_of_fixture(tmp_path)
   with open(os.path.join(FIXTURE, "metrics.json")) as f:
@@ -62,6 +63,7 @@ def test_saved_run_evaluates_as_it_did(tmp_path, synthetic_data_dir):
       assert got["results"][task][key] == value, (task, key)
 
 
+@pytest.mark.default_codegen
 def test_saved_run_resumes_to_the_state_it_saved(tmp_path, synthetic_data_dir, capsys):
   workdir = copy_of_fixture(tmp_path)
   want_step, want = final_state(FIXTURE)

@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import freesine_jax
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,3 +33,23 @@ def test_reductions_leave_ynnpack_and_a_callers_choice_is_kept():
   assert probe(None) == (freesine_jax.XLA_CPU_FLAGS, "xla")
   mine = "--xla_cpu_experimental_ynn_fusion_type=+dot"
   assert probe(mine) == (mine, "ynn")
+
+
+# The test suite's own XLA level (tests/conftest.py): level 0 here, XLA's default in a
+# `default_codegen` test, which the suite runs as a child pytest at that level.
+def codegen_of_this_process() -> tuple[str | None, bool]:
+  import conftest  # pylint: disable=g-import-not-at-top
+  return (os.environ.get(conftest.CODEGEN_ENV),
+          conftest.FAST_CODEGEN_FLAG in os.environ.get("XLA_FLAGS", "").split())
+
+
+def test_the_suite_compiles_at_level_0():
+  if os.environ.get("FREESINE_TEST_XLA_CODEGEN") == "default":
+    assert codegen_of_this_process() == ("default", False)
+  else:
+    assert codegen_of_this_process() == (None, True)
+
+
+@pytest.mark.default_codegen
+def test_a_default_codegen_test_runs_at_xlas_default_level():
+  assert codegen_of_this_process() == ("default", False)
