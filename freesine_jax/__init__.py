@@ -14,11 +14,13 @@ import os as _os
 XLA_CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
 
 
-def _add_xla_cpu_flags() -> None:
-  option = XLA_CPU_FLAGS.split("=", 1)[0]
+def add_xla_flag(flag: str) -> None:
+  """Appends `flag` ('--option=value') to XLA_FLAGS unless the caller set that option already.
+  It acts only before JAX creates its backend."""
+  option = flag.split("=", 1)[0]
   current = _os.environ.get("XLA_FLAGS", "")
   if option not in current:
-    _os.environ["XLA_FLAGS"] = f"{current} {XLA_CPU_FLAGS}".strip()
+    _os.environ["XLA_FLAGS"] = f"{current} {flag}".strip()
 
 
-_add_xla_cpu_flags()
+add_xla_flag(XLA_CPU_FLAGS)

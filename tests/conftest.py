@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -35,17 +36,16 @@ import tempfile
 from typing import Callable
 
 from etils.epath import testing as epath_testing
+import jax
+import pytest
+
+import freesine_jax  # its XLA:CPU option, before any test starts the backend
 
 CODEGEN_ENV = "FREESINE_TEST_XLA_CODEGEN"  # "default": XLA's own optimisation level
 FAST_CODEGEN_FLAG = "--xla_backend_optimization_level=0"
 FAST_CODEGEN = os.environ.get(CODEGEN_ENV) != "default"
-if FAST_CODEGEN and "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_CODEGEN_FLAG}".strip()
-
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-import freesine_jax  # noqa: F401  (its XLA:CPU option, before any test starts the backend)
+if FAST_CODEGEN:
+  freesine_jax.add_xla_flag(FAST_CODEGEN_FLAG)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FACTORY = "tests.test_train:build_tiny_model"
@@ -92,8 +92,7 @@ def default_codegen_env(config) -> dict[str, str]:
   env = dict(os.environ, XLA_FLAGS=" ".join(f for f in flags if f != FAST_CODEGEN_FLAG))
   env[CODEGEN_ENV] = "default"
   env.pop("PYTEST_XDIST_WORKER", None)
-  root = config._tmp_path_factory.getbasetemp()  # pylint: disable=protected-access
-  env[SHARED_ROOT_ENV] = str(root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root)
+  env[SHARED_ROOT_ENV] = str(shared_root(config._tmp_path_factory))  # pylint: disable=protected-access
   return env
 
 
@@ -138,14 +137,20 @@ def fake_bucket(root):
     yield
 
 
+def shared_root(tmp_path_factory):
+  """Where the run's shared directories live: the base directory common to the xdist workers,
+  or the parent pytest's (SHARED_ROOT_ENV) in a child."""
+  if SHARED_ROOT_ENV in os.environ:
+    return pathlib.Path(os.environ[SHARED_ROOT_ENV])
+  root = tmp_path_factory.getbasetemp()
+  return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
 def shared_dir(tmp_path_factory, name: str, make: Callable[[str], None]) -> str:
   """The directory `name`, filled once per run by `make(path)`: under pytest-xdist the first
   worker to ask makes it while the other waits for it (a lock file), instead of each worker
   making its own."""
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    root = root.parent  # the run's base directory, common to the workers
-  root = type(root)(os.environ.get(SHARED_ROOT_ENV, root))
+  root = shared_root(tmp_path_factory)
   path, done = root / name, root / f"{name}.done"
   with open(root / f"{name}.lock", "w", encoding="utf-8") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)

@@ -44,7 +44,8 @@ def codegen_of_this_process() -> tuple[str | None, bool]:
 
 
 def test_the_suite_compiles_at_level_0():
-  if os.environ.get("FREESINE_TEST_XLA_CODEGEN") == "default":
+  import conftest  # pylint: disable=g-import-not-at-top
+  if not conftest.FAST_CODEGEN:
     assert codegen_of_this_process() == ("default", False)
   else:
     assert codegen_of_this_process() == (None, True)
