@@ -3,7 +3,7 @@
 A NaN or Inf in one step's loss or gradient poisons the parameters for good, and the checkpoints
 written after it. The train step therefore reports, per step, which task's loss, or the gradient
 of that task's own parameters (its decoder head: the leaves only its output depends on,
-`task_parameter_leaves`, found once when the step is built: train.task_leaves), is
+`task_parameter_leaves`, found once when the step is built: train.traced_forward), is
 non-finite, and whether any parameter gradient is. Both come from what the step computes anyway
 (per-task losses, the one backward pass): no second gradient.
 A task's output gradient reaches its own head's parameter gradient before the shared network's,
@@ -75,21 +75,19 @@ def _dependence_of_outputs(jaxpr, inputs: Sequence[int]) -> list[int]:
   return [read(v) for v in jaxpr.outvars]
 
 
-def task_parameter_leaves(outputs_fn: Callable[..., Mapping[str, jax.Array]], params: PyTree,
-                          *args: Any) -> dict[str, tuple[int, ...]]:
+def task_parameter_leaves(closed: jex_core.ClosedJaxpr, outputs: PyTree, num_params: int,
+                          select: Callable[[PyTree], Mapping[str, PyTree]] = lambda o: o
+                          ) -> dict[str, tuple[int, ...]]:
   """{task: indices (in tree_leaves(params) order) of the parameter leaves only that task's
-  output depends on}, from the dataflow of `outputs_fn(params, *args)` traced abstractly (no
-  computation, nothing in the compiled step). Leaves that feed several tasks are in none."""
-  abstract = lambda tree: jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-  closed, out_tree = jax.make_jaxpr(outputs_fn, return_shape=True)(abstract(params),
-                                                                    *abstract(args))
-  num_params = len(jax.tree_util.tree_leaves(params))
+  output depends on}, from the dataflow of a trace (jax.make_jaxpr; nothing is computed):
+  `closed` takes the parameter leaves first (num_params of them) and returns the leaves of
+  `outputs` (its tree, e.g. the shapes make_jaxpr returns); select(that tree) picks the
+  {task: output} mapping out of it. Leaves that feed several tasks are in none."""
   inputs = [1 << i if i < num_params else 0 for i in range(len(closed.jaxpr.invars))]
-  masks = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_tree),
+  masks = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(outputs),
                                        _dependence_of_outputs(closed.jaxpr, inputs))
   per_task = {task: functools.reduce(operator.or_, jax.tree_util.tree_leaves(sub), 0)
-              for task, sub in masks.items()}
+              for task, sub in select(masks).items()}
   own = {}
   for task, mask in per_task.items():
     others = functools.reduce(operator.or_, (m for t, m in per_task.items() if t != task), 0)

@@ -26,6 +26,7 @@ from etils import epath
 import flax
 import flax.linen as nn
 import jax
+import jax.extend.core as jex_core
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -176,22 +177,48 @@ def _training_forward(model: nn.Module, mesh: jax.sharding.Mesh,
   return forward
 
 
-def task_leaves(model: nn.Module, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                state: TrainState, backbone: PyTree) -> dict[str, tuple[int, ...]]:
-  """nonfinite.task_parameter_leaves of the training forward pass: which parameter leaves
-  belong to one task only (its head), read off the dataflow of the forward traced abstractly
-  at the shapes of `state`, `backbone` and one micro-batch of config's images.
+class TracedForward(NamedTuple):
+  """The training forward traced once when a step is built (traced_forward)."""
+  forward: Callable  # same signature and values as _training_forward's
+  task_leaves: dict[str, tuple[int, ...]]  # nonfinite.task_parameter_leaves of it
 
-  Found once when the step is built, outside the jitted step (only shapes are read): traced
-  inside it, the whole forward would be traced once more at every trace of the step.
+
+def traced_forward(model: nn.Module, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                   state: TrainState, backbone: PyTree) -> TracedForward:
+  """The training forward pass traced abstractly, once, at the shapes of `state`, `backbone`
+  and one micro-batch of config's images; which parameter leaves belong to one task only (its
+  head, for naming the task behind a NaN/Inf) read off that trace's dataflow; and a forward
+  that evaluates the trace instead of tracing the Flax modules again.
+
+  Tracing the modules is most of what building a step costs before XLA (tiny Free Sinewich,
+  2 cores: ~5 s of the ~6 s) and the step needs them traced twice, once here for the task
+  leaves and once for its gradient; evaluating the trace binds the same operations in the same
+  order, so the step's program is the same. Called with other shapes (a caller's own batch
+  size), the forward traces the modules as before.
   """
   tasks = tuple(config.tasks)
   forward = _training_forward(model, mesh, dropout_rng(config))
   rows = int(config.input.batch_size) // int(config.train.grad_accum_steps)
   images = jax.ShapeDtypeStruct((rows, *config.dataset.image_size, 3), np.float32)
-  return nonfinite.task_parameter_leaves(
-      lambda *a: {t: forward(*a)[0][t] for t in tasks}, state.params, state.batch_stats,
-      backbone, images, state.rng, state.rng)
+  abstract = lambda tree: jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  args = abstract((state.params, state.batch_stats, backbone)) + (images,) + abstract(
+      (state.rng, state.rng))
+  closed, out_shape = jax.make_jaxpr(forward, return_shape=True)(*args)
+  traced_as = [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(args)]
+  out_tree = jax.tree_util.tree_structure(out_shape)
+  evaluate = jex_core.jaxpr_as_fun(closed)
+
+  def traced(*call_args):
+    leaves = jax.tree_util.tree_leaves(call_args)
+    if [(x.shape, x.dtype) for x in leaves] != traced_as:
+      return forward(*call_args)
+    return jax.tree_util.tree_unflatten(out_tree, evaluate(*leaves))
+
+  num_params = len(jax.tree_util.tree_leaves(state.params))
+  own = nonfinite.task_parameter_leaves(closed, out_shape, num_params,
+                                         select=lambda out: {t: out[0][t] for t in tasks})
+  return TracedForward(traced, own)
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
@@ -202,8 +229,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   `backbone` as init_train_state returns them (build_train_step does both).
 
   The step takes and returns arrays with the shardings of `state` and `backbone` (read here);
-  the forward pass sees the parameters and the backbone gathered (FSDP). Which parameters are
-  one task's own (`task_leaves`, for naming the task behind a NaN/Inf) is found here, once.
+  the forward pass sees the parameters and the backbone gathered (FSDP). The forward is traced
+  here, once (traced_forward), which also finds the parameters that are one task's own.
 
   With config.train.grad_accum_steps = K > 1 the global batch is split into K micro-batches
   (split_microbatches) run one after another; every loss is normalised by the counts of the
@@ -223,13 +250,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   """
   state_sharding = sharding_lib.shardings_of(state)
   backbone_sharding = sharding_lib.shardings_of(backbone)
-  own_leaves = task_leaves(model, config, mesh, state, backbone)
+  forward, own_leaves = traced_forward(model, config, mesh, state, backbone)
   tasks = tuple(config.tasks)
   weights = loss_weights(config)
   microbatches = int(config.train.grad_accum_steps)
   skip_nonfinite = nonfinite.check_mode(config) == "skip"
-
-  forward = _training_forward(model, mesh, dropout_rng(config))
   with_pdrs = pdrs.find_state(state.opt_state) is not None
   magnitude_reg = (float(config.model.lora.dora_magnitude_reg)
                    if config.model.lora.form == "dora" else 0.0)

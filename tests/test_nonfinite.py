@@ -177,7 +177,8 @@ def _own_leaf_names(model, variables, image_size):
       {**rest, "params": params}, x, train=True, mutable=["batch_stats"],
       rngs={"dropout": jax.random.key(0), "drop_path": jax.random.key(1)})[0]
   rest = {k: v for k, v in variables.items() if k != "params"}
-  own = nonfinite.task_parameter_leaves(forward, variables["params"], rest, images)
+  closed, outputs = jax.make_jaxpr(forward, return_shape=True)(variables["params"], rest, images)
+  own = nonfinite.task_parameter_leaves(closed, outputs, len(paths))
   return {task: sorted(paths[i] for i in leaves) for task, leaves in own.items()}
 
 

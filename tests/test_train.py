@@ -9,6 +9,7 @@ import os
 import re
 from typing import Any
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ from freesine_jax import errors
 from freesine_jax import evaluate
 from freesine_jax import metrics as metrics_lib
 from freesine_jax import modeling
+from freesine_jax import nonfinite
 from freesine_jax import optimizer
 from freesine_jax import sharding as sharding_lib
 from freesine_jax import tasks as tasks_lib
@@ -540,3 +542,45 @@ def test_dropout_rng_reproducible_per_impl_and_checkpoint_key_unchanged():
         a, b)
   with pytest.raises(errors.UserError, match=r"config.train.dropout_rng='rgb'.*'rbg'"):
     _setup(tiny_config(dropout_rng="rgb"))
+
+
+APPLIES = []  # CountingTinyModel's training applies, as traced
+
+
+class CountingTinyModel(TinyModel):
+  """TinyModel that records each training-mode `apply` (one per trace of its modules)."""
+
+  def apply(self, *args, **kwargs):
+    if kwargs.get("train"):
+      APPLIES.append(args[1].shape)
+    return super().apply(*args, **kwargs)
+
+
+def test_a_step_traces_the_modules_once_and_its_forward_is_the_modules():
+  """Building the step and running it trace the model's modules once (train.traced_forward:
+  the task leaves and the gradient read one trace), and evaluating that trace gives the
+  modules' own outputs bitwise; at another batch size the forward traces the modules anew."""
+  config = tiny_config()
+  APPLIES.clear()
+  _, variables, state, backbone, step_fn, mesh = _setup(config, CountingTinyModel())
+  batch = sharding_lib.shard_batch(next(iter(FakeTrainLoader(config))), mesh)
+  step_fn(state, batch, backbone)
+  rows = config.input.batch_size
+  assert APPLIES == [(rows, *config.dataset.image_size, 3)]
+
+  traced = train.traced_forward(CountingTinyModel(), config, mesh, state, backbone)
+  direct = train._training_forward(CountingTinyModel(), mesh)  # pylint: disable=protected-access
+  k_path = jax.random.fold_in(state.rng, 7)
+  closed, outputs = jax.make_jaxpr(lambda *a: direct(*a)[0], return_shape=True)(
+      state.params, state.batch_stats, backbone, batch["image"], state.rng, k_path)
+  assert traced.task_leaves == nonfinite.task_parameter_leaves(
+      closed, outputs, len(jax.tree_util.tree_leaves(state.params)))
+  assert all(len(leaves) == 2 for leaves in traced.task_leaves.values())  # each head's own
+  for images in (batch["image"], batch["image"][:2]):
+    args = (state.params, state.batch_stats, backbone, images, state.rng, k_path)
+    APPLIES.clear()
+    got = jax.jit(traced.forward)(*args)
+    assert APPLIES == ([] if len(images) == rows else [images.shape])
+    want = jax.jit(direct)(*args)
+    chex.assert_trees_all_equal(got, want)
+  del variables
