@@ -677,9 +677,17 @@ def check_compatible(metadata: dict, config, directory: str, step: int, action: 
 def check_backbone(metadata: dict, current_hash: str, step: int) -> None:
   """UserError if the checkpoint was trained against different frozen backbone weights."""
   saved = metadata.get("backbone_hash")
-  if saved is not None and saved != current_hash:
-    raise errors.UserError(
-        f"checkpoint step {step} was trained with frozen backbone weights of hash "
-        f"{saved[:12]}..., but this config's backbone (config.model.backbone_weights, or "
-        f"config.seed for a random one) hashes to {current_hash[:12]}...; use the run's "
-        "backbone weights and seed")
+  if saved is None or saved == current_hash:
+    return
+  try:
+    was_random = not json.loads(metadata["config"])["model"]["backbone_weights"]
+  except (TypeError, KeyError, ValueError):
+    was_random = False  # no config recorded: nothing more to say
+  random = ("; the run's backbone was random: XLA makes it again from config.seed, and another "
+            "jaxlib, XLA_FLAGS or CPU can round it differently, so resume it with the jaxlib "
+            "and XLA_FLAGS it was trained with" if was_random else "")
+  raise errors.UserError(
+      f"checkpoint step {step} was trained with frozen backbone weights of hash "
+      f"{saved[:12]}..., but this config's backbone (config.model.backbone_weights, or "
+      f"config.seed for a random one) hashes to {current_hash[:12]}...; use the run's "
+      f"backbone weights and seed{random}")

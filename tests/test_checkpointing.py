@@ -1,4 +1,5 @@
 """Resume guards: a checkpoint from another model/task setup or backbone fails clearly."""
+import json
 import os
 
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import pytest
 
 from configs import base
 from freesine_jax import checkpointing
+from freesine_jax import errors
 
 from conftest import fake_bucket
 
@@ -51,9 +53,19 @@ def test_tree_hash_is_the_converter_hash_of_the_same_weights():
   assert checkpointing.tree_hash(tree) == checkpointing.backbone_hash(flat)
   changed = {**tree, "norm": {"scale": jnp.full(3, 2.0)}}
   assert checkpointing.tree_hash(changed) != checkpointing.tree_hash(tree)
-  with pytest.raises(ValueError, match="trained with frozen backbone weights of hash"):
+  with pytest.raises(ValueError, match="trained with frozen backbone weights of hash") as raised:
     checkpointing.check_backbone({"backbone_hash": checkpointing.tree_hash(changed)},
                                  checkpointing.tree_hash(tree), 3)
+  assert "another jaxlib" not in str(raised.value)  # no config recorded: no guess about why
+  for weights, says_random in (("", True), ("/weights/swin_tiny.pth", False)):
+    metadata = {"backbone_hash": checkpointing.tree_hash(changed),
+                "config": json.dumps({"model": {"backbone_weights": weights}})}
+    with pytest.raises(errors.UserError) as raised:
+      checkpointing.check_backbone(metadata, checkpointing.tree_hash(tree), 3)
+    message = str(raised.value)
+    assert "\n" not in message and ("another jaxlib, XLA_FLAGS or CPU" in message) == says_random
+  checkpointing.check_backbone({"backbone_hash": checkpointing.tree_hash(tree)},
+                               checkpointing.tree_hash(tree), 3)  # the same weights pass
 
 
 def _tree(root) -> dict[str, bytes]:
