@@ -199,16 +199,15 @@ def random_batch(config, with_labels: bool):
     for task in config.tasks:
       spec = tasks_lib.get_task(task)
       classes = config.num_classes[task] if task in config.num_classes else None
-      channels = tasks_lib.output_channels(task, classes)
       dtype = np.dtype(spec.kind.label.batch_dtype)
       if np.issubdtype(dtype, np.integer):
         label = rng.integers(0, max(classes or 2, 2), (BATCH, h, w))
-      else:
-        label = rng.standard_normal((BATCH, h, w, channels))
-        if task == "normals":
+      else:  # unit vectors (B, H, W, 3) or positive values (B, H, W), as the task stores them
+        label = rng.standard_normal((BATCH, *spec.kind.label.shape(h, w)))
+        if spec.kind.label.channels:
           label = label / np.linalg.norm(label, axis=-1, keepdims=True)
-        elif task == "sal":
-          label = (label[..., :1] > 0).astype(np.float32)[..., 0]
+        else:
+          label = np.abs(label) + 0.1
       batch[task] = jnp.asarray(label.astype(dtype))
   return batch
 
