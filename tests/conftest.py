@@ -73,7 +73,7 @@ def pytest_configure(config):
 # pytest-xdist orders them by their number of tests), so a long file is not left to run alone
 # at the end. Files not listed follow in their usual order.
 SLOW_FILES_FIRST = (
-    "test_export.py", "test_lowering.py", "test_pretrain.py", "test_model.py",
+    "test_export.py", "test_lowering.py", "test_pretrain.py", "test_saved_run.py", "test_model.py",
     "test_baselines.py", "test_new_tasks.py", "test_readme.py", "test_distributed.py",
     "test_sine_regime.py", "test_notebook.py", "test_checkpoint_resume.py", "test_cli_errors.py",
     "test_tspd.py", "test_dora.py", "test_convert_swin.py")
