@@ -161,7 +161,8 @@ def largest_batch(case: str, size: int, batch: int, dtype: str, memory_gib: floa
 def run_tests(dry_run: bool) -> dict[str, Any]:
   """The accelerator-marked tests on the default device (collected only in a dry run)."""
   # XLA's own optimisation level (tests/conftest.py lowers it on the CPU to compile faster).
-  env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest", FREESINE_TEST_XLA_CODEGEN="default",
+  env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest",
+             FREESINE_TEST_XLA_CODEGEN="default",
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   if not dry_run:
     env.pop("JAX_PLATFORMS", None)  # the accelerator, not a CPU a caller may have pinned

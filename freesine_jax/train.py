@@ -205,7 +205,7 @@ def traced_forward(model: nn.Module, config: ml_collections.ConfigDict, mesh: ja
   args = abstract((state.params, state.batch_stats, backbone)) + (images,) + abstract(
       (state.rng, state.rng))
   closed, out_shape = jax.make_jaxpr(forward, return_shape=True)(*args)
-  traced_as = [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(args)]
+  traced_as = [(a.shape, a.dtype) for a in closed.in_avals]
   out_tree = jax.tree_util.tree_structure(out_shape)
   evaluate = jex_core.jaxpr_as_fun(closed)
 

@@ -562,7 +562,7 @@ def test_a_step_traces_the_modules_once_and_its_forward_is_the_modules():
   modules' own outputs bitwise; at another batch size the forward traces the modules anew."""
   config = tiny_config()
   APPLIES.clear()
-  _, variables, state, backbone, step_fn, mesh = _setup(config, CountingTinyModel())
+  _, _, state, backbone, step_fn, mesh = _setup(config, CountingTinyModel())
   batch = sharding_lib.shard_batch(next(iter(FakeTrainLoader(config))), mesh)
   step_fn(state, batch, backbone)
   rows = config.input.batch_size
@@ -583,4 +583,3 @@ def test_a_step_traces_the_modules_once_and_its_forward_is_the_modules():
     assert APPLIES == ([] if len(images) == rows else [images.shape])
     want = jax.jit(direct)(*args)
     chex.assert_trees_all_equal(got, want)
-  del variables
